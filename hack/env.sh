@@ -1,0 +1,486 @@
+#!/usr/bin/env bash
+# Local real services for development and tests, all on 127.0.0.1:
+#
+#   etcd + kube-apiserver + kube-controller-manager   (built from source, see build-k8s.sh)
+#   Kafka in KRaft mode, one combined broker/controller (jars from Maven Central)
+#   Redis, and a 3-master Redis Cluster with a password (Debian's redis-server)
+#   Prometheus (Debian), scraping whatever targets are dropped into its file_sd directory
+#
+# Usage: hack/env.sh up|down|status|start|stop [service...]
+#   up       install/build what is missing, then start every service that is not running
+#   down     stop every service this script started
+#   status   one line per service: state, version, address
+#   start S  / stop S   start or stop single services (tests stop and restart Kafka this way)
+#
+# Ports are fixed offsets from QP_PORT_BASE (default 17000) so that URLs stay stable between runs;
+# a taken port is an error that names the port and the fix. Every address is written to
+# $QP_RUN/env, which tests and tools read: nothing else should know a port number.
+source "$(dirname "$0")/lib.sh"
+
+QP_PORT_BASE="${QP_PORT_BASE:-17000}"
+PORT_ETCD=$((QP_PORT_BASE + 1))
+PORT_ETCD_PEER=$((QP_PORT_BASE + 2))
+PORT_APISERVER=$((QP_PORT_BASE + 3))
+PORT_KCM=$((QP_PORT_BASE + 4))
+PORT_KAFKA=$((QP_PORT_BASE + 5))
+PORT_KAFKA_CONTROLLER=$((QP_PORT_BASE + 6))
+PORT_REDIS=$((QP_PORT_BASE + 7))
+PORT_PROMETHEUS=$((QP_PORT_BASE + 9))
+PORTS_REDIS_CLUSTER=($((QP_PORT_BASE + 10)) $((QP_PORT_BASE + 11)) $((QP_PORT_BASE + 12)))
+
+ALL_SERVICES=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
+PIDS="$QP_RUN/pids"
+LOGS="$QP_RUN/logs"
+DATA="$QP_RUN/data"
+CERTS="$QP_RUN/pki"
+KUBECONFIG_FILE="$QP_RUN/kubeconfig"
+# Local development secrets: generated once per environment, readable only by the owner.
+SECRETS_FILE="$QP_RUN/secrets"
+
+# ---------------------------------------------------------------------------------------------
+# Installation
+
+apt_install() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v redis-cli >/dev/null || missing+=(redis-tools)
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v cmake >/dev/null || missing+=(cmake)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  [[ $(id -u) -eq 0 ]] || die "missing packages: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}"
+  log "installing Debian packages: ${missing[*]}"
+  run_logged "apt-get install" "$QP_CACHE/build/apt.log" bash -c \
+    "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${missing[*]}"
+  # Debian's packages start system services of their own; ours run on other ports, but an
+  # unused system Redis/Prometheus is noise, so leave them stopped where the init system allows.
+}
+
+install_all() {
+  mkdir -p "$QP_CACHE/build"
+  apt_install
+  "$QP_ROOT/hack/fetch-kafka.sh" &
+  local kafka_pid=$!
+  "$QP_ROOT/hack/build-k8s.sh"
+  "$QP_ROOT/hack/build-etcd.sh"
+  "$QP_ROOT/hack/build-helm.sh"
+  wait "$kafka_pid" || die "fetching Kafka failed (see above)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping
+
+pidfile() { echo "$PIDS/$1.pid"; }
+
+running() {
+  local f pid
+  f="$(pidfile "$1")"
+  [[ -f "$f" ]] || return 1
+  for pid in $(cat "$f"); do kill -0 "$pid" 2>/dev/null || return 1; done
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+require_ports() {
+  local svc="$1"; shift
+  local p
+  for p in "$@"; do
+    port_free "$p" || die "port $p (for $svc) on 127.0.0.1 is already in use by another program.
+  Fix: stop that program (\`ss -ltnp 'sport = :$p'\` shows it), or pick another range with
+  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+12 are used)"
+  done
+}
+
+# spawn <service> <logname> <cmd...>: start in its own session so `stop` can kill the group.
+spawn() {
+  local svc="$1" name="$2"; shift 2
+  mkdir -p "$PIDS" "$LOGS"
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  echo $! >>"$(pidfile "$svc")"
+}
+
+# wait_for <service> <seconds> <check command...>
+wait_for() {
+  local svc="$1" secs="$2"; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    running "$svc" || { tail -n 20 "$LOGS/$svc"*.log >&2 || true; die "$svc exited during startup (log: $LOGS)"; }
+    ((SECONDS < deadline)) || { tail -n 20 "$LOGS/$svc"*.log >&2 || true; die "$svc not ready after ${secs}s (log: $LOGS)"; }
+    sleep 0.2
+  done
+}
+
+stop_service() {
+  local svc="$1" f pid
+  f="$(pidfile "$svc")"
+  [[ -f "$f" ]] || return 0
+  for pid in $(cat "$f"); do
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  done
+  local deadline=$((SECONDS + 20))
+  for pid in $(cat "$f"); do
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -f "$f"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Services
+
+secret() {
+  # secret <name>: a random value generated once per environment
+  mkdir -p "$QP_RUN"
+  touch "$SECRETS_FILE"; chmod 600 "$SECRETS_FILE"
+  local v
+  v="$(grep "^$1=" "$SECRETS_FILE" | cut -d= -f2- || true)"
+  if [[ -z "$v" ]]; then
+    v="$(openssl rand -hex 16)"
+    echo "$1=$v" >>"$SECRETS_FILE"
+  fi
+  echo "$v"
+}
+
+start_etcd() {
+  require_ports etcd "$PORT_ETCD" "$PORT_ETCD_PEER"
+  mkdir -p "$DATA/etcd"
+  spawn etcd etcd "$ETCD_BIN/etcd" --name qp --data-dir "$DATA/etcd" \
+    --listen-client-urls "http://127.0.0.1:$PORT_ETCD" --advertise-client-urls "http://127.0.0.1:$PORT_ETCD" \
+    --listen-peer-urls "http://127.0.0.1:$PORT_ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$PORT_ETCD_PEER" \
+    --initial-cluster "qp=http://127.0.0.1:$PORT_ETCD_PEER" --log-level warn \
+    --quota-backend-bytes 2147483648 --unsafe-no-fsync
+  wait_for etcd 30 curl -fsS "http://127.0.0.1:$PORT_ETCD/health"
+}
+
+pki() {
+  mkdir -p "$CERTS"
+  [[ -f "$CERTS/sa.key" ]] || openssl genrsa -out "$CERTS/sa.key" 2048 2>/dev/null
+  [[ -f "$CERTS/sa.pub" ]] || openssl rsa -in "$CERTS/sa.key" -pubout -out "$CERTS/sa.pub" 2>/dev/null
+  local token
+  token="$(secret admin_token)"
+  # The static token file is the simplest real authenticator: the admin is in system:masters.
+  echo "$token,qp-admin,qp-admin,system:masters" >"$CERTS/tokens.csv"
+  if [[ ! -f "$CERTS/apiserver.crt" ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
+      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      -keyout "$CERTS/apiserver.key" -out "$CERTS/apiserver.crt" 2>/dev/null
+  fi
+  chmod 600 "$CERTS"/*
+}
+
+write_kubeconfig() {
+  local token
+  token="$(secret admin_token)"
+  cat >"$KUBECONFIG_FILE" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: qp-local
+  cluster:
+    server: https://127.0.0.1:$PORT_APISERVER
+    certificate-authority: $CERTS/apiserver.crt
+users:
+- name: qp-admin
+  user:
+    token: $token
+contexts:
+- name: qp-local
+  context: {cluster: qp-local, user: qp-admin, namespace: default}
+current-context: qp-local
+KC
+  chmod 600 "$KUBECONFIG_FILE"
+}
+
+start_kube_apiserver() {
+  running etcd || die "kube-apiserver needs etcd: run hack/env.sh start etcd"
+  require_ports kube-apiserver "$PORT_APISERVER"
+  pki
+  mkdir -p "$CERTS"
+  spawn kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$PORT_ETCD" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$PORT_APISERVER" \
+    --cert-dir "$CERTS" --tls-cert-file "$CERTS/apiserver.crt" --tls-private-key-file "$CERTS/apiserver.key" \
+    --token-auth-file "$CERTS/tokens.csv" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$CERTS/sa.pub" --service-account-signing-key-file "$CERTS/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=false \
+    --disable-admission-plugins ServiceAccount --v 1
+  write_kubeconfig
+  wait_for kube-apiserver 90 "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz
+}
+
+start_kube_controller_manager() {
+  running kube-apiserver || die "kube-controller-manager needs kube-apiserver"
+  require_ports kube-controller-manager "$PORT_KCM"
+  spawn kube-controller-manager kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$KUBECONFIG_FILE" --authentication-kubeconfig "$KUBECONFIG_FILE" \
+    --authorization-kubeconfig "$KUBECONFIG_FILE" \
+    --bind-address 127.0.0.1 --secure-port "$PORT_KCM" --cert-dir "$CERTS/kcm" \
+    --leader-elect=false --use-service-account-credentials=false \
+    --controllers garbagecollector,deployment,replicaset,namespace,serviceaccount,serviceaccount-token \
+    --service-account-private-key-file "$CERTS/sa.key" --root-ca-file "$CERTS/apiserver.crt" \
+    --concurrent-gc-syncs 5 --v 1
+  wait_for kube-controller-manager 60 curl -fsSk "https://127.0.0.1:$PORT_KCM/healthz"
+}
+
+kafka_java() {
+  java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" "$@"
+}
+
+start_kafka() {
+  require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER"
+  mkdir -p "$QP_RUN/kafka" "$DATA/kafka"
+  cat >"$QP_RUN/kafka/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$PORT_KAFKA_CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA,CONTROLLER://127.0.0.1:$PORT_KAFKA_CONTROLLER
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$DATA/kafka
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+PROPS
+  cat >"$QP_RUN/kafka/log4j2.properties" <<'L4J'
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = out
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = info
+L4J
+  if [[ ! -f "$DATA/kafka/meta.properties" ]]; then
+    local cluster_id
+    cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOGS/kafka-format.log")"
+    kafka_java kafka.tools.StorageTool format --standalone --ignore-formatted -t "$cluster_id" \
+      -c "$QP_RUN/kafka/server.properties" >>"$LOGS/kafka-format.log" 2>&1 \
+      || { tail "$LOGS/kafka-format.log" >&2; die "formatting Kafka storage failed"; }
+  fi
+  spawn kafka kafka java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" \
+    kafka.Kafka "$QP_RUN/kafka/server.properties"
+  wait_for kafka 90 grep -q "Kafka Server started" "$LOGS/kafka.log"
+}
+
+start_redis() {
+  require_ports redis "$PORT_REDIS"
+  mkdir -p "$DATA/redis"
+  spawn redis redis redis-server --bind 127.0.0.1 --port "$PORT_REDIS" --save "" --appendonly no \
+    --dir "$DATA/redis" --protected-mode yes
+  wait_for redis 20 redis-cli -p "$PORT_REDIS" ping
+}
+
+start_redis_cluster() {
+  require_ports redis-cluster "${PORTS_REDIS_CLUSTER[@]}"
+  local pass p
+  pass="$(secret redis_cluster_password)"
+  for p in "${PORTS_REDIS_CLUSTER[@]}"; do
+    mkdir -p "$DATA/redis-cluster/$p"
+    # The config file carries the password so that it never shows up in `ps`.
+    cat >"$DATA/redis-cluster/$p/redis.conf" <<CONF
+bind 127.0.0.1
+port $p
+dir $DATA/redis-cluster/$p
+save ""
+appendonly no
+cluster-enabled yes
+cluster-config-file nodes.conf
+cluster-node-timeout 3000
+requirepass $pass
+masterauth $pass
+CONF
+    chmod 600 "$DATA/redis-cluster/$p/redis.conf"
+    spawn redis-cluster "redis-cluster-$p" redis-server "$DATA/redis-cluster/$p/redis.conf"
+  done
+  for p in "${PORTS_REDIS_CLUSTER[@]}"; do
+    wait_for redis-cluster 20 env REDISCLI_AUTH="$pass" redis-cli -p "$p" ping
+  done
+  if ! REDISCLI_AUTH="$pass" redis-cli -p "${PORTS_REDIS_CLUSTER[0]}" cluster info | grep -q 'cluster_state:ok'; then
+    local nodes=()
+    for p in "${PORTS_REDIS_CLUSTER[@]}"; do nodes+=("127.0.0.1:$p"); done
+    REDISCLI_AUTH="$pass" redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+      >>"$LOGS/redis-cluster-create.log" 2>&1 || die "redis-cli --cluster create failed (log: $LOGS/redis-cluster-create.log)"
+  fi
+  cluster_ok() { REDISCLI_AUTH="$pass" redis-cli -p "$1" cluster info | grep -q 'cluster_state:ok'; }
+  for p in "${PORTS_REDIS_CLUSTER[@]}"; do wait_for redis-cluster 30 cluster_ok "$p"; done
+}
+
+start_prometheus() {
+  require_ports prometheus "$PORT_PROMETHEUS"
+  mkdir -p "$QP_RUN/prometheus/targets" "$QP_RUN/prometheus/rules" "$DATA/prometheus"
+  # Targets are file_sd JSON files that tests and local mode drop in; rules likewise. The chart's
+  # alert rules and console templates are linked in when present (issue 7 extends this).
+  cat >"$QP_RUN/prometheus/prometheus.yml" <<PROM
+global:
+  scrape_interval: 2s
+  evaluation_interval: 2s
+rule_files:
+  - $QP_RUN/prometheus/rules/*.yml
+scrape_configs:
+  - job_name: prometheus
+    static_configs: [{targets: ["127.0.0.1:$PORT_PROMETHEUS"]}]
+  - job_name: queue-processor
+    file_sd_configs:
+      - files: ["$QP_RUN/prometheus/targets/*.json"]
+        refresh_interval: 1s
+PROM
+  local consoles="$QP_ROOT/charts/queue-processor/consoles"
+  [[ -d "$consoles" ]] || consoles="/usr/share/prometheus/consoles"
+  spawn prometheus prometheus prometheus --config.file "$QP_RUN/prometheus/prometheus.yml" \
+    --storage.tsdb.path "$DATA/prometheus" --web.listen-address "127.0.0.1:$PORT_PROMETHEUS" \
+    --web.enable-lifecycle --web.console.templates "$consoles" \
+    --web.console.libraries /usr/share/prometheus/console_libraries --log.level warn
+  wait_for prometheus 30 curl -fsS "http://127.0.0.1:$PORT_PROMETHEUS/-/ready"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The env file: every address a test or tool needs.
+
+write_env() {
+  mkdir -p "$QP_RUN"
+  local cluster_nodes="" p pass
+  pass="$(secret redis_cluster_password)"
+  for p in "${PORTS_REDIS_CLUSTER[@]}"; do cluster_nodes+="${cluster_nodes:+,}redis://127.0.0.1:$p"; done
+  cat >"$QP_ENV_FILE.tmp" <<ENV
+# Written by hack/env.sh; read by tests, benchmarks and the demo. Do not edit.
+QP_ROOT=$QP_ROOT
+QP_RUN=$QP_RUN
+QP_CACHE=$QP_CACHE
+KUBECONFIG=$KUBECONFIG_FILE
+QP_KUBE_APISERVER=https://127.0.0.1:$PORT_APISERVER
+QP_ETCD=http://127.0.0.1:$PORT_ETCD
+QP_KAFKA_BOOTSTRAP=127.0.0.1:$PORT_KAFKA
+QP_KAFKA_LIBS=$KAFKA_LIBS
+QP_REDIS_URL=redis://127.0.0.1:$PORT_REDIS
+QP_REDIS_CLUSTER_NODES=$cluster_nodes
+QP_REDIS_CLUSTER_PASSWORD=$pass
+QP_PROMETHEUS_URL=http://127.0.0.1:$PORT_PROMETHEUS
+QP_PROMETHEUS_TARGETS=$QP_RUN/prometheus/targets
+QP_PROMETHEUS_RULES=$QP_RUN/prometheus/rules
+QP_KUBECTL=$K8S_BIN/kubectl
+QP_HELM=$HELM_BIN/helm
+QP_K8S_VERSION=$K8S_VERSION
+QP_ENV_SCRIPT=$QP_ROOT/hack/env.sh
+ENV
+  chmod 600 "$QP_ENV_FILE.tmp"
+  mv "$QP_ENV_FILE.tmp" "$QP_ENV_FILE"
+}
+
+start_one() {
+  local svc="$1"
+  if running "$svc"; then return 0; fi
+  rm -f "$(pidfile "$svc")"
+  log "starting $svc"
+  local t=$SECONDS
+  case "$svc" in
+    etcd) start_etcd ;;
+    kube-apiserver) start_kube_apiserver ;;
+    kube-controller-manager) start_kube_controller_manager ;;
+    kafka) start_kafka ;;
+    redis) start_redis ;;
+    redis-cluster) start_redis_cluster ;;
+    prometheus) start_prometheus ;;
+    *) die "unknown service '$svc' (known: ${ALL_SERVICES[*]})" ;;
+  esac
+  log "$svc ready in $((SECONDS - t))s"
+}
+
+version_of() {
+  case "$1" in
+    etcd) "$ETCD_BIN/etcd" --version 2>/dev/null | head -1 | awk '{print $3}' ;;
+    kube-apiserver) "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get --raw /version 2>/dev/null \
+      | grep -o '"gitVersion": *"[^"]*"' | cut -d'"' -f4 ;;
+    kube-controller-manager) "$K8S_BIN/kube-controller-manager" --version 2>/dev/null | awk '{print $2}' ;;
+    kafka) echo "$KAFKA_VERSION (KRaft)" ;;
+    redis) redis-cli -p "$PORT_REDIS" info server 2>/dev/null | grep redis_version | cut -d: -f2 | tr -d '\r' ;;
+    redis-cluster) echo "$(REDISCLI_AUTH="$(secret redis_cluster_password)" redis-cli -p "${PORTS_REDIS_CLUSTER[0]}" info server 2>/dev/null \
+      | grep redis_version | cut -d: -f2 | tr -d '\r'), 3 masters" ;;
+    prometheus) curl -fsS "http://127.0.0.1:$PORT_PROMETHEUS/api/v1/status/buildinfo" 2>/dev/null \
+      | grep -o '"version":"[^"]*"' | cut -d'"' -f4 ;;
+  esac
+}
+
+address_of() {
+  case "$1" in
+    etcd) echo "http://127.0.0.1:$PORT_ETCD" ;;
+    kube-apiserver) echo "https://127.0.0.1:$PORT_APISERVER (kubeconfig: $KUBECONFIG_FILE)" ;;
+    kube-controller-manager) echo "https://127.0.0.1:$PORT_KCM/healthz" ;;
+    kafka) echo "127.0.0.1:$PORT_KAFKA" ;;
+    redis) echo "redis://127.0.0.1:$PORT_REDIS" ;;
+    redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]} (password in $SECRETS_FILE)" ;;
+    prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;
+  esac
+}
+
+status() {
+  local svc rc=0
+  printf '%-24s %-8s %-22s %s\n' SERVICE STATE VERSION ADDRESS
+  for svc in "${ALL_SERVICES[@]}"; do
+    if running "$svc"; then
+      printf '%-24s %-8s %-22s %s\n' "$svc" up "$(version_of "$svc")" "$(address_of "$svc")"
+    else
+      printf '%-24s %-8s %-22s %s\n' "$svc" down - "$(address_of "$svc")"
+      rc=1
+    fi
+  done
+  [[ -f "$QP_ENV_FILE" ]] && echo "env file: $QP_ENV_FILE"
+  return $rc
+}
+
+cmd="${1:-}"; shift || true
+services=("$@")
+[[ ${#services[@]} -eq 0 ]] && services=("${ALL_SERVICES[@]}")
+
+case "$cmd" in
+  up)
+    install_all
+    started=()
+    # Nothing half-started: if any service fails, stop the ones this call started.
+    trap 'rc=$?; if ((rc != 0)); then for s in "${started[@]}"; do stop_service "$s"; done; fi' EXIT
+    for s in "${services[@]}"; do
+      running "$s" || started+=("$s")
+      start_one "$s"
+    done
+    write_env
+    trap - EXIT
+    ;;
+  start)
+    for s in "${services[@]}"; do start_one "$s"; done
+    write_env
+    ;;
+  down | stop)
+    # Stop in reverse dependency order.
+    for ((i = ${#services[@]} - 1; i >= 0; i--)); do
+      if running "${services[$i]}" || [[ -f "$(pidfile "${services[$i]}")" ]]; then
+        log "stopping ${services[$i]}"
+        stop_service "${services[$i]}"
+      fi
+    done
+    ;;
+  status) status ;;
+  is-up)
+    for s in "${services[@]}"; do running "$s" || exit 1; done
+    ;;
+  *)
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
