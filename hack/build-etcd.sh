@@ -21,7 +21,7 @@ MOD
 build() {
   cd "$work"
   export GOFLAGS=-mod=mod CGO_ENABLED=0
-  go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
+  go build -v -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION" \
     -o "$ETCD_BIN/etcd.tmp" go.etcd.io/etcd/server/v3
   mv "$ETCD_BIN/etcd.tmp" "$ETCD_BIN/etcd"
 }

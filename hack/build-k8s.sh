@@ -44,7 +44,7 @@ build() {
   export GOFLAGS=-mod=mod CGO_ENABLED=0
   for cmd in kube-apiserver kube-controller-manager kubectl; do
     echo "building $cmd"
-    go build -trimpath -ldflags "-s -w $ldflags" -o "$K8S_BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+    go build -v -trimpath -ldflags "-s -w $ldflags" -o "$K8S_BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
     mv "$K8S_BIN/$cmd.tmp" "$K8S_BIN/$cmd"
   done
 }

@@ -50,6 +50,11 @@ apt_install() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v curl >/dev/null || missing+=(curl)
   command -v cmake >/dev/null || missing+=(cmake)
+  # librdkafka (built by the rdkafka crate) needs these headers.
+  [[ -f /usr/include/x86_64-linux-gnu/curl/curl.h || -f /usr/include/curl/curl.h ]] || missing+=(libcurl4-openssl-dev)
+  [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
+  [[ -f /usr/include/zlib.h ]] || missing+=(zlib1g-dev)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
   [[ ${#missing[@]} -eq 0 ]] && return 0
   [[ $(id -u) -eq 0 ]] || die "missing packages: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}"
   log "installing Debian packages: ${missing[*]}"
@@ -270,7 +275,7 @@ L4J
   if [[ ! -f "$DATA/kafka/meta.properties" ]]; then
     local cluster_id
     cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOGS/kafka-format.log")"
-    kafka_java kafka.tools.StorageTool format --standalone --ignore-formatted -t "$cluster_id" \
+    kafka_java kafka.tools.StorageTool format --ignore-formatted -t "$cluster_id" \
       -c "$QP_RUN/kafka/server.properties" >>"$LOGS/kafka-format.log" 2>&1 \
       || { tail "$LOGS/kafka-format.log" >&2; die "formatting Kafka storage failed"; }
   fi

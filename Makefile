@@ -1,0 +1,41 @@
+# The two commands a new user needs:
+#   make demo   run the whole system on this machine (local mode) and watch it scale
+#   make test   install and start the real services it needs, run every test, stop what it started
+#
+# Everything downloaded or built from source is cached in ~/.cache/queue-processor (by version).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: help env-up env-down env-status build lint test bench demo crds clean
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+env-up: ## install, build and start kube-apiserver, etcd, kube-controller-manager, Kafka, Redis (+cluster), Prometheus
+	@bash hack/env.sh up
+
+env-down: ## stop every local service started by env-up
+	@bash hack/env.sh down
+
+env-status: ## list local services with version and address
+	@bash hack/env.sh status
+
+build: ## build the qp-operator and qp-worker binaries (debug)
+	$(CARGO) build --workspace --bins
+
+lint: ## rustfmt and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: ## start what is needed, run the whole test suite, stop what was started
+	@bash hack/test.sh
+
+bench: ## benchmarks; prints `name value unit` lines (see BENCHMARKS.md)
+	@bash hack/bench.sh
+
+crds: ## regenerate crds/ from the Rust types
+	$(CARGO) run -q -p qp-operator --bin crdgen > crds/queueprocessor.yaml
+
+clean: env-down
+	rm -rf .qp-env target
