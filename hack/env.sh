@@ -170,9 +170,18 @@ pki() {
   token="$(secret admin_token)"
   # The static token file is the simplest real authenticator: the admin is in system:masters.
   echo "$token,qp-admin,qp-admin,system:masters" >"$CERTS/tokens.csv"
+  # A self-signed serving certificate that is explicitly not a CA: rustls (kube-rs) rejects a
+  # CA certificate presented as the server's own (CaUsedAsEndEntity); Go clients accept both.
+  # Replace a certificate from an older version of this script that was made as a CA.
+  if [[ -f "$CERTS/apiserver.crt" ]] && openssl x509 -in "$CERTS/apiserver.crt" -noout -text | grep -q 'CA:TRUE'; then
+    rm -f "$CERTS/apiserver.crt" "$CERTS/apiserver.key"
+  fi
   if [[ ! -f "$CERTS/apiserver.crt" ]]; then
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
       -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+      -addext "basicConstraints=critical,CA:FALSE" \
+      -addext "keyUsage=critical,digitalSignature,keyEncipherment" \
+      -addext "extendedKeyUsage=serverAuth" \
       -keyout "$CERTS/apiserver.key" -out "$CERTS/apiserver.crt" 2>/dev/null
   fi
   chmod 600 "$CERTS"/*
@@ -328,6 +337,15 @@ CONF
   for p in "${PORTS_REDIS_CLUSTER[@]}"; do wait_for redis-cluster 30 cluster_ok "$p"; done
 }
 
+# Debian ships the console helper libraries as documentation examples.
+console_libraries() {
+  local d
+  for d in /usr/share/prometheus/console_libraries /usr/share/doc/prometheus/examples/console_libraries; do
+    [[ -f "$d/prom.lib" ]] && { echo "$d"; return; }
+  done
+  echo /usr/share/doc/prometheus/examples/console_libraries
+}
+
 start_prometheus() {
   require_ports prometheus "$PORT_PROMETHEUS"
   mkdir -p "$QP_RUN/prometheus/targets" "$QP_RUN/prometheus/rules" "$DATA/prometheus"
@@ -349,10 +367,12 @@ scrape_configs:
 PROM
   local consoles="$QP_ROOT/charts/queue-processor/consoles"
   [[ -d "$consoles" ]] || consoles="/usr/share/prometheus/consoles"
+  # The project's alert rules are live in the local Prometheus, as a user's would be.
+  ln -sf "$QP_ROOT/charts/queue-processor/files/alerts.yaml" "$QP_RUN/prometheus/rules/queue-processor.yml"
   spawn prometheus prometheus prometheus --config.file "$QP_RUN/prometheus/prometheus.yml" \
     --storage.tsdb.path "$DATA/prometheus" --web.listen-address "127.0.0.1:$PORT_PROMETHEUS" \
     --web.enable-lifecycle --web.console.templates "$consoles" \
-    --web.console.libraries /usr/share/prometheus/console_libraries --log.level warn
+    --web.console.libraries "$(console_libraries)" --log.level warn
   wait_for prometheus 30 curl -fsS "http://127.0.0.1:$PORT_PROMETHEUS/-/ready"
 }
 
@@ -380,6 +400,7 @@ QP_REDIS_CLUSTER_PASSWORD=$pass
 QP_PROMETHEUS_URL=http://127.0.0.1:$PORT_PROMETHEUS
 QP_PROMETHEUS_TARGETS=$QP_RUN/prometheus/targets
 QP_PROMETHEUS_RULES=$QP_RUN/prometheus/rules
+QP_PROMETHEUS_CONSOLE_LIBRARIES=$(console_libraries)
 QP_KUBECTL=$K8S_BIN/kubectl
 QP_HELM=$HELM_BIN/helm
 QP_K8S_VERSION=$K8S_VERSION

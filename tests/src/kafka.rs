@@ -1,0 +1,98 @@
+//! Kafka helpers for tests and benchmarks: topics and bulk production.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub fn admin(bootstrap: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client")
+}
+
+/// Create a topic and wait until it exists.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) {
+    let res = admin(bootstrap)
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics");
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+pub async fn delete_topic(bootstrap: &str, topic: &str) {
+    let _ = admin(bootstrap)
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await;
+}
+
+pub fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer")
+}
+
+/// Produce one message with a `qp-id` header (and optional content type) and wait for it.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    id: &str,
+    key: Option<&str>,
+    content_type: Option<&str>,
+    body: &[u8],
+) {
+    let mut headers = OwnedHeaders::new().insert(Header {
+        key: "qp-id",
+        value: Some(id.as_bytes()),
+    });
+    if let Some(ct) = content_type {
+        headers = headers.insert(Header {
+            key: "content-type",
+            value: Some(ct.as_bytes()),
+        });
+    }
+    let mut record = FutureRecord::to(topic).payload(body).headers(headers);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing {id}: {e}"));
+}
+
+/// Produce `ids` as messages whose body is the id, concurrently, and wait for all.
+pub async fn send_many(producer: &FutureProducer, topic: &str, ids: &[String]) {
+    let futures = ids.iter().map(|id| {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "qp-id",
+            value: Some(id.as_bytes()),
+        });
+        producer.send(
+            FutureRecord::to(topic)
+                .key(id.as_str())
+                .payload(id.as_bytes())
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+    });
+    for r in futures::future::join_all(futures).await {
+        r.unwrap_or_else(|(e, _)| panic!("producing: {e}"));
+    }
+}
