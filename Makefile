@@ -36,6 +36,7 @@ bench: ## benchmarks; prints `name value unit` lines (see BENCHMARKS.md)
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run -q -p qp-operator --bin crdgen > crds/queueprocessor.yaml
+	cp crds/queueprocessor.yaml charts/queue-processor/files/queueprocessor.yaml
 
 clean: env-down
 	rm -rf .qp-env target
