@@ -1,1 +1,39 @@
-fn main() {}
+//! `qp-worker`: see `qp-worker --help`. All logic lives in the library.
+
+use clap::Parser;
+use qp_worker::config::{Cli, Command, LogFormat};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Command::Run(a) => &a.common,
+        Command::Gateway(a) => &a.common,
+    };
+    init_tracing(common.log_format);
+    let stop = qp_worker::run::stop_on_signals();
+    let res = match cli.command {
+        Command::Run(args) => qp_worker::run::run(*args, stop).await,
+        Command::Gateway(args) => qp_worker::gateway::run(*args, stop).await,
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "qp-worker failed");
+            eprintln!("qp-worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

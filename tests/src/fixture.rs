@@ -1,0 +1,231 @@
+//! A QueueProcessor-shaped test fixture: unique names, a Redis (single or cluster) connection,
+//! a Kafka topic, and `qp-worker` processes configured the way the operator configures them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qp_worker::keys::Keys;
+use qp_worker::redis_conn::{Conn, RedisSettings};
+use qp_worker::tokens::{PoolOptions, TokenPool};
+
+use crate::env::{self, Env};
+use crate::procs::{self, Proc};
+
+/// Which Redis a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisKind {
+    Single,
+    Cluster,
+}
+
+pub struct Fixture {
+    pub env: Env,
+    pub namespace: String,
+    pub name: String,
+    pub keys: Keys,
+    pub redis_kind: RedisKind,
+    pub redis: RedisSettings,
+    pub conn: Conn,
+    pub topic: String,
+    pub group: String,
+    pub bootstrap: String,
+}
+
+/// Poll `check` every 20 ms until it returns `Some`, or panic after `timeout` with `what`.
+/// This waits for a condition in a real system; it is not a sleep standing in for one.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Fixture {
+    /// A fresh QueueProcessor identity; `partitions > 0` also creates its Kafka topic.
+    pub async fn new(test: &str, redis_kind: RedisKind, partitions: i32) -> Fixture {
+        let env = env::load();
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let name = format!("{test}-{suffix}");
+        let namespace = "tests".to_owned();
+        let redis = match redis_kind {
+            RedisKind::Single => RedisSettings::single(env.get("QP_REDIS_URL")),
+            RedisKind::Cluster => RedisSettings::cluster(
+                env.get("QP_REDIS_CLUSTER_NODES")
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            )
+            .with_password(Some(env.get("QP_REDIS_CLUSTER_PASSWORD"))),
+        };
+        let conn = redis.connect().await.expect("connect to redis");
+        let bootstrap = env.get("QP_KAFKA_BOOTSTRAP");
+        let topic = format!("qp-{name}");
+        if partitions > 0 {
+            crate::kafka::create_topic(&bootstrap, &topic, partitions).await;
+        }
+        Fixture {
+            keys: Keys::new(&namespace, &name),
+            group: format!("{topic}-group"),
+            env,
+            namespace,
+            name,
+            redis_kind,
+            redis,
+            conn,
+            topic,
+            bootstrap,
+        }
+    }
+
+    /// The token pool of this QueueProcessor, as the operator sees it.
+    pub fn pool(&self) -> TokenPool {
+        TokenPool::new(
+            self.conn.clone(),
+            self.redis.clone(),
+            self.keys.clone(),
+            PoolOptions::default(),
+        )
+    }
+
+    /// `qp-worker run` with the common settings; add source and handler flags.
+    pub fn worker_command(&self, worker_id: &str) -> Command {
+        let mut cmd = Command::new(procs::binary("qp-worker"));
+        cmd.arg("run")
+            .args(["--namespace", &self.namespace, "--name", &self.name])
+            .args(["--worker-id", worker_id])
+            .args(["--listen", &format!("127.0.0.1:{}", procs::free_port())])
+            .env("RUST_LOG", "info,librdkafka=warn");
+        match self.redis_kind {
+            RedisKind::Single => {
+                cmd.args(["--redis-url", &self.env.get("QP_REDIS_URL")]);
+            }
+            RedisKind::Cluster => {
+                cmd.args([
+                    "--redis-cluster-nodes",
+                    &self.env.get("QP_REDIS_CLUSTER_NODES"),
+                ])
+                .env(
+                    "QP_REDIS_PASSWORD",
+                    self.env.get("QP_REDIS_CLUSTER_PASSWORD"),
+                );
+            }
+        }
+        cmd
+    }
+
+    /// A Kafka-source worker with the given handler and extra flags.
+    pub fn kafka_worker(&self, worker_id: &str, handler: &str, extra: &[&str]) -> Proc {
+        let mut cmd = self.worker_command(worker_id);
+        cmd.args(["--source", "kafka", "--kafka-bootstrap", &self.bootstrap])
+            .args(["--kafka-topic", &self.topic, "--kafka-group", &self.group])
+            .args(["--handler", handler])
+            .args(extra);
+        Proc::spawn(&format!("{}-{worker_id}", self.name), cmd)
+    }
+
+    /// A Redis-list worker.
+    pub fn list_worker(&self, worker_id: &str, list: &str, handler: &str, extra: &[&str]) -> Proc {
+        let mut cmd = self.worker_command(worker_id);
+        cmd.args(["--source", "redis-list", "--list-key", list])
+            .args(["--handler", handler])
+            .args(extra);
+        Proc::spawn(&format!("{}-{worker_id}", self.name), cmd)
+    }
+
+    /// States of the given request ids (missing ids are absent from the map).
+    pub async fn states(&self, ids: &[String]) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGET").arg(self.keys.result(id)).arg("state");
+            }
+            let states: Vec<Option<String>> = pipe
+                .query_async(&mut self.conn.clone())
+                .await
+                .expect("read states");
+            for (id, s) in chunk.iter().zip(states) {
+                if let Some(s) = s {
+                    out.insert(id.clone(), s);
+                }
+            }
+        }
+        out
+    }
+
+    /// Wait until every id is `done` (or `failed`), panicking with the count still missing.
+    pub async fn wait_finished(&self, ids: &[String], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states = self.states(ids).await;
+            let unfinished = ids
+                .iter()
+                .filter(|id| {
+                    !matches!(states.get(*id).map(String::as_str), Some("done" | "failed"))
+                })
+                .count();
+            if unfinished == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{unfinished} of {} requests unfinished after {timeout:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An integer key of the probe handler (`current`, `max`).
+    pub async fn probe(&self, what: &str) -> i64 {
+        let key = format!("{}probe:{what}", self.keys.prefix());
+        let v: Option<i64> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn.clone())
+            .await
+            .expect("read probe");
+        v.unwrap_or(0)
+    }
+
+    /// How many ids the probe handler ran more than once, and the total extra runs.
+    pub async fn duplicate_runs(&self) -> (usize, i64) {
+        let key = format!("{}probe:runs", self.keys.prefix());
+        let runs: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut self.conn.clone())
+            .await
+            .expect("read runs");
+        let dup: Vec<i64> = runs.values().filter(|r| **r > 1).map(|r| r - 1).collect();
+        (dup.len(), dup.iter().sum())
+    }
+
+    /// Delete every key of this QueueProcessor (tests clean up what they made).
+    pub async fn cleanup(&self) {
+        let pattern = format!("{}*", self.keys.prefix());
+        let mut conn = self.conn.clone();
+        // On a cluster the client asks every primary and merges the answers.
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        for chunk in keys.chunks(200) {
+            let _: redis::RedisResult<i64> =
+                redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+        }
+        crate::kafka::delete_topic(&self.bootstrap, &self.topic).await;
+    }
+}

@@ -1,0 +1,362 @@
+//! The processing loop: take a job from the source, wait for a local slot and a global token,
+//! run the handler (with retries), make the outcome durable, then acknowledge the source.
+//!
+//! ```text
+//!  source ──job──▶ [ordering lanes] ──▶ slot ──▶ token ──▶ handler ──▶ token back
+//!                                                            │
+//!                        source ◀──ack── result/dead letter ◀┘
+//! ```
+//!
+//! The order of the last steps is what makes delivery at-least-once without loss: the source
+//! forgets a message only after its result (or its dead letter) is in Redis. A crash anywhere
+//! before that redelivers it, and the result store's write-once rule makes the redelivery
+//! harmless. The token is returned as soon as the handler is done: it protects what the handler
+//! calls, not our own bookkeeping.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::deadletter::DeadLetter;
+use crate::handler::{Handler, HandlerError, Request};
+use crate::metrics::Metrics;
+use crate::results::{Outcome, ResultStore};
+use crate::source::kafka::KafkaAcker;
+use crate::source::redis_list::RedisListAcker;
+use crate::source::{Job, Origin};
+use crate::tokens::{LeaseKeeper, Permit};
+
+/// Admission control: the global token pool, or nothing (ungated benchmarks).
+#[derive(Clone)]
+pub enum Gate {
+    Open,
+    Tokens(LeaseKeeper),
+}
+
+impl Gate {
+    /// Wait for a token; `None` when `stop` fired first.
+    async fn admit(&self, stop: &CancellationToken) -> Option<Option<Permit>> {
+        match self {
+            Gate::Open => Some(None),
+            Gate::Tokens(keeper) => loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    p = keeper.acquire() => match p {
+                        Ok(p) => return Some(Some(p)),
+                        Err(e) => {
+                            warn!(error = %e, "token pool unavailable; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => return None,
+                                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            }
+                        }
+                    },
+                }
+            },
+        }
+    }
+}
+
+/// How a finished job is acknowledged to its source.
+#[derive(Clone)]
+pub enum Acker {
+    Kafka(KafkaAcker),
+    RedisList(RedisListAcker),
+}
+
+impl Acker {
+    fn start(&self, job: &Job) -> bool {
+        match (self, &job.origin) {
+            (Acker::Kafka(a), Origin::Kafka { partition, offset }) => a.start(*partition, *offset),
+            _ => true,
+        }
+    }
+
+    async fn ack(&self, job: &Job) {
+        match (self, &job.origin) {
+            (Acker::Kafka(a), Origin::Kafka { partition, offset }) => a.ack(*partition, *offset),
+            (Acker::RedisList(a), Origin::RedisList { raw }) => a.ack(raw.clone()).await,
+            _ => unreachable!("a job is acknowledged to the source it came from"),
+        }
+    }
+}
+
+/// Everything a job needs besides the job itself.
+pub struct Engine {
+    pub store: ResultStore,
+    pub handler: Handler,
+    pub gate: Gate,
+    pub dead_letter: DeadLetter,
+    pub metrics: Metrics,
+    pub retries: u32,
+    pub retry_backoff: Duration,
+    pub max_concurrency: usize,
+    pub ordered_by_key: bool,
+    pub drain_timeout: Duration,
+}
+
+impl Engine {
+    /// Run until `stop` fires or the source ends, then drain: running jobs get up to
+    /// `drain_timeout` to finish; jobs not started are left to the source (redelivered).
+    pub async fn run(
+        self: Arc<Self>,
+        mut jobs: mpsc::UnboundedReceiver<Job>,
+        acker: Acker,
+        stop: CancellationToken,
+    ) {
+        let (bounded_tx, bounded_rx) = mpsc::channel(1);
+        // Adapt the unbounded Kafka channel to the common bounded form.
+        let forward = tokio::spawn(async move {
+            while let Some(j) = jobs.recv().await {
+                if bounded_tx.send(j).await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.run_bounded(bounded_rx, acker, stop).await;
+        forward.abort();
+    }
+
+    /// [`Engine::run`] for a bounded job channel (the Redis list source).
+    pub async fn run_bounded(
+        self: Arc<Self>,
+        mut jobs: mpsc::Receiver<Job>,
+        acker: Acker,
+        stop: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(self.max_concurrency));
+        let mut tasks = JoinSet::new();
+        // Ordering lanes: keys with a job running -> jobs of that key waiting, in arrival order.
+        let (lane_tx, mut lane_rx) = mpsc::unbounded_channel::<Bytes>();
+        let mut lanes: HashMap<Bytes, VecDeque<Job>> = HashMap::new();
+
+        loop {
+            let job = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(key) = lane_rx.recv() => {
+                    match lanes.get_mut(&key).and_then(VecDeque::pop_front) {
+                        Some(next) => next,
+                        None => { lanes.remove(&key); continue; }
+                    }
+                }
+                Some(res) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = res { warn!(error = %e, "job task failed"); }
+                    continue;
+                }
+                j = jobs.recv() => match j {
+                    Some(j) => {
+                        if self.ordered_by_key
+                            && let Some(key) = &j.key
+                        {
+                            if let Some(waiting) = lanes.get_mut(key) {
+                                waiting.push_back(j);
+                                continue;
+                            }
+                            lanes.insert(key.clone(), VecDeque::new());
+                        }
+                        j
+                    }
+                    None => break,
+                },
+            };
+
+            let slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                s = slots.clone().acquire_owned() => s.expect("semaphore is never closed"),
+            };
+            let waited = Instant::now();
+            let Some(permit) = self.gate.admit(&stop).await else {
+                break;
+            };
+            self.metrics
+                .token_wait_seconds
+                .observe(waited.elapsed().as_secs_f64());
+            if !acker.start(&job) {
+                debug!(id = %job.id, "partition revoked before start; leaving to the new owner");
+                if let (true, Some(key)) = (self.ordered_by_key, &job.key) {
+                    let _ = lane_tx.send(key.clone());
+                }
+                continue;
+            }
+            let engine = self.clone();
+            let acker = acker.clone();
+            let lane_tx = lane_tx.clone();
+            let ordered = self.ordered_by_key;
+            tasks.spawn(async move {
+                let key = job.key.clone();
+                engine.process(&job, permit, &acker).await;
+                drop(slot);
+                if ordered && let Some(key) = key {
+                    let _ = lane_tx.send(key);
+                }
+            });
+        }
+
+        info!(
+            running = tasks.len(),
+            "stopping intake; draining running messages"
+        );
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while let Some(res) = tasks.join_next().await {
+                if let Err(e) = res {
+                    warn!(error = %e, "job task failed");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                abandoned = tasks.len(),
+                "drain timeout: unfinished messages will be redelivered"
+            );
+            tasks.abort_all();
+        }
+    }
+
+    /// One job, start to acknowledgement.
+    async fn process(&self, job: &Job, permit: Option<Permit>, acker: &Acker) {
+        self.metrics.in_flight.inc();
+        let _gauge = scopeguard(|| self.metrics.in_flight.dec());
+
+        if let Some(reason) = &job.malformed {
+            drop(permit);
+            let class = if reason.starts_with("oversized") {
+                "oversized"
+            } else {
+                "malformed"
+            };
+            self.fail(job, reason, class).await;
+            acker.ack(job).await;
+            return;
+        }
+
+        match self.store.begin(&job.id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Redelivered after its result was written: do not run it again.
+                drop(permit);
+                self.metrics
+                    .messages
+                    .with_label_values(&["duplicate"])
+                    .inc();
+                acker.ack(job).await;
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, id = %job.id, "result store unavailable; message left for redelivery");
+                return;
+            }
+        }
+
+        let started = Instant::now();
+        let result = self.call_with_retries(job).await;
+        self.metrics
+            .processing_seconds
+            .observe(started.elapsed().as_secs_f64());
+        drop(permit); // the downstream is free again; bookkeeping needs no token
+
+        match result {
+            Ok(body) => {
+                if self
+                    .store
+                    .finish(&job.id, Outcome::Done(body))
+                    .await
+                    .is_err()
+                {
+                    return; // shutting down: redelivered, and the handler runs again
+                }
+                self.metrics.messages.with_label_values(&["done"]).inc();
+            }
+            Err(reason) => self.fail(job, &reason, "failed").await,
+        }
+        acker.ack(job).await;
+    }
+
+    async fn call_with_retries(&self, job: &Job) -> Result<Bytes, String> {
+        let req = Request {
+            id: &job.id,
+            content_type: job.content_type.as_deref(),
+            body: &job.body,
+        };
+        let mut attempt = 0;
+        loop {
+            match self.handler.call(&req).await {
+                Ok(body) => return Ok(body),
+                Err(HandlerError::Permanent(reason)) => return Err(reason),
+                Err(HandlerError::Retryable(reason)) if attempt >= self.retries => {
+                    return Err(format!("{reason} (gave up after {} attempts)", attempt + 1));
+                }
+                Err(HandlerError::Retryable(reason)) => {
+                    attempt += 1;
+                    self.metrics.retries.inc();
+                    let delay = backoff(self.retry_backoff, attempt);
+                    debug!(id = %job.id, attempt, ?delay, %reason, "retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Dead-letter, then record the failure. The dead letter is retried until it is written:
+    /// acknowledging without it would lose the message.
+    async fn fail(&self, job: &Job, reason: &str, class: &str) {
+        let mut delay = Duration::from_millis(100);
+        while let Err(e) = self.dead_letter.send(job, reason).await {
+            warn!(error = %e, target = %self.dead_letter.describe(), "dead letter failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        self.metrics.dead_letters.with_label_values(&[class]).inc();
+        let _ = self
+            .store
+            .finish(&job.id, Outcome::Failed(reason.to_owned()))
+            .await;
+        self.metrics.messages.with_label_values(&["failed"]).inc();
+    }
+}
+
+/// Exponential backoff with full jitter, capped at 30 s.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let cap = Duration::from_secs(30);
+    let exp = base.saturating_mul(1 << attempt.min(16)).min(cap);
+    let ms = exp.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+}
+
+/// Runs a closure when dropped (keeps the in-flight gauge right on every return path).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for attempt in 1..20 {
+            let d = backoff(base, attempt);
+            let ceiling = base
+                .saturating_mul(1 << attempt.min(16))
+                .min(Duration::from_secs(30));
+            assert!(d <= ceiling && d >= ceiling / 2, "{attempt}: {d:?}");
+        }
+    }
+}

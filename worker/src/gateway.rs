@@ -1,0 +1,528 @@
+//! `qp-worker gateway`: the intake and poll API of the first source article, done properly.
+//!
+//! ```text
+//! POST /v1/requests            body = the request; Content-Type: application/json, text/plain
+//!                              or application/octet-stream; optional Idempotency-Key header
+//!   -> 202 {"id", "status": "pending", "statusUrl"}
+//! GET  /v1/requests/{id}[?wait=<seconds>]
+//!   -> 200 {"status": "done", "result"} | 200 {"status": "failed", "error"}
+//!    | 202 {"status": "pending"|"processing"} | 404
+//! ```
+//!
+//! Submitting writes the `pending` state first, with a short *reservation* TTL, then queues the
+//! message, then extends the state to the result TTL. If queueing fails the state is deleted and
+//! the client gets 503; if the gateway dies in between, the reservation expires. Either way no
+//! client is left polling a request that will never run.
+//!
+//! Long polls do not poll: workers `PUBLISH` every finished id on the QueueProcessor's `done`
+//! channel; one subscription per gateway wakes exactly the waiters of that id.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{GatewayArgs, SourceKind};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::redis_conn::{Conn, RedisSettings};
+use crate::results::{RequestState, ResultStore};
+use crate::server::{self, Readiness};
+use crate::source::redis_list::{Envelope, base64_encode};
+use crate::source::valid_id;
+use crate::{Error, Result};
+
+/// How long a `pending` state lives before the message is known to be queued.
+const RESERVATION: Duration = Duration::from_secs(30);
+
+/// Content types the gateway accepts.
+const ACCEPTED_TYPES: [&str; 3] = ["application/json", "text/plain", "application/octet-stream"];
+
+/// Claim `id` as pending unless a request with that id exists. KEYS[1] = result hash.
+/// ARGV[1] = reservation ttl ms. Returns the existing state, or "" when newly claimed.
+const CLAIM: &str = r#"
+local s = redis.call('HGET', KEYS[1], 'state')
+if s then return s end
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'state', 'pending', 'at', t[1] * 1000 + math.floor(t[2] / 1000))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return ''
+"#;
+
+/// Where submitted requests go.
+enum Queue {
+    Kafka {
+        producer: FutureProducer,
+        topic: String,
+    },
+    RedisList {
+        key: String,
+    },
+}
+
+/// Waiters of long polls, by request id.
+type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>>;
+
+struct Gateway {
+    keys: Keys,
+    conn: Conn,
+    store: ResultStore,
+    queue: Queue,
+    result_ttl: Duration,
+    max_wait: Duration,
+    max_backlog: u64,
+    /// Last measured backlog (messages waiting), refreshed in the background.
+    backlog: Mutex<Option<u64>>,
+    waiters: Waiters,
+    metrics: Metrics,
+}
+
+type Shared = Arc<Gateway>;
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<f64>,
+}
+
+pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
+    let metrics = Metrics::new();
+    let ready = Readiness::default();
+    let keys = args.common.keys();
+    let redis = args.common.redis()?;
+    let conn = redis.connect().await?;
+    let result_ttl = Duration::from_secs(args.result_ttl_seconds);
+    let queue = match args.source {
+        SourceKind::Kafka => {
+            let mut kafka = args.kafka.clone();
+            // The gateway answers within seconds: a broker that is down must fail fast.
+            kafka.kafka_bootstrap = Some(kafka.bootstrap()?.to_owned());
+            let producer = gateway_producer(&kafka)?;
+            Queue::Kafka {
+                producer,
+                topic: kafka.topic()?.to_owned(),
+            }
+        }
+        SourceKind::RedisList => Queue::RedisList {
+            key: args.list_key.clone().ok_or_else(|| {
+                Error::config("--list-key (QP_LIST_KEY) is required for --source redis-list")
+            })?,
+        },
+    };
+    let gw = Arc::new(Gateway {
+        store: ResultStore::start(keys.clone(), conn.clone(), result_ttl),
+        keys,
+        conn,
+        queue,
+        result_ttl,
+        max_wait: Duration::from_secs(args.max_wait_seconds),
+        max_backlog: args.max_backlog,
+        backlog: Mutex::new(None),
+        waiters: Arc::default(),
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(listen_done(redis.clone(), gw.clone(), stop.clone()));
+    if gw.max_backlog > 0 {
+        tokio::spawn(sample_backlog(gw.clone(), args.clone(), stop.clone()));
+    }
+
+    let app = api(gw.clone(), args.max_request_bytes).merge(server::router(metrics, ready.clone()));
+    let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
+    ready.set(true);
+    info!(%addr, keys = %gw.keys.prefix(), "gateway ready");
+    let _ = http.await;
+    Ok(())
+}
+
+fn gateway_producer(kafka: &crate::config::KafkaArgs) -> Result<FutureProducer> {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", kafka.bootstrap()?)
+        .set("client.id", "qp-gateway")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "5000");
+    for (k, v) in kafka.security_properties() {
+        config.set(k, v);
+    }
+    config
+        .create()
+        .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
+}
+
+/// The API routes, with the request body limit (larger bodies get 413).
+fn api(gw: Shared, max_request_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/requests", post(submit))
+        .route("/v1/requests/{id}", get(status))
+        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .with_state(gw)
+}
+
+fn problem(code: StatusCode, msg: &str) -> Response {
+    (code, axum::Json(json!({ "error": msg }))).into_response()
+}
+
+fn observe(gw: &Gateway, route: &str, started: Instant, resp: &Response) {
+    gw.metrics
+        .http_requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    gw.metrics
+        .http_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+async fn submit(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let resp = submit_inner(&gw, &headers, body).await;
+    observe(&gw, "submit", started, &resp);
+    resp
+}
+
+async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream");
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !ACCEPTED_TYPES.contains(&media.as_str()) {
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("content type must be one of {}", ACCEPTED_TYPES.join(", ")),
+        );
+    }
+    if media == "application/json"
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err()
+    {
+        return problem(StatusCode::BAD_REQUEST, "body is not valid JSON");
+    }
+    let id = match headers.get("idempotency-key") {
+        Some(v) => match v.to_str() {
+            Ok(k) if valid_id(k) => k.to_owned(),
+            _ => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]",
+                );
+            }
+        },
+        None => uuid::Uuid::now_v7().to_string(),
+    };
+    if gw.max_backlog > 0 {
+        let backlog = *gw.backlog.lock().expect("backlog lock");
+        if let Some(b) = backlog.filter(|b| *b > gw.max_backlog) {
+            let mut r = problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "backlog of {b} messages is above {}; retry later",
+                    gw.max_backlog
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+    }
+
+    let key = gw.keys.result(&id);
+    let claimed: redis::RedisResult<String> = redis::Script::new(CLAIM)
+        .key(&key)
+        .arg(RESERVATION.as_millis() as u64)
+        .invoke_async(&mut gw.conn.clone())
+        .await;
+    match claimed {
+        Err(e) => {
+            warn!(error = %e, "redis unavailable on submit");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "result store (Redis) is unavailable",
+            );
+        }
+        Ok(existing) if !existing.is_empty() => {
+            // Same idempotency key again: the first submission stands.
+            return accepted(&id, &existing, false);
+        }
+        Ok(_) => {}
+    }
+
+    if let Err(e) = gw.enqueue(&id, &media, &body).await {
+        warn!(error = %e, %id, "queueing failed; withdrawing the pending state");
+        let _: redis::RedisResult<i64> = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut gw.conn.clone())
+            .await;
+        let what = match gw.queue {
+            Queue::Kafka { .. } => "queue (Kafka) is unavailable",
+            Queue::RedisList { .. } => "queue (Redis) is unavailable",
+        };
+        return problem(StatusCode::SERVICE_UNAVAILABLE, what);
+    }
+    // Queued: the request now lives as long as its result will.
+    let _: redis::RedisResult<i64> = redis::cmd("PEXPIRE")
+        .arg(&key)
+        .arg(gw.result_ttl.as_millis() as u64)
+        .query_async(&mut gw.conn.clone())
+        .await;
+    accepted(&id, "pending", true)
+}
+
+fn accepted(id: &str, state: &str, new: bool) -> Response {
+    let url = format!("/v1/requests/{id}");
+    let mut r = (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "id": id, "status": state, "statusUrl": url, "duplicate": !new })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+impl Gateway {
+    async fn enqueue(&self, id: &str, content_type: &str, body: &[u8]) -> Result<()> {
+        match &self.queue {
+            Queue::Kafka { producer, topic } => {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "qp-id",
+                        value: Some(id.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some(content_type.as_bytes()),
+                    });
+                producer
+                    .send(
+                        FutureRecord::to(topic)
+                            .key(id)
+                            .payload(body)
+                            .headers(headers),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .map_err(|(e, _)| Error::Kafka(e.to_string()))?;
+                Ok(())
+            }
+            Queue::RedisList { key } => {
+                let env = Envelope::new(id, Some(content_type), body);
+                let _: i64 = redis::cmd("LPUSH")
+                    .arg(key)
+                    .arg(env.to_bytes())
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Register interest in `id` finishing.
+    fn watch(&self, id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .entry(id.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    fn unwatch_closed(&self, id: &str) {
+        let mut w = self.waiters.lock().expect("waiters lock");
+        if let Some(list) = w.get_mut(id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                w.remove(id);
+            }
+        }
+    }
+}
+
+async fn status(
+    State(gw): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Response {
+    let started = Instant::now();
+    let resp = status_inner(&gw, &id, q.wait).await;
+    observe(&gw, "status", started, &resp);
+    resp
+}
+
+async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
+    if !valid_id(id) {
+        return problem(StatusCode::BAD_REQUEST, "invalid request id");
+    }
+    let wait = wait
+        .filter(|w| w.is_finite() && *w > 0.0)
+        .map(|w| Duration::from_secs_f64(w).min(gw.max_wait));
+    // Subscribe before reading, so a result written in between is not missed.
+    let waiter = wait.map(|_| gw.watch(id));
+    let state = match gw.store.get(id).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "redis unavailable on status");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "result store (Redis) is unavailable",
+            );
+        }
+    };
+    let state = match (state, wait, waiter) {
+        (Some(s), Some(wait), Some(rx)) if !s.is_finished() => {
+            let waited = Instant::now();
+            let notified = tokio::time::timeout(wait, rx).await.is_ok();
+            gw.unwatch_closed(id);
+            gw.metrics
+                .longpoll_seconds
+                .with_label_values(&[if notified { "result" } else { "timeout" }])
+                .observe(waited.elapsed().as_secs_f64());
+            match gw.store.get(id).await {
+                Ok(s) => s,
+                Err(_) => {
+                    return problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "result store (Redis) is unavailable",
+                    );
+                }
+            }
+        }
+        (s, _, _) => {
+            gw.unwatch_closed(id);
+            s
+        }
+    };
+    render(id, state)
+}
+
+fn render(id: &str, state: Option<RequestState>) -> Response {
+    match state {
+        None => problem(StatusCode::NOT_FOUND, "unknown or expired request id"),
+        Some(RequestState::Done(body)) => {
+            let result = match serde_json::from_slice::<Value>(&body) {
+                Ok(v) => json!({ "id": id, "status": "done", "result": v }),
+                Err(_) => match std::str::from_utf8(&body) {
+                    Ok(s) => json!({ "id": id, "status": "done", "result": s }),
+                    Err(_) => {
+                        json!({ "id": id, "status": "done", "resultBase64": base64_encode(&body) })
+                    }
+                },
+            };
+            (StatusCode::OK, axum::Json(result)).into_response()
+        }
+        Some(RequestState::Failed(error)) => (
+            StatusCode::OK,
+            axum::Json(json!({ "id": id, "status": "failed", "error": error })),
+        )
+            .into_response(),
+        Some(s) => {
+            let mut r = (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "id": id, "status": s.name() })),
+            )
+                .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
+}
+
+/// One subscription to the `done` channel, fanning out to long-poll waiters. Reconnects with
+/// backoff; while disconnected, waiters still end at their timeout and re-read the state.
+async fn listen_done(redis: RedisSettings, gw: Shared, stop: CancellationToken) {
+    let channel = gw.keys.done_channel();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let client = redis.pubsub_client()?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, Error>(pubsub)
+        };
+        match attempt.await {
+            Ok(mut pubsub) => {
+                backoff = Duration::from_millis(100);
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        m = messages.next() => match m {
+                            Some(m) => {
+                                let id: String = m.get_payload().unwrap_or_default();
+                                let waiting = gw.waiters.lock().expect("waiters lock").remove(&id);
+                                for tx in waiting.into_iter().flatten() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                warn!("result notifications disconnected; reconnecting");
+            }
+            Err(e) => warn!(error = %e, "subscribing to result notifications failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Refresh the backlog used for 429s: list length, or the consumer group's lag.
+async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) {
+    let lag = match (&gw.queue, args.kafka.kafka_group.as_deref()) {
+        (Queue::Kafka { topic, .. }, Some(group)) => {
+            crate::lag::GroupLag::new(&args.kafka, topic, group).ok()
+        }
+        _ => None,
+    };
+    let lag = lag.map(Arc::new);
+    loop {
+        let value = match &gw.queue {
+            Queue::RedisList { key } => redis::cmd("LLEN")
+                .arg(key)
+                .query_async::<u64>(&mut gw.conn.clone())
+                .await
+                .ok(),
+            Queue::Kafka { .. } => match &lag {
+                Some(l) => {
+                    let l = l.clone();
+                    tokio::task::spawn_blocking(move || l.total().ok())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                None => None,
+            },
+        };
+        *gw.backlog.lock().expect("backlog lock") = value;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

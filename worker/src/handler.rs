@@ -1,0 +1,415 @@
+//! The user's code: what a worker runs for each message.
+//!
+//! Three kinds, chosen by the QueueProcessor's `worker.handler`:
+//! - `http`: POST the message body to a URL (typically a sidecar container in the same pod);
+//!   the response body is the result. 5xx answers, timeouts and connection errors are retried;
+//!   4xx answers mean the message itself is bad and go straight to the dead letter.
+//! - `exec`: run a command with the message on stdin; its stdout is the result; a non-zero exit
+//!   is retried. One process per message: simple and isolated, not fast.
+//! - built-ins for tests and benchmarks: `echo`, `sleep:<ms>`, `fail:<pattern>` and
+//!   `probe:<ms>` (records how many handlers run at once, in Redis, to prove the token cap).
+//!
+//! Retries and backoff live in the engine, the same for every kind; a handler only says whether
+//! a failure is worth retrying.
+
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::redis_conn::Conn;
+
+/// Why a handler call failed, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Transient (timeout, 5xx, crashed process): retried with backoff.
+    Retryable(String),
+    /// The message cannot succeed (4xx, rejected input): dead-lettered at once.
+    Permanent(String),
+}
+
+impl HandlerError {
+    pub fn reason(&self) -> &str {
+        match self {
+            HandlerError::Retryable(r) | HandlerError::Permanent(r) => r,
+        }
+    }
+}
+
+/// What the handler sees of a message.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub id: &'a str,
+    pub content_type: Option<&'a str>,
+    pub body: &'a Bytes,
+}
+
+/// The handler specification as given on the command line (`--handler`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerSpec {
+    /// POST to this URL.
+    Http {
+        url: String,
+    },
+    /// Run this program with these arguments.
+    Exec {
+        command: Vec<String>,
+    },
+    Echo,
+    Sleep {
+        millis: u64,
+    },
+    Fail {
+        pattern: String,
+    },
+    Probe {
+        millis: u64,
+    },
+}
+
+impl FromStr for HandlerSpec {
+    type Err = String;
+
+    /// `http://...` / `https://...`, `exec:<program> [args...]` (whitespace separated),
+    /// `echo`, `sleep:<ms>`, `fail:<pattern>`, `probe:<ms>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(HandlerSpec::Http { url: s.to_owned() });
+        }
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        let millis = |what: &str| {
+            arg.parse::<u64>()
+                .map_err(|_| format!("handler '{what}:<milliseconds>' needs a number, got '{arg}'"))
+        };
+        match kind {
+            "echo" if arg.is_empty() => Ok(HandlerSpec::Echo),
+            "sleep" => Ok(HandlerSpec::Sleep {
+                millis: millis("sleep")?,
+            }),
+            "probe" => Ok(HandlerSpec::Probe {
+                millis: millis("probe")?,
+            }),
+            "fail" if !arg.is_empty() => Ok(HandlerSpec::Fail {
+                pattern: arg.to_owned(),
+            }),
+            "exec" => {
+                let command: Vec<String> = arg.split_whitespace().map(str::to_owned).collect();
+                if command.is_empty() {
+                    return Err("handler 'exec:<command> [args]' needs a command".into());
+                }
+                Ok(HandlerSpec::Exec { command })
+            }
+            _ => Err(format!(
+                "unknown handler '{s}': expected an http(s):// URL, exec:<command>, echo, \
+                 sleep:<ms>, fail:<pattern> or probe:<ms>"
+            )),
+        }
+    }
+}
+
+/// A ready-to-call handler.
+#[derive(Clone)]
+pub struct Handler {
+    spec: HandlerSpec,
+    timeout: Duration,
+    max_result_bytes: usize,
+    http: reqwest::Client,
+    /// Redis connection and key prefix for the `probe` built-in.
+    probe: Option<(Conn, String)>,
+}
+
+/// Records the running count in `<prefix>:probe:current`, its maximum in `<prefix>:probe:max`
+/// and how often each id ran in the hash `<prefix>:probe:runs` (to count duplicate processing).
+const PROBE_ENTER: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+local m = tonumber(redis.call('GET', KEYS[2]) or '0')
+if n > m then redis.call('SET', KEYS[2], n) end
+redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+return n
+"#;
+
+impl Handler {
+    pub fn new(
+        spec: HandlerSpec,
+        timeout: Duration,
+        max_result_bytes: usize,
+        probe: Option<(Conn, String)>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("static reqwest configuration is valid");
+        Handler {
+            spec,
+            timeout,
+            max_result_bytes,
+            http,
+            probe,
+        }
+    }
+
+    pub fn spec(&self) -> &HandlerSpec {
+        &self.spec
+    }
+
+    /// Run the handler once for one message.
+    pub async fn call(&self, req: &Request<'_>) -> Result<Bytes, HandlerError> {
+        let out = match &self.spec {
+            HandlerSpec::Echo => Ok(req.body.clone()),
+            HandlerSpec::Sleep { millis } => {
+                tokio::time::sleep(Duration::from_millis(*millis)).await;
+                Ok(req.body.clone())
+            }
+            HandlerSpec::Fail { pattern } => {
+                if contains(req.body, pattern.as_bytes()) {
+                    Err(HandlerError::Retryable(format!(
+                        "built-in fail handler: message matches '{pattern}'"
+                    )))
+                } else {
+                    Ok(req.body.clone())
+                }
+            }
+            HandlerSpec::Probe { millis } => self.probe(*millis, req).await,
+            HandlerSpec::Http { url } => self.http(url, req).await,
+            HandlerSpec::Exec { command } => self.exec(command, req).await,
+        }?;
+        if out.len() > self.max_result_bytes {
+            return Err(HandlerError::Permanent(format!(
+                "result of {} bytes exceeds the limit of {} bytes",
+                out.len(),
+                self.max_result_bytes
+            )));
+        }
+        Ok(out)
+    }
+
+    async fn probe(&self, millis: u64, req: &Request<'_>) -> Result<Bytes, HandlerError> {
+        let (conn, prefix) = self
+            .probe
+            .as_ref()
+            .ok_or_else(|| HandlerError::Permanent("probe handler without Redis".into()))?;
+        let mut conn = conn.clone();
+        let current = format!("{prefix}:probe:current");
+        let max = format!("{prefix}:probe:max");
+        let runs = format!("{prefix}:probe:runs");
+        let _: i64 = redis::Script::new(PROBE_ENTER)
+            .key(&current)
+            .key(&max)
+            .key(&runs)
+            .arg(req.id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| HandlerError::Retryable(format!("probe: {e}")))?;
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        let _: i64 = redis::cmd("DECR")
+            .arg(&current)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| HandlerError::Retryable(format!("probe: {e}")))?;
+        Ok(req.body.clone())
+    }
+
+    async fn http(&self, url: &str, req: &Request<'_>) -> Result<Bytes, HandlerError> {
+        let resp = self
+            .http
+            .post(url)
+            .header(
+                "content-type",
+                req.content_type.unwrap_or("application/octet-stream"),
+            )
+            .header("qp-id", req.id)
+            .body(req.body.clone())
+            .send()
+            .await
+            .map_err(|e| {
+                let what = if e.is_timeout() {
+                    format!("timed out after {:?}", self.timeout)
+                } else {
+                    "request failed".to_owned()
+                };
+                // The URL is configuration, never user data, so it is safe to name.
+                HandlerError::Retryable(format!("http handler {url}: {what}: {e}"))
+            })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| {
+            HandlerError::Retryable(format!("http handler {url}: reading body: {e}"))
+        })?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            let reason = format!("http handler {url} answered {status}: {text}");
+            if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                Err(HandlerError::Retryable(reason))
+            } else {
+                Err(HandlerError::Permanent(reason))
+            }
+        }
+    }
+
+    async fn exec(&self, command: &[String], req: &Request<'_>) -> Result<Bytes, HandlerError> {
+        let mut child = tokio::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env("QP_MESSAGE_ID", req.id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let limit = self.max_result_bytes as u64 + 1;
+        let run = async {
+            let body = req.body.clone();
+            let writer = async move {
+                // A program that does not read its input is fine: ignore a broken pipe.
+                let _ = stdin.write_all(&body).await;
+                drop(stdin);
+            };
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let reader = async {
+                (&mut stdout).take(limit).read_to_end(&mut out).await?;
+                (&mut stderr).take(4096).read_to_end(&mut err).await?;
+                Ok::<_, std::io::Error>(())
+            };
+            let (_, read) = tokio::join!(writer, reader);
+            read?;
+            let status = child.wait().await?;
+            Ok::<_, std::io::Error>((status, out, err))
+        };
+        let (status, out, err) = tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| {
+                HandlerError::Retryable(format!(
+                    "exec {}: timed out after {:?}",
+                    command[0], self.timeout
+                ))
+            })?
+            .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
+        if status.success() {
+            Ok(Bytes::from(out))
+        } else {
+            let err = String::from_utf8_lossy(&err);
+            Err(HandlerError::Retryable(format!(
+                "exec {} exited with {status}: {}",
+                command[0],
+                err.trim()
+            )))
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler(spec: &str) -> Handler {
+        Handler::new(spec.parse().unwrap(), Duration::from_secs(5), 1024, None)
+    }
+
+    fn req(body: &'static str) -> (String, Bytes) {
+        ("id-1".to_owned(), Bytes::from_static(body.as_bytes()))
+    }
+
+    #[test]
+    fn parses_every_kind() {
+        assert_eq!("echo".parse(), Ok(HandlerSpec::Echo));
+        assert_eq!("sleep:25".parse(), Ok(HandlerSpec::Sleep { millis: 25 }));
+        assert_eq!("probe:5".parse(), Ok(HandlerSpec::Probe { millis: 5 }));
+        assert_eq!(
+            "fail:poison".parse(),
+            Ok(HandlerSpec::Fail {
+                pattern: "poison".into()
+            })
+        );
+        assert_eq!(
+            "exec:/bin/tr a-z A-Z".parse(),
+            Ok(HandlerSpec::Exec {
+                command: vec!["/bin/tr".into(), "a-z".into(), "A-Z".into()]
+            })
+        );
+        assert_eq!(
+            "http://127.0.0.1:8080/work".parse(),
+            Ok(HandlerSpec::Http {
+                url: "http://127.0.0.1:8080/work".into()
+            })
+        );
+        for bad in ["", "sleep:x", "fail:", "exec:", "nope", "echo:1"] {
+            assert!(
+                bad.parse::<HandlerSpec>().is_err(),
+                "{bad:?} must be rejected"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn echo_and_fail() {
+        let (id, body) = req("hello");
+        let r = Request {
+            id: &id,
+            content_type: None,
+            body: &body,
+        };
+        assert_eq!(handler("echo").call(&r).await.unwrap(), body);
+        assert_eq!(handler("fail:zzz").call(&r).await.unwrap(), body);
+        assert!(matches!(
+            handler("fail:ell").call(&r).await,
+            Err(HandlerError::Retryable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn exec_uses_stdin_and_stdout() {
+        let (id, body) = req("shout");
+        let r = Request {
+            id: &id,
+            content_type: None,
+            body: &body,
+        };
+        let out = handler("exec:tr a-z A-Z").call(&r).await.unwrap();
+        assert_eq!(&out[..], b"SHOUT");
+        let err = handler("exec:false").call(&r).await.unwrap_err();
+        assert!(err.reason().contains("exited"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn oversized_results_are_permanent_failures() {
+        let body = Bytes::from(vec![b'x'; 2048]);
+        let r = Request {
+            id: "id",
+            content_type: None,
+            body: &body,
+        };
+        let err = handler("echo").call(&r).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn exec_times_out() {
+        let h = Handler::new(
+            "exec:sleep 5".parse().unwrap(),
+            Duration::from_millis(100),
+            1024,
+            None,
+        );
+        let body = Bytes::new();
+        let r = Request {
+            id: "id",
+            content_type: None,
+            body: &body,
+        };
+        let err = h.call(&r).await.unwrap_err();
+        assert!(err.reason().contains("timed out"), "{err:?}");
+    }
+}

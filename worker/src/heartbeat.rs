@@ -1,0 +1,86 @@
+//! Per-replica liveness and throughput in Redis, for the operator and the Redis-list reaper.
+//!
+//! Every `heartbeat` period a worker writes, in one script call: its last-seen time (Redis server
+//! time) into `heartbeats`, its measured rate (messages finished per second over the last period)
+//! into `rates`, and its running message count into `inflight`. The operator sums these over
+//! live replicas to learn the per-replica throughput the scaling policy needs.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::redis_conn::Conn;
+
+const BEAT: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return now
+"#;
+
+const FORGET: &str = r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"#;
+
+/// Messages this process finished (any outcome), from its metrics.
+fn finished(metrics: &Metrics) -> u64 {
+    ["done", "failed", "duplicate"]
+        .iter()
+        .map(|o| metrics.messages.with_label_values(&[o]).get())
+        .sum()
+}
+
+/// Beat once now, then every `every` until `stop`; on stop, remove this replica's entries.
+pub async fn run(
+    mut conn: Conn,
+    keys: Keys,
+    worker_id: String,
+    metrics: Metrics,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let script = redis::Script::new(BEAT);
+    let mut last = (Instant::now(), finished(&metrics));
+    loop {
+        let now = Instant::now();
+        let total = finished(&metrics);
+        let elapsed = now.duration_since(last.0).as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            (total - last.1) as f64 / elapsed
+        } else {
+            0.0
+        };
+        last = (now, total);
+        let res: redis::RedisResult<i64> = script
+            .key(keys.heartbeats())
+            .key(keys.rates())
+            .key(keys.inflight())
+            .arg(&worker_id)
+            .arg(format!("{rate:.3}"))
+            .arg(metrics.in_flight.get())
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = res {
+            debug!(error = %e, "heartbeat failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    let _: redis::RedisResult<i64> = redis::Script::new(FORGET)
+        .key(keys.heartbeats())
+        .key(keys.rates())
+        .key(keys.inflight())
+        .arg(&worker_id)
+        .invoke_async(&mut conn)
+        .await;
+}

@@ -1,0 +1,264 @@
+//! `qp-worker run`: wires settings into a running worker and shuts it down in the right order.
+//!
+//! Shutdown on SIGTERM (what Kubernetes sends before killing a pod):
+//! 1. readiness goes false and intake stops (no new messages are started);
+//! 2. running messages get `--drain-timeout-seconds` to finish and be acknowledged;
+//! 3. the source commits (Kafka: final offsets, synchronously) or returns what it still holds
+//!    (Redis list: back onto the queue);
+//! 4. held tokens are released so other replicas can use them at once;
+//! 5. the replica's heartbeat entries are removed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{KafkaArgs, RunArgs, SourceKind};
+use crate::deadletter::DeadLetter;
+use crate::engine::{Acker, Engine, Gate};
+use crate::handler::Handler;
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::redis_conn::Conn;
+use crate::results::ResultStore;
+use crate::server::{self, Readiness};
+use crate::source::kafka::{KafkaSettings, KafkaSource};
+use crate::source::redis_list::{self, RedisListSettings, RedisListSource};
+use crate::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, TokenPool};
+use crate::{Error, Result};
+
+/// A token cancelled by the first SIGTERM or SIGINT.
+pub fn stop_on_signals() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+        }
+        s.cancel();
+    });
+    stop
+}
+
+/// A Kafka producer with the same brokers and credentials as the consumer.
+pub fn kafka_producer(kafka: &KafkaArgs) -> Result<FutureProducer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", kafka.bootstrap()?)
+        .set("client.id", "qp-worker")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "10000");
+    for (k, v) in kafka.security_properties() {
+        config.set(k, v);
+    }
+    config
+        .create()
+        .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
+}
+
+fn dead_letter(args: &RunArgs, keys: &Keys, conn: &Conn) -> Result<DeadLetter> {
+    match args.dead_letter.as_deref() {
+        None => Ok(DeadLetter::RedisList {
+            conn: conn.clone(),
+            key: keys.dead_letter(),
+        }),
+        Some(s) => match s.split_once(':') {
+            Some(("redis", key)) if !key.is_empty() => Ok(DeadLetter::RedisList {
+                conn: conn.clone(),
+                key: key.to_owned(),
+            }),
+            Some(("kafka", topic)) if !topic.is_empty() => Ok(DeadLetter::Kafka {
+                producer: kafka_producer(&args.kafka)?,
+                topic: topic.to_owned(),
+            }),
+            _ => Err(Error::config(format!(
+                "--dead-letter must be kafka:<topic> or redis:<list key>, got {s:?}"
+            ))),
+        },
+    }
+}
+
+pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
+    let metrics = Metrics::new();
+    let ready = Readiness::default();
+    let keys = args.common.keys();
+    let worker_id = args.worker_id();
+    let redis = args.common.redis()?;
+    info!(worker = %worker_id, keys = %keys.prefix(), redis = ?redis, source = ?args.source, "starting");
+
+    let http_stop = CancellationToken::new();
+    let (_, http) = server::serve(
+        args.common.listen,
+        server::router(metrics.clone(), ready.clone()),
+        http_stop.clone(),
+    )
+    .await?;
+
+    let conn = redis.connect().await?;
+    let store = ResultStore::start(
+        keys.clone(),
+        conn.clone(),
+        Duration::from_secs(args.result_ttl_seconds),
+    );
+    let probe_prefix = keys.prefix().trim_end_matches(':').to_owned();
+    let handler = Handler::new(
+        args.handler.clone(),
+        Duration::from_millis(args.handler_timeout_ms),
+        args.max_result_bytes,
+        Some((conn.clone(), probe_prefix)),
+    );
+    let keeper = (!args.ungated).then(|| {
+        let pool = TokenPool::new(
+            conn.clone(),
+            redis.clone(),
+            keys.clone(),
+            PoolOptions {
+                owner: worker_id.clone(),
+                lease_ttl: args.lease_ttl(),
+            },
+        );
+        LeaseKeeper::start(
+            pool,
+            KeeperConfig {
+                max_held: args.max_concurrency,
+                batch: args.max_concurrency,
+                ..KeeperConfig::default()
+            },
+        )
+    });
+    let gate = keeper.clone().map_or(Gate::Open, Gate::Tokens);
+    let engine = Arc::new(Engine {
+        store,
+        handler,
+        gate,
+        dead_letter: dead_letter(&args, &keys, &conn)?,
+        metrics: metrics.clone(),
+        retries: args.retries,
+        retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+        max_concurrency: args.max_concurrency.max(1),
+        ordered_by_key: args.ordered_by_key,
+        drain_timeout: args.drain_timeout(),
+    });
+
+    let beat_stop = CancellationToken::new();
+    let beat = tokio::spawn(crate::heartbeat::run(
+        conn.clone(),
+        keys.clone(),
+        worker_id.clone(),
+        metrics.clone(),
+        Duration::from_millis(args.heartbeat_ms),
+        beat_stop.clone(),
+    ));
+    let gauges = keeper
+        .clone()
+        .map(|k| tokio::spawn(track_keeper(k, metrics.clone())));
+
+    match args.source {
+        SourceKind::Kafka => {
+            let settings =
+                KafkaSettings {
+                    bootstrap_servers: args.kafka.bootstrap()?.to_owned(),
+                    topic: args.kafka.topic()?.to_owned(),
+                    group: args.kafka.kafka_group.clone().ok_or_else(|| {
+                        Error::config("--kafka-group (QP_KAFKA_GROUP) is required")
+                    })?,
+                    properties: args.kafka.security_properties(),
+                    max_pending_per_partition: args.max_pending_per_partition.max(1),
+                    commit_interval: Duration::from_millis(args.commit_interval_ms),
+                    drain_timeout: args.drain_timeout(),
+                    max_message_bytes: args.max_message_bytes,
+                };
+            let (source, acker, jobs) = KafkaSource::start(settings, metrics.clone())?;
+            ready.set(true);
+            let stopper = {
+                let stop = stop.clone();
+                let flag = source.stop_handle();
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                })
+            };
+            engine
+                .clone()
+                .run(jobs, Acker::Kafka(acker), stop.clone())
+                .await;
+            ready.set(false);
+            stopper.abort();
+            tokio::task::spawn_blocking(move || source.close())
+                .await
+                .map_err(|e| Error::Kafka(format!("closing consumer: {e}")))?;
+        }
+        SourceKind::RedisList => {
+            let settings = RedisListSettings {
+                key: args.list_key.clone().ok_or_else(|| {
+                    Error::config("--list-key (QP_LIST_KEY) is required for --source redis-list")
+                })?,
+                worker_id: worker_id.clone(),
+                max_message_bytes: args.max_message_bytes,
+                dead_after: Duration::from_millis(args.dead_after_ms),
+            };
+            let intake_stop = stop.child_token();
+            let (source, acker) = RedisListSource::start(
+                settings.clone(),
+                &redis,
+                conn.clone(),
+                keys.clone(),
+                intake_stop,
+            )
+            .await?;
+            ready.set(true);
+            engine
+                .clone()
+                .run_bounded(source.jobs, Acker::RedisList(acker), stop.clone())
+                .await;
+            ready.set(false);
+            match redis_list::return_unfinished(&mut conn.clone(), &keys, &settings).await {
+                Ok(0) => {}
+                Ok(n) => info!(returned = n, "returned unfinished messages to the queue"),
+                Err(e) => {
+                    warn!(error = %e, "could not return unfinished messages; the reaper will")
+                }
+            }
+        }
+    }
+
+    if let Some(k) = &keeper
+        && let Err(e) = k.close().await
+    {
+        warn!(error = %e, "releasing tokens failed; they expire with their lease");
+    }
+    if let Some(g) = gauges {
+        g.abort();
+    }
+    beat_stop.cancel();
+    let _ = beat.await;
+    http_stop.cancel();
+    let _ = http.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Mirror the keeper's state into the metrics.
+async fn track_keeper(keeper: LeaseKeeper, metrics: Metrics) {
+    let mut lost = keeper.lost();
+    let mut seen = *lost.borrow();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => metrics.tokens_held.set(keeper.held() as i64),
+            changed = lost.changed() => {
+                if changed.is_err() { return; }
+                let now = *lost.borrow();
+                metrics.leases_lost.inc_by(now.saturating_sub(seen));
+                seen = now;
+            }
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! Kafka source: a consumer-group member that processes many messages of a partition at once and
+//! still commits correct offsets.
+//!
+//! - Offsets are stored by hand (`enable.auto.offset.store=false`): after every acknowledgement
+//!   the partition's low watermark (see [`crate::offsets`]) goes to librdkafka's offset store, and
+//!   librdkafka's auto-commit sends stored offsets every `commit_interval`. Nothing is ever stored
+//!   above an unfinished message.
+//! - Revocation (cooperative-sticky, so only the moved partitions) waits a bounded time for the
+//!   messages of the revoked partitions that are already running, stores the final watermark and
+//!   commits it synchronously before the partition goes to its new owner. Queued messages of a
+//!   revoked partition are dropped: the new owner starts from the committed offset and gets them.
+//! - Back-pressure: a partition with too many fetched-but-unfinished messages is paused and
+//!   resumed when it drained to half, so a slow handler never makes the worker buffer a topic.
+//!
+//! librdkafka is driven from one dedicated thread (`BaseConsumer::poll`): the rebalance callback
+//! may block for the drain, and blocking a thread of our own is fine where blocking an async
+//! runtime thread is not.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{Job, Origin, check_content, valid_id};
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use crate::{Error, Result};
+
+/// Everything needed to join the consumer group.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub topic: String,
+    pub group: String,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*), already resolved from
+    /// Secrets by the caller. Values are never logged.
+    pub properties: Vec<(String, String)>,
+    /// Pause a partition when this many of its messages are fetched but unfinished.
+    pub max_pending_per_partition: usize,
+    pub commit_interval: Duration,
+    /// How long a revocation or shutdown waits for running messages before committing anyway.
+    pub drain_timeout: Duration,
+    /// Largest message the worker accepts; bigger ones are dead-lettered.
+    pub max_message_bytes: usize,
+}
+
+/// State shared between the poll thread, the rebalance callback and acknowledgements.
+struct Shared {
+    topic: String,
+    tracker: Mutex<OffsetTracker>,
+    /// Signalled whenever a message finishes, for drains.
+    finished: Condvar,
+    /// Partitions currently revoked or being revoked: their queued jobs must not start.
+    revoked: Mutex<HashSet<i32>>,
+    drain_timeout: Duration,
+    metrics: Metrics,
+}
+
+impl Shared {
+    /// Wait until no message of `partitions` is running, or the drain timeout passes.
+    fn drain(&self, partitions: &[i32]) -> bool {
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut tracker = self.tracker.lock().expect("offset tracker lock");
+        loop {
+            let running: usize = partitions
+                .iter()
+                .filter_map(|p| tracker.get(*p))
+                .map(|o| o.in_progress())
+                .sum();
+            if running == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    running,
+                    "drain timed out; committing below the unfinished messages"
+                );
+                return false;
+            }
+            tracker = self
+                .finished
+                .wait_timeout(tracker, deadline - now)
+                .expect("offset tracker lock")
+                .0;
+        }
+    }
+
+    /// Offsets to store for the given partitions (all when `None`), as a partition list.
+    fn storable(&self, only: Option<&[i32]>) -> TopicPartitionList {
+        let mut tracker = self.tracker.lock().expect("offset tracker lock");
+        let mut tpl = TopicPartitionList::new();
+        for (p, mark) in tracker.take_storable() {
+            if only.is_none_or(|ps| ps.contains(&p)) {
+                let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(mark));
+            }
+        }
+        tpl
+    }
+}
+
+/// librdkafka callbacks: rebalances, statistics (consumer lag), errors.
+struct Context {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, stats: Statistics) {
+        if let Some(topic) = stats.topics.get(&self.shared.topic) {
+            for (p, part) in &topic.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .partition_lag
+                        .with_label_values(&[&p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => warn!(target: "librdkafka", fac, "{msg}"),
+            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => {
+                info!(target: "librdkafka", fac, "{msg}")
+            }
+            _ => debug!(target: "librdkafka", fac, "{msg}"),
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        info!(?partitions, "partitions revoked: draining before commit");
+        self.shared
+            .revoked
+            .lock()
+            .expect("revoked lock")
+            .extend(partitions.iter().copied());
+        self.shared.drain(&partitions);
+        let offsets = self.shared.storable(Some(&partitions));
+        if offsets.count() > 0 {
+            if let Err(e) = consumer.store_offsets(&offsets) {
+                warn!(error = %e, "storing offsets of revoked partitions failed");
+            }
+            match consumer.commit(&offsets, CommitMode::Sync) {
+                Ok(()) => info!(?partitions, "committed revoked partitions"),
+                Err(e) => {
+                    self.shared.metrics.commit_errors.inc();
+                    warn!(error = %e, "synchronous commit on revoke failed");
+                }
+            }
+        }
+        let mut tracker = self.shared.tracker.lock().expect("offset tracker lock");
+        for p in &partitions {
+            tracker.remove(*p);
+            let _ = self
+                .shared
+                .metrics
+                .partition_lag
+                .remove_label_values(&[&p.to_string()]);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let mut revoked = self.shared.revoked.lock().expect("revoked lock");
+                for p in &partitions {
+                    revoked.remove(p);
+                }
+                info!(?partitions, "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _offsets: &TopicPartitionList,
+    ) {
+        // "No offset stored" is the normal answer of an idle auto-commit.
+        if let Err(e) = result
+            && !is_no_offset(&e)
+        {
+            self.shared.metrics.commit_errors.inc();
+            warn!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+/// A running Kafka source: owns the consumer and its poll thread. Jobs arrive on the channel
+/// returned by [`KafkaSource::start`]; acknowledge each through a [`KafkaAcker`].
+pub struct KafkaSource {
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<Context>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Cloneable acknowledgement handle for jobs of a [`KafkaSource`].
+#[derive(Clone)]
+pub struct KafkaAcker {
+    shared: Arc<Shared>,
+}
+
+impl KafkaAcker {
+    /// Mark a job started. `false`: its partition was revoked meanwhile, do not process it.
+    pub fn start(&self, partition: i32, offset: i64) -> bool {
+        if self
+            .shared
+            .revoked
+            .lock()
+            .expect("revoked lock")
+            .contains(&partition)
+        {
+            return false;
+        }
+        self.shared
+            .tracker
+            .lock()
+            .expect("offset tracker lock")
+            .partition(partition)
+            .started(offset)
+    }
+
+    /// The job is finished and its result durable: its offset may be committed.
+    pub fn ack(&self, partition: i32, offset: i64) {
+        let mut tracker = self.shared.tracker.lock().expect("offset tracker lock");
+        tracker.partition(partition).completed(offset);
+        drop(tracker);
+        self.shared.finished.notify_all();
+    }
+
+    /// A job that was never started (e.g. dropped at shutdown) stays pending: its offset is not
+    /// committed and it is redelivered. Nothing to do; named for clarity at call sites.
+    pub fn abandon(&self, _partition: i32, _offset: i64) {}
+}
+
+impl KafkaSource {
+    /// Join the group and start fetching.
+    pub fn start(
+        settings: KafkaSettings,
+        metrics: Metrics,
+    ) -> Result<(Self, KafkaAcker, mpsc::UnboundedReceiver<Job>)> {
+        let shared = Arc::new(Shared {
+            topic: settings.topic.clone(),
+            tracker: Mutex::new(OffsetTracker::default()),
+            finished: Condvar::new(),
+            revoked: Mutex::new(HashSet::new()),
+            drain_timeout: settings.drain_timeout,
+            metrics,
+        });
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.bootstrap_servers)
+            .set("group.id", &settings.group)
+            .set("client.id", "qp-worker")
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.commit.interval.ms",
+                settings.commit_interval.as_millis().to_string(),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("statistics.interval.ms", "5000")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "message.max.bytes",
+                (settings.max_message_bytes.max(1_000_000) + 64 * 1024).to_string(),
+            )
+            // Keep librdkafka's own prefetch modest; our back-pressure is per partition.
+            .set("queued.max.messages.kbytes", "16384");
+        for (k, v) in &settings.properties {
+            config.set(k, v);
+        }
+        let consumer: BaseConsumer<Context> = config
+            .create_with_context(Context {
+                shared: shared.clone(),
+            })
+            .map_err(|e| Error::Kafka(format!("creating consumer: {e}")))?;
+        consumer
+            .subscribe(&[&settings.topic])
+            .map_err(|e| Error::Kafka(format!("subscribing to {}: {e}", settings.topic)))?;
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let consumer = consumer.clone();
+            let shared = shared.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("kafka-poll".into())
+                .spawn(move || poll_loop(&consumer, &shared, &settings, &stop, tx))
+                .map_err(|e| Error::Kafka(format!("spawning poll thread: {e}")))?
+        };
+        let acker = KafkaAcker {
+            shared: shared.clone(),
+        };
+        Ok((
+            KafkaSource {
+                shared,
+                consumer,
+                stop,
+                thread: Some(thread),
+            },
+            acker,
+            rx,
+        ))
+    }
+
+    /// A flag that stops fetching when set (from any thread).
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Stop fetching. Call [`KafkaSource::close`] once the engine drained.
+    pub fn stop_intake(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Store and synchronously commit the final offsets, then leave the group (revoking our
+    /// partitions, which triggers one more bounded drain and commit).
+    pub fn close(mut self) {
+        self.stop_intake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let offsets = self.shared.storable(None);
+        if offsets.count() > 0
+            && let Err(e) = self.consumer.store_offsets(&offsets)
+        {
+            warn!(error = %e, "storing final offsets failed");
+        }
+        if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync)
+            && !is_no_offset(&e)
+        {
+            self.shared.metrics.commit_errors.inc();
+            warn!(error = %e, "final commit failed");
+        }
+        // Dropping the last reference closes the consumer: librdkafka revokes our partitions
+        // (running the rebalance callback, which commits) and leaves the group.
+        let consumer = self.consumer;
+        std::thread::spawn(move || drop(consumer)).join().ok();
+        info!("kafka consumer closed");
+    }
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<Context>,
+    shared: &Shared,
+    settings: &KafkaSettings,
+    stop: &AtomicBool,
+    tx: mpsc::UnboundedSender<Job>,
+) {
+    let mut paused: HashSet<i32> = HashSet::new();
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(e)) => {
+                warn!(error = %e, "kafka poll error");
+            }
+            Some(Ok(msg)) => {
+                let partition = msg.partition();
+                let offset = msg.offset();
+                let job = to_job(&msg, settings);
+                shared
+                    .tracker
+                    .lock()
+                    .expect("offset tracker lock")
+                    .partition(partition)
+                    .fetched(offset);
+                if tx.send(job).is_err() {
+                    break; // engine gone
+                }
+            }
+        }
+        store_and_throttle(consumer, shared, settings, &mut paused);
+    }
+}
+
+/// Store moved watermarks and pause/resume partitions by their backlog of unfinished messages.
+fn store_and_throttle(
+    consumer: &BaseConsumer<Context>,
+    shared: &Shared,
+    settings: &KafkaSettings,
+    paused: &mut HashSet<i32>,
+) {
+    let offsets = shared.storable(None);
+    if offsets.count() > 0
+        && let Err(e) = consumer.store_offsets(&offsets)
+    {
+        // Storing for a partition we just lost fails harmlessly.
+        debug!(error = %e, "offset store failed");
+    }
+    let (to_pause, to_resume) = {
+        let tracker = shared.tracker.lock().expect("offset tracker lock");
+        let high = settings.max_pending_per_partition;
+        let mut to_pause = TopicPartitionList::new();
+        let mut to_resume = TopicPartitionList::new();
+        for (p, o) in tracker.partitions() {
+            if !paused.contains(&p) && o.pending() >= high {
+                to_pause.add_partition(&settings.topic, p);
+                paused.insert(p);
+            } else if paused.contains(&p) && o.pending() <= high / 2 {
+                to_resume.add_partition(&settings.topic, p);
+                paused.remove(&p);
+            }
+        }
+        // Partitions we no longer own are no longer paused by us.
+        paused.retain(|p| tracker.get(*p).is_some());
+        (to_pause, to_resume)
+    };
+    if to_pause.count() > 0 {
+        debug!(
+            partitions = to_pause.count(),
+            "pausing partitions under back-pressure"
+        );
+        let _ = consumer.pause(&to_pause);
+    }
+    if to_resume.count() > 0 {
+        let _ = consumer.resume(&to_resume);
+    }
+}
+
+fn is_no_offset(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e,
+        rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)
+    )
+}
+
+fn to_job<M: Message>(msg: &M, settings: &KafkaSettings) -> Job {
+    let partition = msg.partition();
+    let offset = msg.offset();
+    let mut id = None;
+    let mut content_type = None;
+    if let Some(headers) = msg.headers() {
+        for h in headers.iter() {
+            match (h.key, h.value) {
+                ("qp-id", Some(v)) => id = std::str::from_utf8(v).ok().map(str::to_owned),
+                ("content-type", Some(v)) => {
+                    content_type = std::str::from_utf8(v).ok().map(str::to_owned)
+                }
+                _ => {}
+            }
+        }
+    }
+    let body = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
+    let mut malformed = None;
+    let id = match id {
+        Some(id) if valid_id(&id) => id,
+        Some(_) => {
+            malformed = Some("malformed: invalid qp-id header".to_owned());
+            format!("{}-{partition}-{offset}", msg.topic())
+        }
+        None => format!("{}-{partition}-{offset}", msg.topic()),
+    };
+    if malformed.is_none() && body.len() > settings.max_message_bytes {
+        malformed = Some(format!(
+            "oversized: {} bytes exceeds the limit of {} bytes",
+            body.len(),
+            settings.max_message_bytes
+        ));
+    }
+    if malformed.is_none() {
+        malformed = check_content(content_type.as_deref(), &body);
+    }
+    Job {
+        id,
+        key: msg.key().map(Bytes::copy_from_slice),
+        content_type,
+        body,
+        malformed,
+        origin: Origin::Kafka { partition, offset },
+    }
+}

@@ -1,0 +1,465 @@
+//! Redis list source: reliable-queue consumption with a per-worker processing list.
+//!
+//! Producers `LPUSH` envelopes onto the source list. A worker takes one with `BLMOVE source
+//! processing RIGHT LEFT`: the move is atomic, so a message is always in exactly one of the two
+//! lists and a crash between "taken" and "done" cannot lose it. When the result is durable the
+//! worker removes the message from its processing list (`LREM`, batched).
+//!
+//! A worker that dies leaves its processing list behind. Every worker heartbeats into the
+//! QueueProcessor's `heartbeats` sorted set (Redis server time); a reaper, run by whichever worker
+//! wins a short lock, finds workers silent for longer than `dead_after` and pushes their
+//! unfinished messages back onto the *consuming* end of the source list, so they are next.
+//!
+//! Envelope (JSON): `{"id": "...", "contentType": "application/json", "body": "..."}`, with
+//! `bodyBase64` instead of `body` for binary payloads. The gateway writes exactly this. An item
+//! that is not a valid envelope is a malformed message: it goes to the dead letter with the
+//! reason, it never stalls the worker.
+
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Job, Origin, check_content, valid_id};
+use crate::Result;
+use crate::keys::Keys;
+use crate::redis_conn::{Conn, RedisSettings};
+
+/// The wire format of a list item.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Envelope {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+impl Envelope {
+    /// Wrap a payload: UTF-8 bodies travel as text, anything else as base64.
+    pub fn new(id: &str, content_type: Option<&str>, body: &[u8]) -> Self {
+        let (text, b64) = match std::str::from_utf8(body) {
+            Ok(s) => (Some(s.to_owned()), None),
+            Err(_) => (None, Some(base64_encode(body))),
+        };
+        Envelope {
+            id: id.to_owned(),
+            content_type: content_type.map(str::to_owned),
+            body: text,
+            body_base64: b64,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serializes")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisListSettings {
+    /// The list producers push to.
+    pub key: String,
+    /// This worker's identity (pod name in Kubernetes); names its processing list.
+    pub worker_id: String,
+    pub max_message_bytes: usize,
+    /// A worker silent this long is dead and its messages are returned.
+    pub dead_after: Duration,
+}
+
+/// Moves every message of a dead worker's processing list back onto the source's consuming end.
+/// KEYS[1] = processing list, KEYS[2] = source list. Returns how many were moved.
+const RECOVER: &str = r#"
+local n = 0
+while true do
+  local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not v then break end
+  n = n + 1
+end
+return n
+"#;
+
+/// Workers whose heartbeat is older than ARGV[1] ms (Redis server time), removed from the set.
+/// KEYS[1] = heartbeats.
+const STALE: &str = r#"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+return dead
+"#;
+
+pub struct RedisListSource {
+    pub jobs: mpsc::Receiver<Job>,
+}
+
+/// Cloneable acknowledgement handle.
+#[derive(Clone)]
+pub struct RedisListAcker {
+    tx: mpsc::UnboundedSender<(Bytes, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl RedisListAcker {
+    /// Remove a finished message from the processing list; returns when Redis has done it.
+    pub async fn ack(&self, raw: Bytes) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send((raw, tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+impl RedisListSource {
+    /// Recover this worker's own leftovers, then start taking messages until `stop`.
+    pub async fn start(
+        settings: RedisListSettings,
+        redis: &RedisSettings,
+        conn: Conn,
+        keys: Keys,
+        stop: CancellationToken,
+    ) -> Result<(Self, RedisListAcker)> {
+        let processing = keys.processing_list(&settings.key, &settings.worker_id)?;
+        // A restarted worker with the same id first returns what it held before.
+        let recovered: i64 = redis::Script::new(RECOVER)
+            .key(&processing)
+            .key(&settings.key)
+            .invoke_async(&mut conn.clone())
+            .await?;
+        if recovered > 0 {
+            info!(recovered, "returned messages left in our processing list");
+        }
+        let blocking = redis.connect_blocking().await?;
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(intake(
+            settings.clone(),
+            blocking,
+            processing.clone(),
+            tx,
+            stop.clone(),
+        ));
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        tokio::spawn(acker(conn.clone(), processing, ack_rx));
+        tokio::spawn(reaper(conn, keys, settings, stop));
+        Ok((RedisListSource { jobs: rx }, RedisListAcker { tx: ack_tx }))
+    }
+}
+
+/// Put back whatever is left in this worker's processing list (messages taken but never
+/// finished, e.g. when a drain timed out). Called at shutdown, after the engine stopped.
+pub async fn return_unfinished(
+    conn: &mut Conn,
+    keys: &Keys,
+    settings: &RedisListSettings,
+) -> Result<i64> {
+    let processing = keys.processing_list(&settings.key, &settings.worker_id)?;
+    Ok(redis::Script::new(RECOVER)
+        .key(&processing)
+        .key(&settings.key)
+        .invoke_async(conn)
+        .await?)
+}
+
+async fn intake(
+    settings: RedisListSettings,
+    mut conn: Conn,
+    processing: String,
+    tx: mpsc::Sender<Job>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Wait for room first, so we never take a message we cannot hand over.
+        let permit = tokio::select! {
+            p = tx.reserve() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        let mut blmove = redis::cmd("BLMOVE");
+        blmove
+            .arg(&settings.key)
+            .arg(&processing)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(1.0);
+        let moved: redis::RedisResult<Option<Vec<u8>>> = tokio::select! {
+            r = blmove.query_async(&mut conn) => r,
+            _ = stop.cancelled() => return,
+        };
+        match moved {
+            Ok(Some(raw)) => {
+                backoff = Duration::from_millis(100);
+                permit.send(to_job(Bytes::from(raw), &settings));
+            }
+            Ok(None) => {} // timeout: nothing queued
+            Err(e) => {
+                warn!(error = %e, retry_in = ?backoff, "BLMOVE failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Batches `LREM`s: everything acknowledged while the previous batch was in flight goes in one
+/// pipeline.
+async fn acker(
+    mut conn: Conn,
+    processing: String,
+    mut rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let mut pipe = redis::pipe();
+            for (raw, _) in &batch {
+                pipe.cmd("LREM")
+                    .arg(&processing)
+                    .arg(1)
+                    .arg(raw.as_ref())
+                    .ignore();
+            }
+            match pipe.query_async::<()>(&mut conn).await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "LREM from processing list failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Periodically return the messages of dead workers. Any worker may do it; a short lock keeps
+/// them from doing it all at once (doing it twice would still be safe: LMOVE is atomic).
+async fn reaper(mut conn: Conn, keys: Keys, settings: RedisListSettings, stop: CancellationToken) {
+    let every = (settings.dead_after / 2).max(Duration::from_millis(500));
+    let lock = format!("{}reaper-lock", keys.prefix());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = reap_once(&mut conn, &keys, &settings, &lock, every).await {
+            debug!(error = %e, "reaper pass failed");
+        }
+    }
+}
+
+async fn reap_once(
+    conn: &mut Conn,
+    keys: &Keys,
+    settings: &RedisListSettings,
+    lock: &str,
+    hold: Duration,
+) -> Result<()> {
+    let got: Option<String> = redis::cmd("SET")
+        .arg(lock)
+        .arg(&settings.worker_id)
+        .arg("NX")
+        .arg("PX")
+        .arg(hold.as_millis() as u64)
+        .query_async(conn)
+        .await?;
+    if got.is_none() {
+        return Ok(());
+    }
+    let dead: Vec<String> = redis::Script::new(STALE)
+        .key(keys.heartbeats())
+        .arg(settings.dead_after.as_millis() as u64)
+        .invoke_async(conn)
+        .await?;
+    for worker in dead {
+        let processing = keys.processing_list(&settings.key, &worker)?;
+        let moved: i64 = redis::Script::new(RECOVER)
+            .key(&processing)
+            .key(&settings.key)
+            .invoke_async(conn)
+            .await?;
+        // Forget the worker only after its messages are safe.
+        let _: i64 = redis::cmd("ZREM")
+            .arg(keys.heartbeats())
+            .arg(&worker)
+            .query_async(conn)
+            .await?;
+        let _: i64 = redis::cmd("HDEL")
+            .arg(keys.rates())
+            .arg(&worker)
+            .query_async(conn)
+            .await?;
+        if moved > 0 {
+            info!(
+                worker,
+                moved, "returned messages of a dead worker to the queue"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
+    let origin = Origin::RedisList { raw: raw.clone() };
+    let derived_id = || {
+        let mut h = std::hash::DefaultHasher::new();
+        raw.hash(&mut h);
+        format!("raw-{:016x}", h.finish())
+    };
+    if raw.len() > settings.max_message_bytes {
+        return Job {
+            id: derived_id(),
+            key: None,
+            content_type: None,
+            body: raw.clone(),
+            malformed: Some(format!(
+                "oversized: {} bytes exceeds the limit of {} bytes",
+                raw.len(),
+                settings.max_message_bytes
+            )),
+            origin,
+        };
+    }
+    let parsed = serde_json::from_slice::<Envelope>(&raw)
+        .map_err(|e| format!("malformed: not a queue-processor envelope ({e})"))
+        .and_then(|env| {
+            if !valid_id(&env.id) {
+                return Err("malformed: invalid id in envelope".to_owned());
+            }
+            let body = match (env.body, env.body_base64) {
+                (Some(t), None) => Bytes::from(t),
+                (None, Some(b)) => Bytes::from(
+                    base64_decode(&b).ok_or("malformed: bodyBase64 is not valid base64")?,
+                ),
+                (None, None) => Bytes::new(),
+                (Some(_), Some(_)) => {
+                    return Err("malformed: envelope has both body and bodyBase64".to_owned());
+                }
+            };
+            Ok((env.id, env.content_type, body))
+        });
+    match parsed {
+        Ok((id, content_type, body)) => Job {
+            malformed: check_content(content_type.as_deref(), &body),
+            id,
+            key: None,
+            content_type,
+            body,
+            origin,
+        },
+        Err(reason) => Job {
+            id: derived_id(),
+            key: None,
+            content_type: None,
+            body: raw.clone(),
+            malformed: Some(reason),
+            origin,
+        },
+    }
+}
+
+// Base64 is needed only for binary payloads in envelopes; a 30-line codec beats a dependency.
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_end_matches('=');
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        let v = B64.iter().position(|&x| x == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> RedisListSettings {
+        RedisListSettings {
+            key: "q".into(),
+            worker_id: "w".into(),
+            max_message_bytes: 64,
+            dead_after: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for data in [&b""[..], b"f", b"fo", b"foo", b"\xff\x00\x10binary"] {
+            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert!(base64_decode("!!").is_none());
+    }
+
+    #[test]
+    fn envelopes_become_jobs() {
+        let env = Envelope::new("r1", Some("text/plain"), b"hi");
+        let job = to_job(Bytes::from(env.to_bytes()), &settings());
+        assert_eq!(job.id, "r1");
+        assert_eq!(&job.body[..], b"hi");
+        assert!(job.malformed.is_none());
+
+        let bin = Envelope::new("r2", None, b"\xff\xfe");
+        let job = to_job(Bytes::from(bin.to_bytes()), &settings());
+        assert_eq!(&job.body[..], b"\xff\xfe");
+    }
+
+    #[test]
+    fn bad_items_are_malformed_not_fatal() {
+        for raw in [
+            &b"not json"[..],
+            br#"{"id":"x y","body":"a"}"#,
+            br#"{"id":"a","body":"x","bodyBase64":"eA=="}"#,
+            br#"{"id":"a","contentType":"application/json","body":"{nope"}"#,
+            br#"{"id":"a","extra":1}"#,
+        ] {
+            let job = to_job(Bytes::copy_from_slice(raw), &settings());
+            assert!(job.malformed.is_some(), "{}", String::from_utf8_lossy(raw));
+        }
+        let big = Bytes::from(vec![b'x'; 65]);
+        assert!(
+            to_job(big, &settings())
+                .malformed
+                .unwrap()
+                .starts_with("oversized")
+        );
+    }
+}

@@ -1,0 +1,690 @@
+//! The token pool against a real Redis and a real Redis Cluster.
+//!
+//! Start them first with `make env-up` (or `hack/env.sh start redis redis-cluster`); the
+//! addresses come from the env file (`QP_ENV_FILE`, default `<workspace>/.qp-env/env`).
+//! Every test runs twice, on the single server and on the cluster, under a fresh
+//! QueueProcessor name, and deletes its keys at the end.
+//!
+//! Waiting in these tests always goes through the pool's own blocking behaviour; the only
+//! sleeps stand in for a handler's work, and the only loops that re-check a condition wait for
+//! a waiter to have registered itself in Redis before the test measures how fast it is woken.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use qp_worker::keys::{self, Keys};
+use qp_worker::redis_conn::{Conn, RedisSettings};
+use qp_worker::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, RoundTrips, TokenPool};
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Single,
+    Cluster,
+}
+
+fn env() -> &'static HashMap<String, String> {
+    static ENV: OnceLock<HashMap<String, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = std::env::var("QP_ENV_FILE")
+            .unwrap_or_else(|_| format!("{}/../.qp-env/env", env!("CARGO_MANIFEST_DIR")));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("cannot read the env file {path} ({e}): run `make env-up` first")
+        });
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    })
+}
+
+fn var(name: &str) -> String {
+    env()
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} missing from the env file: run `make env-up` first"))
+}
+
+fn settings(kind: Kind) -> RedisSettings {
+    match kind {
+        Kind::Single => RedisSettings::from_parts(Some(&var("QP_REDIS_URL")), None, None, false),
+        Kind::Cluster => RedisSettings::from_parts(
+            None,
+            Some(&var("QP_REDIS_CLUSTER_NODES")),
+            Some(var("QP_REDIS_CLUSTER_PASSWORD")),
+            false,
+        ),
+    }
+    .unwrap()
+}
+
+/// A fresh QueueProcessor: its settings, a shared connection and its keys.
+struct Qp {
+    settings: RedisSettings,
+    conn: Conn,
+    keys: Keys,
+}
+
+impl Qp {
+    async fn new(kind: Kind) -> Self {
+        let settings = settings(kind);
+        let conn = settings.connect().await.unwrap_or_else(|e| {
+            panic!("cannot connect to {kind:?} Redis ({e}): run `make env-up` first")
+        });
+        let keys = Keys::new("test", &format!("tokens-{}", uuid::Uuid::new_v4().simple()));
+        Qp {
+            settings,
+            conn,
+            keys,
+        }
+    }
+
+    /// A pool for one simulated worker, on a connection of its own (like a separate process).
+    async fn pool(&self, owner: &str, ttl: Duration) -> TokenPool {
+        TokenPool::connect(
+            self.settings.clone(),
+            self.keys.clone(),
+            PoolOptions {
+                owner: owner.to_string(),
+                lease_ttl: ttl,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Waits until some owner has asked for more than it got, i.e. a waiter is about to block
+    /// (or is blocked) in BLPOP. A wake-up pushed from then on cannot be missed.
+    async fn until_starving(&self, pool: &TokenPool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.snapshot().await.unwrap().starving == 0 {
+            assert!(Instant::now() < deadline, "no waiter showed up");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn cleanup(&self) {
+        let mut conn = self.conn.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(&self.keys.token_keys()[..])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+fn ids(leases: &[qp_worker::tokens::Lease]) -> Vec<String> {
+    leases.iter().map(|l| l.id.clone()).collect()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn sum(trips: impl IntoIterator<Item = RoundTrips>) -> RoundTrips {
+    trips
+        .into_iter()
+        .fold(RoundTrips::default(), |a, b| RoundTrips {
+            acquire: a.acquire + b.acquire,
+            renew: a.renew + b.renew,
+            release: a.release + b.release,
+            blpop: a.blpop + b.blpop,
+            other: a.other + b.other,
+        })
+}
+
+/// Runs a test body once on the single Redis and once on the cluster.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn single() {
+                super::$name(super::Kind::Single).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$name(super::Kind::Cluster).await
+            }
+        }
+    )*};
+}
+
+on_both!(
+    keys_share_one_cluster_slot,
+    limit_holds_under_concurrent_acquirers,
+    batch_acquire_grants_up_to_k,
+    expired_leases_come_back,
+    renew_reports_lost_leases,
+    set_limit_growth_wakes_and_shrink_drains,
+    release_wakes_a_waiter,
+    keepers_cap_concurrency_with_few_round_trips,
+    keepers_follow_limit_changes,
+    keeper_reports_lost_leases_and_closes,
+    keepers_share_fairly,
+);
+
+/// Our slot function agrees with the server's `CLUSTER KEYSLOT`, and all keys share a slot.
+async fn keys_share_one_cluster_slot(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    if let Kind::Cluster = kind {
+        let mut conn = qp.conn.clone();
+        let tokens = qp.keys.token_keys();
+        let extra = [
+            qp.keys.result("r1"),
+            qp.keys.state("r1"),
+            qp.keys.heartbeats(),
+        ];
+        for key in tokens.iter().chain(extra.iter()) {
+            let server: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(server, keys::slot(key.as_bytes()), "{key}");
+            assert_eq!(server, keys::slot(tokens[0].as_bytes()), "{key}");
+        }
+        let p = qp.keys.processing_list("jobs", "w1").unwrap();
+        let server: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&p)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(server, keys::slot(b"jobs"));
+    }
+    // The scripts run (one slot per script) on both kinds.
+    let pool = qp.pool("a", Duration::from_secs(5)).await;
+    pool.set_limit(1).await.unwrap();
+    assert_eq!(pool.try_acquire(1).await.unwrap().leases.len(), 1);
+    qp.cleanup().await;
+}
+
+/// Three pools, many tasks each, limit 8: never more than 8 at once, and close to 8 reached.
+async fn limit_holds_under_concurrent_acquirers(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let mut pools = Vec::new();
+    for i in 0..3 {
+        pools.push(qp.pool(&format!("p{i}"), Duration::from_secs(5)).await);
+    }
+    pools[0].set_limit(8).await.unwrap();
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for pool in &pools {
+        for _ in 0..10 {
+            let (pool, active, max) = (pool.clone(), active.clone(), max.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..15 {
+                    let leases = pool
+                        .acquire(1, Instant::now() + Duration::from_secs(20))
+                        .await
+                        .unwrap();
+                    assert_eq!(leases.len(), 1);
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await; // the "work"
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    pool.release(&ids(&leases)).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let max = max.load(Ordering::SeqCst);
+    println!("{kind:?}: max concurrency {max} (limit 8)");
+    assert!(max <= 8, "limit exceeded: {max}");
+    assert!(max >= 7, "limit not reached: {max}");
+    assert_eq!(pools[0].in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// One ACQUIRE grants up to k; with nothing free, acquire blocks until its deadline.
+async fn batch_acquire_grants_up_to_k(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(5);
+    let pool = qp.pool("a", ttl).await;
+    // No limit set yet: nothing is granted and there is no expiry to wait for.
+    let none = pool.try_acquire(3).await.unwrap();
+    assert!(none.leases.is_empty());
+    assert_eq!(none.retry_after, None);
+
+    pool.set_limit(5).await.unwrap();
+    let first = pool.try_acquire(3).await.unwrap();
+    assert_eq!(first.leases.len(), 3);
+    assert_eq!(first.status.in_use, 3);
+    let second = pool
+        .acquire(3, Instant::now() + Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 2, "only 2 of 5 were left");
+    let all: HashSet<String> = ids(&first.leases).into_iter().chain(ids(&second)).collect();
+    assert_eq!(all.len(), 5, "lease ids are unique");
+
+    let full = pool.try_acquire(1).await.unwrap();
+    assert!(full.leases.is_empty());
+    let retry = full
+        .retry_after
+        .expect("leases exist, so one expires first");
+    assert!(
+        retry <= ttl && retry > ttl - Duration::from_secs(1),
+        "{retry:?}"
+    );
+
+    let before = pool.round_trips();
+    let start = Instant::now();
+    let got = pool
+        .acquire(1, Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap();
+    let waited = start.elapsed();
+    let calls = pool.round_trips();
+    assert!(got.is_empty());
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_millis(800), "{waited:?}");
+    // Blocked in BLPOP, not spinning: a couple of calls for 300 ms.
+    assert!(
+        calls.acquire - before.acquire <= 3,
+        "{before:?} -> {calls:?}"
+    );
+    assert!(calls.blpop - before.blpop <= 2, "{before:?} -> {calls:?}");
+
+    let all: Vec<String> = all.into_iter().collect();
+    assert_eq!(pool.release(&all).await.unwrap(), 5);
+    let snap = pool.snapshot().await.unwrap();
+    assert_eq!(snap.in_use, 0);
+    assert!(snap.wake_len <= 5, "{snap:?}");
+    qp.cleanup().await;
+}
+
+/// A holder that dies without releasing: a blocked waiter gets the permits back when the lease
+/// expires, woken by its own BLPOP timeout (no release ever happens).
+async fn expired_leases_come_back(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(1);
+    let dead = qp.pool("dead", ttl).await;
+    let waiter = qp.pool("waiter", Duration::from_secs(5)).await;
+    dead.set_limit(2).await.unwrap();
+    let granted_at = Instant::now();
+    assert_eq!(dead.try_acquire(2).await.unwrap().leases.len(), 2);
+    drop(dead); // "killed": never renews, never releases
+
+    let got = waiter
+        .acquire(2, granted_at + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let after = granted_at.elapsed();
+    println!(
+        "{kind:?}: dead holder's permits back after {:.0} ms (ttl 1000 ms)",
+        ms(after)
+    );
+    assert!(!got.is_empty());
+    assert!(after >= ttl - Duration::from_millis(50), "{after:?}");
+    assert!(after <= ttl + Duration::from_millis(500), "{after:?}");
+    qp.cleanup().await;
+}
+
+/// RENEW extends what still exists and names what was lost.
+async fn renew_reports_lost_leases(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let a = qp.pool("a", Duration::from_millis(500)).await;
+    let b = qp.pool("b", Duration::from_secs(5)).await;
+    a.set_limit(3).await.unwrap();
+    let held = ids(&a.try_acquire(3).await.unwrap().leases);
+    // Someone else releases one of a's leases.
+    b.release(&held[1..2]).await.unwrap();
+    assert_eq!(a.renew(&held).await.unwrap(), vec![held[1].clone()]);
+    a.release(&held).await.unwrap();
+
+    // a's lease expires while b waits for it; b's BLPOP timeout ends at the expiry.
+    a.set_limit(1).await.unwrap();
+    let mine = ids(&a.try_acquire(1).await.unwrap().leases);
+    let theirs = b
+        .acquire(1, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(a.renew(&mine).await.unwrap(), mine);
+    assert!(b.renew(&ids(&theirs)).await.unwrap().is_empty());
+    let renewal = b.renew_with_status(&ids(&theirs)).await.unwrap();
+    assert_eq!(renewal.status.in_use, 1);
+    assert_eq!(renewal.status.limit, 1);
+    qp.cleanup().await;
+}
+
+/// A higher limit wakes a blocked waiter at once; a lower one revokes nothing and wakes no one.
+async fn set_limit_growth_wakes_and_shrink_drains(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(5);
+    let a = qp.pool("a", ttl).await;
+    let b = qp.pool("b", ttl).await;
+    let c = qp.pool("c", ttl).await;
+    a.set_limit(1).await.unwrap();
+    let a_held = ids(&a.try_acquire(1).await.unwrap().leases);
+
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let got = b
+                .acquire(1, Instant::now() + Duration::from_secs(10))
+                .await
+                .unwrap();
+            (got, Instant::now())
+        })
+    };
+    qp.until_starving(&c).await;
+    let grown_at = Instant::now();
+    assert_eq!(c.set_limit(2).await.unwrap(), 1);
+    let (b_held, woken_at) = waiter.await.unwrap();
+    let latency = woken_at - grown_at;
+    println!(
+        "{kind:?}: limit growth -> waiter granted in {:.2} ms",
+        ms(latency)
+    );
+    assert_eq!(b_held.len(), 1);
+    assert!(latency < Duration::from_millis(100), "{latency:?}");
+
+    // Shrink to 1 while 2 are held: nothing is revoked.
+    assert_eq!(c.set_limit(1).await.unwrap(), 2);
+    assert!(a.renew(&a_held).await.unwrap().is_empty());
+    assert!(b.renew(&ids(&b_held)).await.unwrap().is_empty());
+    assert_eq!(c.in_use().await.unwrap(), 2);
+    assert!(c.try_acquire(1).await.unwrap().leases.is_empty());
+    // The first release only drains the excess: no capacity, no wake-up.
+    a.release(&a_held).await.unwrap();
+    let snap = c.snapshot().await.unwrap();
+    assert_eq!(
+        (snap.in_use, snap.limit, snap.wake_len),
+        (1, 1, 0),
+        "{snap:?}"
+    );
+    assert!(c.try_acquire(1).await.unwrap().leases.is_empty());
+    // The second one frees a slot again.
+    b.release(&ids(&b_held)).await.unwrap();
+    assert_eq!(c.try_acquire(1).await.unwrap().leases.len(), 1);
+    qp.cleanup().await;
+}
+
+/// A release wakes the waiter blocked in BLPOP; measures release -> grant latency.
+async fn release_wakes_a_waiter(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(10);
+    let mut holder = qp.pool("a", ttl).await;
+    let mut waiter = qp.pool("b", ttl).await;
+    let observer = qp.pool("observer", ttl).await;
+    holder.set_limit(1).await.unwrap();
+    let mut held = ids(&holder.try_acquire(1).await.unwrap().leases);
+    let mut latencies = Vec::new();
+    for _ in 0..40 {
+        let task = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                let got = waiter
+                    .acquire(1, Instant::now() + Duration::from_secs(10))
+                    .await
+                    .unwrap();
+                (got, Instant::now())
+            })
+        };
+        qp.until_starving(&observer).await;
+        let released_at = Instant::now();
+        holder.release(&held).await.unwrap();
+        let (got, woken_at) = task.await.unwrap();
+        assert_eq!(got.len(), 1);
+        latencies.push(woken_at - released_at);
+        held = ids(&got);
+        std::mem::swap(&mut holder, &mut waiter);
+    }
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    let max = *latencies.last().unwrap();
+    println!(
+        "{kind:?}: release -> waiter granted: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        ms(p50),
+        ms(p99),
+        ms(max),
+        latencies.len()
+    );
+    assert!(p99 < Duration::from_millis(100), "{latencies:?}");
+    qp.cleanup().await;
+}
+
+/// Three keepers (workers), limit 8, many tasks: the cap holds, it is reached, and the Redis
+/// calls per message stay well under one.
+async fn keepers_cap_concurrency_with_few_round_trips(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let mut keepers = Vec::new();
+    for i in 0..3 {
+        let pool = qp.pool(&format!("k{i}"), Duration::from_secs(3)).await;
+        keepers.push(LeaseKeeper::start(
+            pool,
+            KeeperConfig {
+                max_held: 16,
+                batch: 16,
+                ..KeeperConfig::default()
+            },
+        ));
+    }
+    keepers[0].pool().set_limit(8).await.unwrap();
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let per_task = 60;
+    let tasks_per_keeper = 16;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for keeper in &keepers {
+        for _ in 0..tasks_per_keeper {
+            let (keeper, active, max) = (keeper.clone(), active.clone(), max.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let permit = keeper.acquire().await.unwrap();
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let messages = (3 * tasks_per_keeper * per_task) as f64;
+    let trips = sum(keepers.iter().map(|k| k.pool().round_trips()));
+    let max = max.load(Ordering::SeqCst);
+    println!(
+        "{kind:?}: keepers: max concurrency {max}/8, {messages} msgs in {:.0} ms, \
+         {:.3} Redis calls per message ({trips:?})",
+        ms(elapsed),
+        trips.total() as f64 / messages
+    );
+    assert!(max <= 8, "limit exceeded: {max}");
+    assert!(max >= 7, "limit not reached: {max}");
+    assert!(
+        (trips.total() as f64) / messages < 0.3,
+        "too many round trips: {trips:?} for {messages} messages"
+    );
+    for k in &keepers {
+        k.close().await.unwrap();
+    }
+    assert_eq!(keepers[0].pool().in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// Limit 8 -> 2 -> 16 under load: the observed concurrency follows within a second, and no
+/// running work is revoked (no lease is lost).
+async fn keepers_follow_limit_changes(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let mut keepers = Vec::new();
+    for i in 0..2 {
+        let pool = qp.pool(&format!("k{i}"), Duration::from_millis(1500)).await;
+        keepers.push(LeaseKeeper::start(
+            pool,
+            KeeperConfig {
+                max_held: 12,
+                batch: 12,
+                ..KeeperConfig::default()
+            },
+        ));
+    }
+    let admin = qp.pool("operator", Duration::from_secs(5)).await;
+    admin.set_limit(8).await.unwrap();
+    let active = Arc::new(AtomicUsize::new(0));
+    let window_max = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for keeper in &keepers {
+        for _ in 0..12 {
+            let (keeper, active, window_max, stop) = (
+                keeper.clone(),
+                active.clone(),
+                window_max.clone(),
+                stop.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let permit = keeper.acquire().await.unwrap();
+                    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                    window_max.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                }
+            }));
+        }
+    }
+    // The run measures windows of time, so it has to wait for them.
+    let window = |from: Duration, len: Duration| {
+        let window_max = window_max.clone();
+        async move {
+            tokio::time::sleep(from).await;
+            window_max.store(0, Ordering::SeqCst);
+            tokio::time::sleep(len).await;
+            window_max.load(Ordering::SeqCst)
+        }
+    };
+    let at_8 = window(Duration::from_millis(500), Duration::from_millis(500)).await;
+    admin.set_limit(2).await.unwrap();
+    let at_2 = window(Duration::from_secs(1), Duration::from_millis(500)).await;
+    admin.set_limit(16).await.unwrap();
+    let at_16 = window(Duration::from_secs(1), Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let lost: u64 = keepers.iter().map(|k| *k.lost().borrow()).sum();
+    println!("{kind:?}: limit 8 -> max {at_8}; 2 -> max {at_2}; 16 -> max {at_16}; lost {lost}");
+    assert!((7..=8).contains(&at_8), "{at_8}");
+    assert!((1..=2).contains(&at_2), "{at_2}");
+    assert!((14..=16).contains(&at_16), "{at_16}");
+    assert_eq!(lost, 0);
+    for k in &keepers {
+        k.close().await.unwrap();
+    }
+    qp.cleanup().await;
+}
+
+/// Leases that vanish are reported through `lost()` and never handed out again; `close`
+/// releases everything and fails later acquires.
+async fn keeper_reports_lost_leases_and_closes(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let pool = qp.pool("k", Duration::from_secs(1)).await;
+    pool.set_limit(4).await.unwrap();
+    let keeper = LeaseKeeper::start(pool.clone(), KeeperConfig::default());
+    let mut lost = keeper.lost();
+    let permit = keeper.acquire().await.unwrap();
+    assert_eq!(keeper.held(), 1);
+    // Someone else frees our lease (as if it had expired and been reclaimed).
+    pool.release(&[permit.lease_id().to_string()])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), lost.changed())
+        .await
+        .expect("loss reported within a renew interval")
+        .unwrap();
+    assert_eq!(*lost.borrow(), 1);
+    assert_eq!(keeper.held(), 0);
+    drop(permit); // a lost permit's return is a no-op
+    assert_eq!(keeper.held(), 0);
+
+    // Hold 3, return 2 to the local stock, then close: everything goes back to Redis.
+    let permits = [
+        keeper.acquire().await.unwrap(),
+        keeper.acquire().await.unwrap(),
+        keeper.acquire().await.unwrap(),
+    ];
+    let [p1, p2, p3] = permits;
+    drop(p1);
+    drop(p2);
+    assert_eq!(keeper.held(), 3);
+    assert_eq!(keeper.busy(), 1);
+    assert_eq!(pool.in_use().await.unwrap(), 3);
+    keeper.close().await.unwrap();
+    assert_eq!(pool.in_use().await.unwrap(), 0);
+    assert!(keeper.acquire().await.is_err());
+    drop(p3);
+    assert_eq!(pool.in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// A busy worker holding the whole budget gives a fair share to a newcomer.
+async fn keepers_share_fairly(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let config = KeeperConfig {
+        max_held: 16,
+        batch: 16,
+        ..KeeperConfig::default()
+    };
+    let ttl = Duration::from_millis(1500);
+    let a = LeaseKeeper::start(qp.pool("a", ttl).await, config.clone());
+    let b = LeaseKeeper::start(qp.pool("b", ttl).await, config);
+    a.pool().set_limit(8).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy_loop = |keeper: LeaseKeeper, stop: Arc<AtomicBool>| async move {
+        while !stop.load(Ordering::SeqCst) {
+            let permit = keeper.acquire().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            drop(permit);
+        }
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        tasks.push(tokio::spawn(busy_loop(a.clone(), stop.clone())));
+    }
+    // a takes everything; then b arrives with work of its own.
+    let first = a.acquire().await.unwrap();
+    drop(first);
+    let arrived = Instant::now();
+    let b_first = b.acquire().await.unwrap();
+    let waited = arrived.elapsed();
+    drop(b_first);
+    for _ in 0..12 {
+        tasks.push(tokio::spawn(busy_loop(b.clone(), stop.clone())));
+    }
+    // Let the shares settle (one or two sync intervals), then look.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (held_a, held_b) = (a.held(), b.held());
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "{kind:?}: newcomer's first permit after {:.0} ms; shares a {held_a} / b {held_b}",
+        ms(waited)
+    );
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert!(held_a >= 3 && held_b >= 3, "a {held_a} / b {held_b}");
+    assert!(held_a + held_b <= 8);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    qp.cleanup().await;
+}
