@@ -288,6 +288,8 @@ L4J
       -c "$QP_RUN/kafka/server.properties" >>"$LOGS/kafka-format.log" 2>&1 \
       || { tail "$LOGS/kafka-format.log" >&2; die "formatting Kafka storage failed"; }
   fi
+  # Readiness is read from this start's log only.
+  [[ -f "$LOGS/kafka.log" ]] && mv "$LOGS/kafka.log" "$LOGS/kafka.log.prev"
   spawn kafka kafka java -Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" \
     kafka.Kafka "$QP_RUN/kafka/server.properties"

@@ -1,4 +1,23 @@
-//! The QueueProcessor operator: the custom resource API and the controller that scales
-//! token-gated workers.
+//! The QueueProcessor operator: the custom resource API, the pure scaling policy and Deployment
+//! builder, and the two backends that apply decisions (a Kubernetes controller, local processes).
+//!
+//! - [`crd`]: the `QueueProcessor` API
+//! - [`policy`], [`rates`]: pure decision code
+//! - [`workload`], [`builder`]: what a worker is told, and its Kubernetes objects (pure)
+//! - [`measure`], [`scaler`]: readings -> one decision, shared by both backends
+//! - [`controller`], [`leader`], [`run`]: the cluster backend; [`local`]: the process backend
 
+pub mod builder;
+pub mod cli;
+pub mod controller;
 pub mod crd;
+pub mod error;
+pub mod leader;
+pub mod local;
+pub mod measure;
+pub mod metrics;
+pub mod policy;
+pub mod rates;
+pub mod run;
+pub mod scaler;
+pub mod workload;

@@ -104,6 +104,12 @@ pub struct KafkaArgs {
     /// CA bundle (PEM file) for broker certificates.
     #[arg(long, env = "QP_KAFKA_CA_FILE")]
     pub kafka_ca_file: Option<String>,
+    /// Client certificate (PEM file) for mutual TLS.
+    #[arg(long, env = "QP_KAFKA_CERT_FILE")]
+    pub kafka_cert_file: Option<String>,
+    /// Client private key (PEM file) for mutual TLS.
+    #[arg(long, env = "QP_KAFKA_KEY_FILE")]
+    pub kafka_key_file: Option<String>,
 }
 
 impl KafkaArgs {
@@ -128,6 +134,12 @@ impl KafkaArgs {
         }
         if let Some(ca) = &self.kafka_ca_file {
             p.push(("ssl.ca.location".into(), ca.clone()));
+        }
+        if let Some(cert) = &self.kafka_cert_file {
+            p.push(("ssl.certificate.location".into(), cert.clone()));
+        }
+        if let Some(key) = &self.kafka_key_file {
+            p.push(("ssl.key.location".into(), key.clone()));
         }
         p
     }
@@ -323,6 +335,8 @@ mod tests {
             kafka_password: Some("p".into()),
             kafka_tls: true,
             kafka_ca_file: None,
+            kafka_cert_file: None,
+            kafka_key_file: None,
         };
         let p = k.security_properties();
         assert!(p.contains(&("security.protocol".into(), "SASL_SSL".into())));

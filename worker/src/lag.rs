@@ -10,24 +10,30 @@
 //! - one metadata request (partition count; librdkafka caches it),
 //! - one OffsetFetch for the group (`committed_offsets` on a consumer that carries the group id
 //!   but never subscribes, so it never joins or disturbs the group),
-//! - one ListOffsets per partition leader for the log end and one for the log start
-//!   (`offsets_for_times` with the "latest" / "earliest" sentinel timestamps).
+//! - one ListOffsets per partition leader for the log end (`offsets_for_times` with the
+//!   "latest" sentinel timestamp), and one more for the log start ("earliest") only when some
+//!   partition has no committed offset;
+//! - for [`GroupLag::group_state`], the group listing (rebalancing or stable).
 //!
 //! `fetch_watermarks` would cost a request per partition, so it is not used. All calls block:
-//! run them on a blocking thread.
+//! run them on a blocking thread. Requests actually sent are counted from librdkafka's
+//! statistics ([`GroupLag::requests_sent`]), which is how the benchmark proves the cost.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::KafkaArgs;
 use crate::{Error, Result};
 
 /// librdkafka's sentinel timestamps for ListOffsets.
-const LATEST: i64 = -1;
-const EARLIEST: i64 = -2;
+const LATEST: Offset = Offset::End;
+const EARLIEST: Offset = Offset::Beginning;
 
 /// Lag of one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +46,26 @@ pub struct PartitionLag {
     pub lag: u64,
 }
 
+/// Counts requests sent to brokers, from librdkafka's periodic statistics.
+#[derive(Default)]
+struct Counting {
+    tx: Arc<AtomicU64>,
+}
+
+impl ClientContext for Counting {
+    fn stats(&self, stats: Statistics) {
+        let tx: u64 = stats.brokers.values().map(|b| b.tx).sum();
+        self.tx.store(tx, Ordering::Relaxed);
+    }
+}
+
+impl ConsumerContext for Counting {}
+
 /// A reusable lag probe for one (topic, group).
 pub struct GroupLag {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<Counting>,
+    tx: Arc<AtomicU64>,
+    group: String,
     topic: String,
     timeout: Duration,
 }
@@ -69,18 +92,45 @@ impl GroupLag {
             .set("group.id", group)
             .set("client.id", "qp-lag")
             .set("enable.auto.commit", "false")
-            .set("socket.timeout.ms", "5000");
+            .set("socket.timeout.ms", "5000")
+            .set("statistics.interval.ms", "1000");
         for (k, v) in properties {
             config.set(k, v);
         }
-        let consumer: BaseConsumer = config
-            .create()
+        let context = Counting::default();
+        let tx = context.tx.clone();
+        let consumer: BaseConsumer<Counting> = config
+            .create_with_context(context)
             .map_err(|e| Error::Kafka(format!("creating lag consumer: {e}")))?;
         Ok(GroupLag {
             consumer,
+            tx,
+            group: group.to_owned(),
             topic: topic.to_owned(),
             timeout: Duration::from_secs(5),
         })
+    }
+
+    /// Requests sent to brokers so far, as of librdkafka's last statistics report (every
+    /// second; statistics are only delivered while the client is polled, which every call
+    /// here does).
+    pub fn requests_sent(&self) -> u64 {
+        self.consumer.poll(Duration::ZERO);
+        self.tx.load(Ordering::Relaxed)
+    }
+
+    /// The group's state as the coordinator reports it (`Stable`, `PreparingRebalance`,
+    /// `CompletingRebalance`, `Empty`, `Dead`); `None` if the group is unknown.
+    pub fn group_state(&self) -> Result<Option<String>> {
+        let list = self
+            .consumer
+            .fetch_group_list(Some(&self.group), self.timeout)
+            .map_err(|e| Error::Kafka(format!("describing group {}: {e}", self.group)))?;
+        Ok(list
+            .groups()
+            .iter()
+            .find(|g| g.name() == self.group)
+            .map(|g| g.state().to_owned()))
     }
 
     /// Number of partitions of the topic.
@@ -100,10 +150,10 @@ impl GroupLag {
         Ok(t.partitions().len() as i32)
     }
 
-    fn list_offsets(&self, n: i32, sentinel: i64) -> Result<Vec<i64>> {
+    fn list_offsets(&self, n: i32, sentinel: Offset) -> Result<Vec<i64>> {
         let mut tpl = TopicPartitionList::new();
         for p in 0..n {
-            tpl.add_partition_offset(&self.topic, p, Offset::Offset(sentinel))
+            tpl.add_partition_offset(&self.topic, p, sentinel)
                 .map_err(|e| Error::Kafka(e.to_string()))?;
         }
         let out = self
@@ -131,11 +181,10 @@ impl GroupLag {
             .committed_offsets(tpl, self.timeout)
             .map_err(|e| Error::Kafka(format!("committed offsets: {e}")))?;
         let ends = self.list_offsets(n, LATEST)?;
-        let starts = self.list_offsets(n, EARLIEST)?;
         let mut lags: Vec<PartitionLag> = (0..n)
             .map(|p| PartitionLag {
                 partition: p,
-                log_start: starts[p as usize],
+                log_start: 0,
                 log_end: ends[p as usize],
                 committed: None,
                 lag: 0,
@@ -146,6 +195,13 @@ impl GroupLag {
                 && let Some(l) = lags.get_mut(e.partition() as usize)
             {
                 l.committed = Some(o);
+            }
+        }
+        // Log starts matter only where nothing was committed: fetch them only then.
+        if lags.iter().any(|l| l.committed.is_none()) {
+            let starts = self.list_offsets(n, EARLIEST)?;
+            for l in &mut lags {
+                l.log_start = starts[l.partition as usize];
             }
         }
         for l in &mut lags {

@@ -1,0 +1,522 @@
+//! The Kubernetes backend: a kube-runtime `Controller` for QueueProcessors.
+//!
+//! Each reconcile is fetch -> validate -> build -> apply -> status:
+//! 1. validate the spec and resolve every Secret it references; on a problem, say so in the
+//!    `Ready` condition and an event and apply *nothing* (no half-applied workloads);
+//! 2. measure the source and the workers' counters ([`crate::measure`]) and take one scaling
+//!    decision ([`crate::scaler`], the same code local mode runs);
+//! 3. server-side-apply the worker Deployment (and the gateway Deployment and Service) with one
+//!    field manager and an owner reference, so deletion is garbage collection;
+//! 4. write the token limit into Redis, patch the status, emit events for scale decisions and
+//!    error classes, update metrics;
+//! 5. requeue after `pollIntervalSeconds`: the decision loop is the reconcile loop.
+//!
+//! Deleting a QueueProcessor runs the finalizer: its token and counter keys are removed from
+//! Redis (results expire by TTL); the Deployments go with their owner.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use qp_worker::keys::Keys;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::builder::{self, BuildOptions, FIELD_MANAGER};
+use crate::crd::{
+    API_VERSION, CONDITION_READY, ConditionStatus, KIND, QueueProcessor, QueueProcessorStatus,
+    SecretKeyRef,
+};
+use crate::error::{Error, Result};
+use crate::measure::Probes;
+use crate::metrics::Metrics;
+use crate::scaler::{self, Scaler};
+use crate::workload::{self, Component};
+
+pub const FINALIZER: &str = "queueprocessing.dev/cleanup";
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub probes: Probes,
+    pub build: BuildOptions,
+    /// Decision memory per QueueProcessor (`namespace/name`).
+    scalers: Mutex<HashMap<String, Scaler>>,
+    /// Last error class reported per QueueProcessor, so an event is emitted per transition
+    /// rather than per poll.
+    last_error: Mutex<HashMap<String, &'static str>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Metrics, build: BuildOptions, identity: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.to_owned()),
+            },
+        );
+        Context {
+            client,
+            recorder,
+            metrics,
+            probes: Probes::default(),
+            build,
+            scalers: Mutex::default(),
+            last_error: Mutex::default(),
+        }
+    }
+}
+
+/// Run the controller until the process is asked to stop.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (qps, deployments, services) = match &namespace {
+        Some(ns) => (
+            Api::<QueueProcessor>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::<QueueProcessor>::all(client.clone()),
+            Api::<Deployment>::all(client.clone()),
+            Api::<Service>::all(client.clone()),
+        ),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=qp-operator");
+    Controller::new(qps, watcher::Config::default().any_semantic())
+        .owns(deployments, owned.clone())
+        .owns(services, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn key(qp: &QueueProcessor) -> String {
+    format!("{}/{}", qp.namespace_or_default(), qp.name_any())
+}
+
+async fn reconcile(qp: Arc<QueueProcessor>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
+    let res = finalizer(&api, FINALIZER, qp, |event| async {
+        match event {
+            Finalizer::Apply(qp) => apply(&qp, &ctx).await,
+            Finalizer::Cleanup(qp) => cleanup(&qp, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[if res.is_ok() { "ok" } else { "error" }])
+        .inc();
+    res
+}
+
+fn error_policy(_qp: Arc<QueueProcessor>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[err.kind()])
+        .inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Secret values the operator itself needs (Redis password, Kafka credentials), by reference.
+/// Every reference must resolve, or nothing is applied.
+async fn resolve_secrets(
+    client: &Client,
+    namespace: &str,
+    refs: &[&SecretKeyRef],
+) -> Result<HashMap<(String, String), String>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut out = HashMap::new();
+    let mut cache: HashMap<String, Secret> = HashMap::new();
+    for r in refs {
+        if !cache.contains_key(&r.name) {
+            let s = api.get_opt(&r.name).await?.ok_or_else(|| {
+                Error::SecretRef(format!("Secret {namespace}/{} does not exist", r.name))
+            })?;
+            cache.insert(r.name.clone(), s);
+        }
+        let secret = &cache[&r.name];
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .cloned()
+            })
+            .ok_or_else(|| {
+                Error::SecretRef(format!(
+                    "Secret {namespace}/{} has no key {:?}",
+                    r.name, r.key
+                ))
+            })?;
+        out.insert((r.name.clone(), r.key.clone()), value);
+    }
+    Ok(out)
+}
+
+async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
+    let ns = qp.namespace_or_default();
+    let name = qp.name_any();
+    let poll = Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64);
+
+    // Validate everything before touching anything.
+    let secrets = match qp
+        .spec
+        .validate()
+        .map_err(|e| Error::InvalidSpec(e.to_string()))
+    {
+        Ok(()) => resolve_secrets(&ctx.client, &ns, &qp.spec.secret_refs()).await,
+        Err(e) => Err(e),
+    };
+    let secrets = match secrets {
+        Ok(s) => s,
+        Err(e @ (Error::InvalidSpec(_) | Error::SecretRef(_))) => {
+            report_invalid(qp, ctx, &e).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        Err(e) => return Err(e),
+    };
+    let redis = scaler::redis_settings(&qp.spec.redis, &secrets)?;
+    let target = scaler::source_target(qp, &secrets)?;
+    let keys = Keys::new(&ns, &name);
+
+    // Measure, then decide with the same code local mode runs.
+    let measured_at = Instant::now();
+    let observed = scaler::observe(&ctx.probes, &target, &redis, &keys).await;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let worker_name = builder::object_name(qp, Component::Worker);
+    let existing = deployments.get_opt(&worker_name).await?;
+    let policy = crate::policy::Policy::from_spec(&qp.spec.scaling, &qp.spec.concurrency);
+    let current = existing
+        .as_ref()
+        .and_then(|d| d.spec.as_ref()?.replicas)
+        .map(|r| r.max(0) as u32)
+        .unwrap_or(policy.min_replicas);
+    let ready = existing
+        .as_ref()
+        .and_then(|d| d.status.as_ref()?.ready_replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
+    let step = {
+        let mut scalers = ctx.scalers.lock().expect("scalers lock");
+        let s = scalers.entry(key(qp)).or_default();
+        s.step(&policy, &observed, current, ready, qp.is_paused(), now_ms)
+    };
+    let replicas = step.decision.replicas as i32;
+
+    // Apply: worker Deployment, then the gateway when enabled.
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let worker_cfg = workload::process(qp, Component::Worker)
+        .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
+    let dep = builder::deployment(qp, &worker_cfg, replicas, &ctx.build);
+    deployments
+        .patch(&worker_name, &pp, &Patch::Apply(&dep))
+        .await?;
+    if step.decision.changed {
+        ctx.metrics
+            .decision_latency
+            .observe(measured_at.elapsed().as_secs_f64());
+    }
+    apply_gateway(qp, ctx, &pp).await?;
+
+    // Tokens follow ready replicas under the global ceiling.
+    if observed.workers.is_ok() {
+        scaler::set_token_limit(&ctx.probes, &redis, &keys, step.decision.token_limit).await?;
+    }
+
+    write_status(qp, ctx, &observed, &step, ready).await?;
+    publish_events(qp, ctx, &observed, &step, current).await;
+    update_metrics(qp, ctx, &observed, &step, ready);
+    Ok(Action::requeue(poll))
+}
+
+async fn apply_gateway(qp: &QueueProcessor, ctx: &Context, pp: &PatchParams) -> Result<()> {
+    let ns = qp.namespace_or_default();
+    let name = builder::object_name(qp, Component::Gateway);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    if qp.spec.gateway.enabled {
+        let cfg = workload::process(qp, Component::Gateway)
+            .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
+        let dep = builder::deployment(qp, &cfg, qp.spec.gateway.replicas, &ctx.build);
+        deployments.patch(&name, pp, &Patch::Apply(&dep)).await?;
+        services
+            .patch(&name, pp, &Patch::Apply(&builder::gateway_service(qp)))
+            .await?;
+    } else {
+        for res in [
+            deployments
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            services
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        ] {
+            match res {
+                Ok(()) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Server-side apply of the status subresource with our field manager.
+async fn patch_status(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    status: &QueueProcessorStatus,
+) -> Result<()> {
+    let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
+    let body = json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
+    api.patch_status(
+        &qp.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn report_invalid(qp: &QueueProcessor, ctx: &Context, err: &Error) -> Result<()> {
+    let mut status = qp.status.clone().unwrap_or_default();
+    status.observed_generation = qp.metadata.generation;
+    status.set_condition(
+        CONDITION_READY,
+        ConditionStatus::False,
+        err.kind(),
+        err.to_string(),
+        qp.metadata.generation,
+        now_time(),
+    );
+    status.refresh_summary(&qp.spec);
+    patch_status(qp, ctx, &status).await?;
+    if remember_error(ctx, qp, Some(err.kind())) {
+        publish(
+            ctx,
+            qp,
+            EventType::Warning,
+            err.kind(),
+            "Validate",
+            err.to_string(),
+        )
+        .await;
+    }
+    warn!(qp = %key(qp), error = %err, "not applying an invalid QueueProcessor");
+    Ok(())
+}
+
+/// Record the current error class; true when it changed (worth an event).
+fn remember_error(ctx: &Context, qp: &QueueProcessor, kind: Option<&'static str>) -> bool {
+    let mut map = ctx.last_error.lock().expect("last_error lock");
+    let k = key(qp);
+    let prev = map.get(&k).copied();
+    match kind {
+        Some(kind) => map.insert(k, kind),
+        None => map.remove(&k),
+    };
+    prev != kind
+}
+
+async fn publish(
+    ctx: &Context,
+    qp: &QueueProcessor,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &qp.object_ref(&())).await {
+        warn!(error = %e, "publishing an event failed");
+    }
+}
+
+async fn write_status(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    observed: &scaler::Observed,
+    step: &scaler::Step,
+    ready: u32,
+) -> Result<()> {
+    let mut status = qp.status.clone().unwrap_or_default();
+    let generation = qp.metadata.generation;
+    scaler::fill_status(&mut status, observed, step, ready, generation, now_time());
+    status.refresh_summary(&qp.spec);
+    patch_status(qp, ctx, &status).await
+}
+
+async fn publish_events(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    observed: &scaler::Observed,
+    step: &scaler::Step,
+    current: u32,
+) {
+    if step.decision.changed {
+        let verb = if step.decision.replicas > current {
+            "ScaledUp"
+        } else {
+            "ScaledDown"
+        };
+        let note = format!(
+            "replicas {current} -> {}: {}",
+            step.decision.replicas, step.decision.reason
+        );
+        info!(qp = %key(qp), %note, "scaled");
+        publish(ctx, qp, EventType::Normal, verb, "Scale", note).await;
+    }
+    let error = observed
+        .source
+        .as_ref()
+        .err()
+        .or(observed.workers.as_ref().err());
+    if remember_error(ctx, qp, error.map(Error::kind)) {
+        match error {
+            Some(e) => {
+                publish(
+                    ctx,
+                    qp,
+                    EventType::Warning,
+                    e.kind(),
+                    "Measure",
+                    format!("{e}; holding {current} replicas"),
+                )
+                .await
+            }
+            None => {
+                publish(
+                    ctx,
+                    qp,
+                    EventType::Normal,
+                    "SourceReachable",
+                    "Measure",
+                    "source and Redis measured again".into(),
+                )
+                .await
+            }
+        }
+    }
+}
+
+fn update_metrics(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    observed: &scaler::Observed,
+    step: &scaler::Step,
+    ready: u32,
+) {
+    let ns = qp.namespace_or_default();
+    let name = qp.name_any();
+    let l = [ns.as_str(), name.as_str()];
+    let m = &ctx.metrics;
+    m.source_up
+        .with_label_values(&l)
+        .set(i64::from(observed.source.is_ok()));
+    if let Ok(s) = &observed.source {
+        m.backlog.with_label_values(&l).set(s.backlog as i64);
+        for p in &s.lags {
+            m.partition_lag
+                .with_label_values(&[&ns, &name, &p.partition.to_string()])
+                .set(p.lag as i64);
+        }
+    }
+    m.desired_replicas
+        .with_label_values(&l)
+        .set(i64::from(step.decision.replicas));
+    m.ready_replicas.with_label_values(&l).set(i64::from(ready));
+    m.tokens_limit
+        .with_label_values(&l)
+        .set(i64::from(step.decision.token_limit));
+    if let Ok(w) = &observed.workers {
+        m.tokens_in_use
+            .with_label_values(&l)
+            .set(w.tokens_in_use as i64);
+    }
+    if let Some(r) = step.processed_rate {
+        m.throughput.with_label_values(&l).set(r);
+    }
+    m.kafka_requests.reset();
+    m.kafka_requests.inc_by(ctx.probes.kafka_requests());
+}
+
+/// Finalizer: remove the QueueProcessor's token and counter keys; results expire on their own.
+async fn cleanup(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
+    let ns = qp.namespace_or_default();
+    let name = qp.name_any();
+    let secrets = resolve_secrets(&ctx.client, &ns, &qp.spec.secret_refs()).await;
+    match secrets.and_then(|s| scaler::redis_settings(&qp.spec.redis, &s)) {
+        Ok(redis) => {
+            let keys = Keys::new(&ns, &name);
+            scaler::delete_keys(&ctx.probes, &redis, &keys).await?;
+            info!(qp = %key(qp), "removed token and counter keys from Redis");
+        }
+        // Without its Secret the Redis cannot be reached; the keys then only expire by TTL
+        // (leases) or stay (counters). Do not block deletion forever on that.
+        Err(e) => warn!(qp = %key(qp), error = %e, "cannot reach Redis to clean up; leaving keys"),
+    }
+    ctx.scalers.lock().expect("scalers lock").remove(&key(qp));
+    ctx.last_error
+        .lock()
+        .expect("last_error lock")
+        .remove(&key(qp));
+    ctx.metrics.forget(&ns, &name);
+    publish(
+        ctx,
+        qp,
+        EventType::Normal,
+        "Deleted",
+        "Cleanup",
+        "Redis keys removed".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}

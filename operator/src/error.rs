@@ -1,0 +1,60 @@
+//! The operator's one error type. Each variant has a stable `kind()` that names it in events
+//! (as the reason) and metrics (as a label), so an alert can tell "Kafka is down" from "a
+//! Secret is missing" without parsing messages.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The spec breaks a rule the API server cannot check (or was applied without validation).
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// A referenced Secret or key does not exist.
+    #[error("secret reference: {0}")]
+    SecretRef(String),
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// Measuring the source (Kafka lag, Redis list length) failed.
+    #[error("source unreachable: {0}")]
+    Source(String),
+    /// Redis (token pool, counters) failed.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Serializing an object failed (a bug).
+    #[error("serialization: {0}")]
+    Serialization(#[from] serde_json::Error),
+    /// Local mode: a process could not be started or a file not read.
+    #[error("local mode: {0}")]
+    Local(String),
+    /// The finalizer helper reported an error.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Short, stable name: event reason suffix and metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "InvalidSpec",
+            Error::SecretRef(_) => "InvalidSecretRef",
+            Error::Kube(_) => "KubeApi",
+            Error::Source(_) => "SourceUnreachable",
+            Error::Redis(_) => "RedisUnavailable",
+            Error::Serialization(_) => "Serialization",
+            Error::Local(_) => "LocalMode",
+            Error::Finalizer(_) => "Finalizer",
+        }
+    }
+}
+
+impl From<qp_worker::Error> for Error {
+    fn from(e: qp_worker::Error) -> Self {
+        match e {
+            qp_worker::Error::Kafka(m) => Error::Source(m),
+            other => Error::Redis(other.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

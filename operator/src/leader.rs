@@ -1,0 +1,151 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so two operator replicas are safe: only
+//! the holder reconciles and writes.
+//!
+//! Written here (about a hundred lines) because kube-rs has no leader election of its own, and
+//! the crates that add one pin other kube versions or need `patch`, which our RBAC does not
+//! grant. The protocol is the client-go one: the holder renews `renewTime` every
+//! `renew_every`; anyone may take the Lease over once `renewTime + leaseDurationSeconds` has
+//! passed; every write is a `replace` carrying the `resourceVersion` that was read, so two
+//! candidates racing for an expired Lease cannot both win (one gets a 409 Conflict).
+//!
+//! A leader that cannot renew within the lease duration steps down (the watch channel says
+//! `false`) and the process exits, so it never keeps writing next to a new leader.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// This candidate (the pod name).
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_every: Duration,
+}
+
+/// Outcome of one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Leading,
+    /// Someone else holds it; it expires in this long (if known).
+    Following(Option<Duration>),
+}
+
+struct Elector {
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+}
+
+impl Elector {
+    fn spec(&self, now: Timestamp, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.cfg.identity.clone()),
+            lease_duration_seconds: Some(self.cfg.lease_duration.as_secs() as i32),
+            acquire_time: acquired.or(Some(MicroTime(now))),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+
+    async fn attempt(&self) -> kube::Result<Attempt> {
+        let now = Timestamp::now();
+        let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.cfg.name.clone()),
+                    namespace: Some(self.cfg.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(self.spec(now, 0, None)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(Attempt::Leading),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(None)),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.as_deref().unwrap_or("");
+        let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
+        let expires_in = spec.renew_time.as_ref().map(|t| {
+            let left = (t.0 + duration).duration_since(now);
+            Duration::try_from(left).unwrap_or(Duration::ZERO)
+        });
+        let expired = expires_in.is_none_or(|d| d.is_zero());
+        let transitions = spec.lease_transitions.unwrap_or(0);
+        let next = if holder == self.cfg.identity {
+            self.spec(now, transitions, spec.acquire_time.clone())
+        } else if expired || holder.is_empty() {
+            self.spec(now, transitions + 1, None)
+        } else {
+            return Ok(Attempt::Following(expires_in));
+        };
+        lease.spec = Some(next);
+        // `replace` sends our resourceVersion: a concurrent writer makes this a 409.
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(Attempt::Leading),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Following(None)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Campaign forever; the receiver says whether we lead right now.
+pub fn spawn(client: Client, cfg: LeaseConfig) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let elector = Elector {
+        api: Api::namespaced(client, &cfg.namespace),
+        cfg,
+    };
+    tokio::spawn(async move {
+        let mut last_renewed: Option<tokio::time::Instant> = None;
+        loop {
+            let mut wait = elector.cfg.renew_every;
+            match elector.attempt().await {
+                Ok(Attempt::Leading) => {
+                    if !*tx.borrow() {
+                        info!(lease = %elector.cfg.name, identity = %elector.cfg.identity, "became leader");
+                    }
+                    last_renewed = Some(tokio::time::Instant::now());
+                    let _ = tx.send(true);
+                }
+                Ok(Attempt::Following(expires_in)) => {
+                    if *tx.borrow() {
+                        warn!("lost the lease to another replica");
+                    }
+                    last_renewed = None;
+                    let _ = tx.send(false);
+                    // Try again right when the holder's lease runs out, not up to a period later.
+                    if let Some(left) = expires_in {
+                        wait = wait.min(left + Duration::from_millis(20));
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "lease renewal failed");
+                    // Keep leading only while our last renewal is still valid.
+                    let valid =
+                        last_renewed.is_some_and(|t| t.elapsed() < elector.cfg.lease_duration);
+                    if !valid && *tx.borrow() {
+                        warn!("could not renew the lease in time; stepping down");
+                        let _ = tx.send(false);
+                    }
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    });
+    rx
+}

@@ -1,0 +1,510 @@
+//! Local mode: `qp-operator local -f queueprocessor.yaml` runs the same decision loop as the
+//! cluster controller, but its replicas are `qp-worker` processes on this machine.
+//!
+//! - Scale up: start processes (each with its own metrics port and worker id).
+//! - Scale down: SIGTERM the newest; it drains (finishes running messages, commits, releases
+//!   its tokens) while the loop goes on without it.
+//! - A process that exits unexpectedly is restarted and counted in
+//!   `qp_operator_local_restarts_total`.
+//! - The token limit and the status are kept exactly as in the cluster; the status is served as
+//!   JSON on `/status.json` next to `/metrics`.
+//! - Secrets come from a directory laid out like a mounted Secret: `<dir>/<name>/<key>`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use qp_worker::keys::Keys;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+use crate::cli::LocalArgs;
+use crate::crd::{QueueProcessor, QueueProcessorStatus};
+use crate::error::{Error, Result};
+use crate::measure::Probes;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::scaler::{self, Scaler, SecretValues};
+use crate::workload::{self, Component, EnvValue, ProcessConfig};
+
+/// One running `qp-worker` process.
+struct Replica {
+    id: String,
+    port: u16,
+    child: Child,
+    started: Instant,
+}
+
+/// The status and a few live figures, for `/status.json` (the demo's table reads it).
+#[derive(Default, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalStatus {
+    name: String,
+    status: QueueProcessorStatus,
+    replicas: u32,
+    ready_replicas: u32,
+    restarts: u64,
+    worker_ports: Vec<u16>,
+    gateway_url: Option<String>,
+}
+
+fn read_secrets(qp: &QueueProcessor, dir: Option<&Path>) -> Result<SecretValues> {
+    let mut out = SecretValues::new();
+    for r in qp.spec.secret_refs() {
+        let dir = dir.ok_or_else(|| {
+            Error::SecretRef(format!(
+                "the QueueProcessor references Secret {:?}; pass --secrets-dir with <dir>/{}/{}",
+                r.name, r.name, r.key
+            ))
+        })?;
+        let path = dir.join(&r.name).join(&r.key);
+        let value = std::fs::read_to_string(&path)
+            .map_err(|e| Error::SecretRef(format!("reading {}: {e}", path.display())))?;
+        out.insert(
+            (r.name.clone(), r.key.clone()),
+            value.trim_end_matches('\n').to_owned(),
+        );
+    }
+    Ok(out)
+}
+
+fn worker_binary(explicit: Option<&Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("qp-worker")));
+    match sibling {
+        Some(p) if p.exists() => p,
+        _ => PathBuf::from("qp-worker"),
+    }
+}
+
+/// Translate a process configuration into a command line and environment.
+fn command(
+    bin: &Path,
+    cfg: &ProcessConfig,
+    id: &str,
+    port: u16,
+    secrets: &SecretValues,
+    secrets_dir: Option<&Path>,
+    log: &Path,
+) -> Result<Command> {
+    let mut cmd = Command::new(bin);
+    cmd.args(&cfg.args);
+    for (name, value) in &cfg.env {
+        let v = match value {
+            EnvValue::Value(v) => v.clone(),
+            EnvValue::Secret(r) => secrets
+                .get(&(r.name.clone(), r.key.clone()))
+                .cloned()
+                .ok_or_else(|| Error::SecretRef(format!("{}/{} unresolved", r.name, r.key)))?,
+            EnvValue::SecretFile(r) => secrets_dir
+                .map(|d| d.join(&r.name).join(&r.key).display().to_string())
+                .ok_or_else(|| Error::SecretRef("--secrets-dir is required".into()))?,
+            EnvValue::PodName => id.to_owned(),
+        };
+        cmd.env(name, v);
+    }
+    cmd.env("QP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("QP_LOG_FORMAT", "text")
+        .env("QP_WORKER_ID", id);
+    let file = std::fs::File::create(log)
+        .map_err(|e| Error::Local(format!("creating {}: {e}", log.display())))?;
+    let err = file.try_clone().map_err(|e| Error::Local(e.to_string()))?;
+    cmd.stdout(file)
+        .stderr(err)
+        .stdin(std::process::Stdio::null());
+    cmd.kill_on_drop(true);
+    Ok(cmd)
+}
+
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+}
+
+struct Local {
+    qp: QueueProcessor,
+    bin: PathBuf,
+    secrets: SecretValues,
+    secrets_dir: Option<PathBuf>,
+    log_dir: PathBuf,
+    base_port: u16,
+    worker_cfg: ProcessConfig,
+    replicas: Vec<Replica>,
+    /// Processes draining after a scale-down; reaped when they exit.
+    draining: Vec<Replica>,
+    next_index: u32,
+    http: reqwest::Client,
+}
+
+impl Local {
+    fn free_port(&self) -> u16 {
+        let used: Vec<u16> = self
+            .replicas
+            .iter()
+            .chain(&self.draining)
+            .map(|r| r.port)
+            .collect();
+        (self.base_port..)
+            .find(|p| !used.contains(p))
+            .expect("a free port")
+    }
+
+    fn spawn(&mut self, id: String, port: u16) -> Result<Replica> {
+        let log = self.log_dir.join(format!("{id}.log"));
+        let mut cmd = command(
+            &self.bin,
+            &self.worker_cfg,
+            &id,
+            port,
+            &self.secrets,
+            self.secrets_dir.as_deref(),
+            &log,
+        )?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Local(format!("starting {}: {e}", self.bin.display())))?;
+        info!(%id, port, "started worker");
+        Ok(Replica {
+            id,
+            port,
+            child,
+            started: Instant::now(),
+        })
+    }
+
+    fn scale_to(&mut self, n: u32) -> Result<()> {
+        while (self.replicas.len() as u32) < n {
+            let id = format!(
+                "{}-worker-{}",
+                self.qp.metadata.name.as_deref().unwrap_or("qp"),
+                self.next_index
+            );
+            self.next_index += 1;
+            let port = self.free_port();
+            let r = self.spawn(id, port)?;
+            self.replicas.push(r);
+        }
+        while (self.replicas.len() as u32) > n {
+            let r = self.replicas.pop().expect("non-empty");
+            info!(id = %r.id, "draining worker (SIGTERM)");
+            terminate(&r.child);
+            self.draining.push(r);
+        }
+        Ok(())
+    }
+
+    /// Restart crashed workers; forget drained ones. Returns how many were restarted.
+    fn supervise(&mut self) -> Result<u64> {
+        self.draining
+            .retain_mut(|r| matches!(r.child.try_wait(), Ok(None)));
+        let mut restarted = 0;
+        for i in 0..self.replicas.len() {
+            if let Ok(Some(status)) = self.replicas[i].child.try_wait() {
+                let (id, port) = (self.replicas[i].id.clone(), self.replicas[i].port);
+                warn!(%id, %status, "worker exited unexpectedly; restarting");
+                self.replicas[i] = self.spawn(id, port)?;
+                restarted += 1;
+            }
+        }
+        Ok(restarted)
+    }
+
+    async fn ready(&self) -> u32 {
+        let mut n = 0;
+        for r in &self.replicas {
+            let url = format!("http://127.0.0.1:{}/readyz", r.port);
+            if let Ok(resp) = self.http.get(url).send().await
+                && resp.status().is_success()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+fn write_targets(
+    path: &Path,
+    qp: &QueueProcessor,
+    ports: &[u16],
+    gateway: Option<u16>,
+    operator: SocketAddr,
+) {
+    let ns = qp.namespace_or_default();
+    let name = qp.metadata.name.clone().unwrap_or_default();
+    let labels =
+        |component: &str| json!({"namespace": ns, "queueprocessor": name, "component": component});
+    let mut groups = vec![
+        json!({"targets": ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>(),
+               "labels": labels("worker")}),
+        json!({"targets": [operator.to_string()], "labels": labels("operator")}),
+    ];
+    if let Some(g) = gateway {
+        groups.push(json!({"targets": [format!("127.0.0.1:{g}")], "labels": labels("gateway")}));
+    }
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, serde_json::to_vec_pretty(&groups).unwrap_or_default()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+pub async fn run(args: LocalArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| Error::Local(format!("reading {}: {e}", args.file.display())))?;
+    let mut qp = QueueProcessor::from_yaml(&text).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    if qp.metadata.namespace.is_none() {
+        qp.metadata.namespace = Some("default".into());
+    }
+    let name = qp
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| Error::InvalidSpec("metadata.name is required".into()))?;
+    let ns = qp.namespace_or_default();
+    let secrets = read_secrets(&qp, args.secrets_dir.as_deref())?;
+    let redis = scaler::redis_settings(&qp.spec.redis, &secrets)?;
+    let target = scaler::source_target(&qp, &secrets)?;
+    let keys = Keys::new(&ns, &name);
+    let policy = Policy::from_spec(&qp.spec.scaling, &qp.spec.concurrency);
+    let poll = Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64);
+    std::fs::create_dir_all(&args.log_dir)
+        .map_err(|e| Error::Local(format!("creating {}: {e}", args.log_dir.display())))?;
+
+    let metrics = Metrics::new();
+    let status = Arc::new(Mutex::new(LocalStatus {
+        name: format!("{ns}/{name}"),
+        ..Default::default()
+    }));
+    serve(args.listen, metrics.clone(), status.clone()).await?;
+
+    let worker_cfg = workload::process(&qp, Component::Worker)
+        .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
+    let mut local = Local {
+        bin: worker_binary(args.worker_bin.as_deref()),
+        secrets,
+        secrets_dir: args.secrets_dir.clone(),
+        log_dir: args.log_dir.clone(),
+        base_port: args.base_port,
+        worker_cfg,
+        replicas: Vec::new(),
+        draining: Vec::new(),
+        next_index: 0,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .map_err(|e| Error::Local(e.to_string()))?,
+        qp: qp.clone(),
+    };
+
+    // The gateway, when enabled, is one process on the port below the workers'.
+    let mut gateway: Option<(Child, u16)> = None;
+    if qp.spec.gateway.enabled {
+        let cfg = workload::process(&qp, Component::Gateway)
+            .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
+        let port = args.base_port - 1;
+        let log = args.log_dir.join(format!("{name}-gateway.log"));
+        let mut cmd = command(
+            &local.bin,
+            &cfg,
+            &format!("{name}-gateway"),
+            port,
+            &local.secrets,
+            local.secrets_dir.as_deref(),
+            &log,
+        )?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Local(format!("starting the gateway: {e}")))?;
+        info!(port, "started gateway");
+        gateway = Some((child, port));
+        status.lock().expect("status lock").gateway_url = Some(format!("http://127.0.0.1:{port}"));
+    }
+
+    let probes = Probes::default();
+    let mut scaler = Scaler::default();
+    let mut restarts = 0u64;
+    let mut stop = Box::pin(shutdown_signal());
+    let labels = [ns.as_str(), name.as_str()];
+    let started = Instant::now();
+    info!(file = %args.file.display(), qp = %format!("{ns}/{name}"), "local mode running");
+    loop {
+        let restarted = local.supervise()?;
+        if restarted > 0 {
+            restarts += restarted;
+            metrics
+                .local_restarts
+                .with_label_values(&labels)
+                .inc_by(restarted);
+        }
+        let observed = scaler::observe(&probes, &target, &redis, &keys).await;
+        let current = local.replicas.len() as u32;
+        let ready = local.ready().await;
+        let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
+        let step = scaler.step(&policy, &observed, current, ready, qp.is_paused(), now_ms);
+        if step.decision.changed {
+            info!(from = current, to = step.decision.replicas, reason = %step.decision.reason, "scaling");
+        }
+        local.scale_to(step.decision.replicas)?;
+        if observed.workers.is_ok()
+            && let Err(e) =
+                scaler::set_token_limit(&probes, &redis, &keys, step.decision.token_limit).await
+        {
+            warn!(error = %e, "writing the token limit failed");
+        }
+        {
+            let mut st = status.lock().expect("status lock");
+            scaler::fill_status(
+                &mut st.status,
+                &observed,
+                &step,
+                ready,
+                Some(1),
+                Time(Timestamp::now()),
+            );
+            st.status.refresh_summary(&qp.spec);
+            st.replicas = local.replicas.len() as u32;
+            st.ready_replicas = ready;
+            st.restarts = restarts;
+            st.worker_ports = local.replicas.iter().map(|r| r.port).collect();
+        }
+        metrics
+            .source_up
+            .with_label_values(&labels)
+            .set(i64::from(observed.source.is_ok()));
+        if let Ok(s) = &observed.source {
+            metrics
+                .backlog
+                .with_label_values(&labels)
+                .set(s.backlog as i64);
+            for p in &s.lags {
+                metrics
+                    .partition_lag
+                    .with_label_values(&[&ns, &name, &p.partition.to_string()])
+                    .set(p.lag as i64);
+            }
+        }
+        metrics
+            .desired_replicas
+            .with_label_values(&labels)
+            .set(i64::from(step.decision.replicas));
+        metrics
+            .ready_replicas
+            .with_label_values(&labels)
+            .set(i64::from(ready));
+        metrics
+            .tokens_limit
+            .with_label_values(&labels)
+            .set(i64::from(step.decision.token_limit));
+        if let Ok(w) = &observed.workers {
+            metrics
+                .tokens_in_use
+                .with_label_values(&labels)
+                .set(w.tokens_in_use as i64);
+        }
+        metrics
+            .throughput
+            .with_label_values(&labels)
+            .set(step.processed_rate.unwrap_or(0.0));
+        if let Some(path) = &args.prometheus_targets {
+            let ports: Vec<u16> = local.replicas.iter().map(|r| r.port).collect();
+            write_targets(
+                path,
+                &qp,
+                &ports,
+                gateway.as_ref().map(|g| g.1),
+                args.listen,
+            );
+        }
+        let young =
+            local.replicas.iter().any(|r| r.started.elapsed() < poll) || started.elapsed() < poll;
+        // Poll faster while processes are starting, so readiness shows up promptly.
+        let wait = if young {
+            poll.min(Duration::from_millis(500))
+        } else {
+            poll
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut stop => break,
+        }
+    }
+
+    info!(
+        replicas = local.replicas.len(),
+        "stopping: draining workers"
+    );
+    for r in local.replicas.iter().chain(&local.draining) {
+        terminate(&r.child);
+    }
+    if let Some((g, _)) = &gateway {
+        terminate(g);
+    }
+    let drain = Duration::from_secs(qp.spec.worker.shutdown_timeout_seconds.max(1) as u64 + 5);
+    for r in local.replicas.iter_mut().chain(local.draining.iter_mut()) {
+        if tokio::time::timeout(drain, r.child.wait()).await.is_err() {
+            warn!(id = %r.id, "worker did not drain in time; killing it");
+            let _ = r.child.kill().await;
+        }
+    }
+    if let Some((mut g, _)) = gateway {
+        let _ = tokio::time::timeout(Duration::from_secs(5), g.wait()).await;
+    }
+    if let Some(path) = &args.prometheus_targets {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("local mode stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    metrics: Metrics,
+    status: Arc<Mutex<LocalStatus>>,
+}
+
+async fn serve(addr: SocketAddr, metrics: Metrics, status: Arc<Mutex<LocalStatus>>) -> Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<Shared>| async move { s.metrics.render() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/status.json",
+            get(|State(s): State<Shared>| async move {
+                let st = s.status.lock().expect("status lock").clone();
+                axum::Json(st)
+            }),
+        )
+        .with_state(Shared { metrics, status });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Local(format!("binding {addr}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}

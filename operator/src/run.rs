@@ -1,0 +1,124 @@
+//! `qp-operator run`: metrics and probes, leader election, then the controller while leading.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use kube::Client;
+use tracing::{info, warn};
+
+use crate::builder::BuildOptions;
+use crate::cli::RunArgs;
+use crate::controller::{self, Context};
+use crate::error::{Error, Result};
+use crate::leader::{self, LeaseConfig};
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+struct Probe {
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+/// `/metrics`, `/healthz`, `/readyz` (ready once connected to the API server; a follower is
+/// ready too: it is healthy and waiting).
+pub async fn serve_probes(
+    addr: SocketAddr,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+) -> Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(p): State<Probe>| async move { p.metrics.render() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(p): State<Probe>| async move {
+                if p.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .with_state(Probe { metrics, ready });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Local(format!("binding {addr}: {e}")))?;
+    info!(%addr, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let metrics = Metrics::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    serve_probes(args.listen, metrics.clone(), ready.clone()).await?;
+    let client = Client::try_default().await?;
+    client.apiserver_version().await?;
+    ready.store(true, Ordering::SeqCst);
+
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("qp-operator-{}", std::process::id()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        BuildOptions {
+            default_image: args.worker_image.clone(),
+        },
+        &identity,
+    ));
+
+    if !args.leader_election {
+        metrics.leader.set(1);
+        controller::run(ctx, args.watch_namespace.clone()).await;
+        return Ok(());
+    }
+    let mut leading = leader::spawn(
+        client,
+        LeaseConfig {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity: identity.clone(),
+            lease_duration: Duration::from_secs(args.lease_duration_seconds.max(2)),
+            renew_every: Duration::from_secs(args.lease_renew_seconds.max(1)),
+        },
+    );
+    info!(%identity, lease = %args.lease_name, "waiting for leadership");
+    while !*leading.borrow_and_update() {
+        if leading.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+    metrics.leader.set(1);
+    info!(%identity, "leading: starting the controller");
+    let controller = controller::run(ctx, args.watch_namespace.clone());
+    let lost = async {
+        while *leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = controller => Ok(()),
+        _ = lost => {
+            metrics.leader.set(0);
+            // Exiting is the safe way to stop writing at once; the Deployment restarts us as
+            // a follower.
+            warn!("leadership lost: exiting");
+            Err(Error::Local("lost leadership".into()))
+        }
+    }
+}

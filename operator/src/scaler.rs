@@ -1,0 +1,353 @@
+//! One scaling step, shared by the Kubernetes controller and local mode: measure, turn the
+//! readings into rates, ask the pure policy for a decision, and describe the result in status
+//! terms. Nothing here knows whether replicas are pods or processes.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use qp_worker::config::KafkaArgs;
+use qp_worker::keys::Keys;
+use qp_worker::redis_conn::RedisSettings;
+use qp_worker::tokens::{PoolOptions, TokenPool};
+
+use crate::crd::{
+    CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,
+    QueueProcessor, QueueProcessorStatus, RedisEndpoint, RedisSpec, Source, ThroughputStatus,
+    TokenStatus,
+};
+use crate::error::{Error, Result};
+use crate::measure::{Probes, SourceReading, SourceTarget, WorkerReading};
+use crate::policy::{self, Decision, Observation, Policy, PolicyState};
+use crate::rates::{PerReplicaCapacity, RateEstimator};
+
+/// Resolved secret values, by (Secret name, key).
+pub type SecretValues = HashMap<(String, String), String>;
+
+fn secret(secrets: &SecretValues, r: &crate::crd::SecretKeyRef) -> Result<String> {
+    secrets
+        .get(&(r.name.clone(), r.key.clone()))
+        .cloned()
+        .ok_or_else(|| Error::SecretRef(format!("{}/{} was not resolved", r.name, r.key)))
+}
+
+/// How the operator itself reaches the QueueProcessor's Redis.
+pub fn redis_settings(spec: &RedisSpec, secrets: &SecretValues) -> Result<RedisSettings> {
+    let password = spec
+        .password_secret_ref
+        .as_ref()
+        .map(|r| secret(secrets, r))
+        .transpose()?;
+    let (url, nodes) = match spec.endpoint() {
+        Some(RedisEndpoint::Url(u)) => (Some(u.to_owned()), None),
+        Some(RedisEndpoint::Cluster(n)) => (None, Some(n.join(","))),
+        None => return Err(Error::InvalidSpec("redis needs url or clusterNodes".into())),
+    };
+    RedisSettings::from_parts(url.as_deref(), nodes.as_deref(), password, spec.uses_tls())
+        .map_err(|e| Error::InvalidSpec(e.to_string()))
+}
+
+/// How the operator measures the source, credentials resolved. TLS material is passed to
+/// librdkafka as PEM strings, so nothing secret is written to disk.
+pub fn source_target(qp: &QueueProcessor, secrets: &SecretValues) -> Result<SourceTarget> {
+    match qp.spec.source.get() {
+        Some(Source::Kafka(k)) => {
+            let mut args = KafkaArgs {
+                kafka_bootstrap: Some(k.bootstrap_servers.clone()),
+                kafka_topic: Some(k.topic.clone()),
+                kafka_group: Some(k.consumer_group.clone()),
+                kafka_sasl_mechanism: None,
+                kafka_username: None,
+                kafka_password: None,
+                kafka_tls: k.tls.is_some(),
+                kafka_ca_file: None,
+                kafka_cert_file: None,
+                kafka_key_file: None,
+            };
+            if let Some(sasl) = &k.sasl {
+                args.kafka_sasl_mechanism = Some(sasl.mechanism.as_str().to_owned());
+                args.kafka_username = Some(secret(secrets, &sasl.username_secret_ref)?);
+                args.kafka_password = Some(secret(secrets, &sasl.password_secret_ref)?);
+            }
+            let mut properties = args.security_properties();
+            if let Some(tls) = &k.tls {
+                for (prop, r) in [
+                    ("ssl.ca.pem", &tls.ca_secret_ref),
+                    ("ssl.certificate.pem", &tls.client_cert_secret_ref),
+                    ("ssl.key.pem", &tls.client_key_secret_ref),
+                ] {
+                    if let Some(r) = r {
+                        properties.push((prop.to_owned(), secret(secrets, r)?));
+                    }
+                }
+            }
+            Ok(SourceTarget::Kafka {
+                bootstrap: k.bootstrap_servers.clone(),
+                topic: k.topic.clone(),
+                group: k.consumer_group.clone(),
+                properties,
+            })
+        }
+        Some(Source::RedisList(r)) => Ok(SourceTarget::RedisList { key: r.key.clone() }),
+        None => Err(Error::InvalidSpec("exactly one source is required".into())),
+    }
+}
+
+/// Everything measured for one decision.
+pub struct Observed {
+    pub source: Result<SourceReading>,
+    pub workers: Result<WorkerReading>,
+}
+
+/// How fresh a worker heartbeat must be for the replica to count as live.
+pub const HEARTBEAT_FRESH: Duration = Duration::from_secs(5);
+
+/// Measure the source and the workers concurrently: a slow source does not delay the other.
+pub async fn observe(
+    probes: &Probes,
+    target: &SourceTarget,
+    redis: &RedisSettings,
+    keys: &Keys,
+) -> Observed {
+    let (source, workers) = tokio::join!(
+        probes.source(target, redis),
+        probes.workers(redis, keys, HEARTBEAT_FRESH)
+    );
+    Observed { source, workers }
+}
+
+/// Memory of one QueueProcessor between steps.
+pub struct Scaler {
+    policy: PolicyState,
+    arrival: RateEstimator,
+    processed: RateEstimator,
+    failed: RateEstimator,
+    capacity: PerReplicaCapacity,
+}
+
+/// The result of one step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub decision: Decision,
+    pub arrival_rate: Option<f64>,
+    pub processed_rate: Option<f64>,
+    pub failed_rate: Option<f64>,
+    pub per_replica_rate: Option<f64>,
+}
+
+/// Smoothing of measured rates: a few polls, so one odd poll does not swing the decision.
+const RATE_TIME_CONSTANT_MS: u64 = 3_000;
+/// A gap this long between polls makes a rate estimate stale.
+const RATE_MAX_GAP_MS: u64 = 30_000;
+
+impl Default for Scaler {
+    fn default() -> Self {
+        let rate = || RateEstimator::new(RATE_TIME_CONSTANT_MS, RATE_MAX_GAP_MS);
+        Scaler {
+            policy: PolicyState::default(),
+            arrival: rate(),
+            processed: rate(),
+            failed: rate(),
+            // Three time constants, as the capacity estimator asks.
+            capacity: PerReplicaCapacity::new(3 * RATE_TIME_CONSTANT_MS),
+        }
+    }
+}
+
+impl Scaler {
+    pub fn step(
+        &mut self,
+        policy: &Policy,
+        observed: &Observed,
+        current: u32,
+        ready: u32,
+        paused: bool,
+        now_ms: u64,
+    ) -> Step {
+        let source = observed.source.as_ref();
+        let workers = observed.workers.as_ref().ok();
+        let arrival_rate = source
+            .ok()
+            .and_then(|s| s.produced_total)
+            .and_then(|t| self.arrival.observe(now_ms, t));
+        let processed_rate =
+            workers.and_then(|w| self.processed.observe(now_ms, w.processed_total));
+        let failed_rate = workers.and_then(|w| self.failed.observe(now_ms, w.failed_total));
+        let saturated = match (source, workers) {
+            (Ok(s), Some(w)) => crate::rates::saturated(
+                s.backlog,
+                w.tokens_in_use,
+                u32::try_from(w.tokens_limit).unwrap_or(u32::MAX),
+            ),
+            _ => false,
+        };
+        // Replicas that actually process: ready pods, or live heartbeats where readiness is
+        // not reported (it always is in the cluster; local mode reports both).
+        let busy_replicas = workers.map_or(ready, |w| w.live_replicas.max(ready));
+        let per_replica_rate =
+            self.capacity
+                .observe(now_ms, processed_rate, busy_replicas, saturated);
+        // A Redis error means counters and token state are unknown: hold, like a source error.
+        let backlog = match (&observed.source, &observed.workers) {
+            (Ok(s), Ok(_)) => Ok(s.backlog),
+            (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+        };
+        let obs = Observation {
+            backlog,
+            partitions: source.ok().and_then(|s| s.partitions),
+            arrival_rate,
+            per_replica_rate,
+            in_flight: workers.map_or(0, |w| w.in_flight),
+            rebalancing: source.is_ok_and(|s| s.rebalancing()),
+            current_replicas: current,
+            ready_replicas: ready,
+            paused,
+        };
+        let decision = policy::decide(policy, &obs, &mut self.policy, now_ms);
+        Step {
+            decision,
+            arrival_rate,
+            processed_rate,
+            failed_rate,
+            per_replica_rate,
+        }
+    }
+}
+
+/// Write the token limit (the worker's SETLIMIT script).
+pub async fn set_token_limit(
+    probes: &Probes,
+    redis: &RedisSettings,
+    keys: &Keys,
+    limit: u32,
+) -> Result<()> {
+    let conn = probes.redis(redis).await?;
+    let pool = TokenPool::new(conn, redis.clone(), keys.clone(), PoolOptions::default());
+    if pool.limit().await? != u64::from(limit) {
+        pool.set_limit(u64::from(limit)).await?;
+    }
+    Ok(())
+}
+
+/// Remove the token and counter keys of a QueueProcessor (not its results: they expire).
+pub async fn delete_keys(probes: &Probes, redis: &RedisSettings, keys: &Keys) -> Result<()> {
+    let mut conn = probes.redis(redis).await?;
+    let mut names: Vec<String> = keys.token_keys().to_vec();
+    names.extend([
+        keys.processed(),
+        keys.failed(),
+        keys.inflight(),
+        keys.heartbeats(),
+        keys.rates(),
+        format!("{}reaper-lock", keys.prefix()),
+    ]);
+    // One slot (the hash tag), so one DEL works on Redis Cluster too.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&names)
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| Error::Redis(e.to_string()))?;
+    Ok(())
+}
+
+/// Fill the status fields and conditions from a step.
+pub fn fill_status(
+    status: &mut QueueProcessorStatus,
+    observed: &Observed,
+    step: &Step,
+    ready: u32,
+    generation: Option<i64>,
+    now: Time,
+) {
+    let d = &step.decision;
+    status.observed_generation = generation;
+    status.replicas = Some(d.replicas as i32);
+    status.desired_replicas = Some(d.target as i32);
+    status.ready_replicas = Some(ready as i32);
+    if let Ok(s) = &observed.source {
+        status.backlog = Some(s.backlog as i64);
+        status.partitions = s.partitions.map(|p| p as i32);
+    }
+    status.tokens = Some(TokenStatus {
+        limit: d.token_limit as i32,
+        in_use: observed
+            .workers
+            .as_ref()
+            .map(|w| w.tokens_in_use as i32)
+            .unwrap_or(0),
+    });
+    status.throughput = Some(ThroughputStatus {
+        arrival_per_second: round2(step.arrival_rate.unwrap_or(0.0)),
+        processed_per_second: round2(step.processed_rate.unwrap_or(0.0)),
+        failed_per_second: round2(step.failed_rate.unwrap_or(0.0)),
+        per_replica_per_second: step.per_replica_rate.map(round2),
+    });
+    if d.changed {
+        status.last_scale_time = Some(now.clone());
+        status.last_scale_reason = Some(d.reason.to_string());
+    }
+    let error = observed
+        .source
+        .as_ref()
+        .err()
+        .or(observed.workers.as_ref().err());
+    match error {
+        Some(e) => {
+            status.set_condition(
+                CONDITION_SOURCE_REACHABLE,
+                ConditionStatus::False,
+                e.kind(),
+                e.to_string(),
+                generation,
+                now.clone(),
+            );
+            status.set_condition(
+                CONDITION_READY,
+                ConditionStatus::False,
+                e.kind(),
+                format!("holding {} replicas: {e}", d.replicas),
+                generation,
+                now.clone(),
+            );
+        }
+        None => {
+            status.set_condition(
+                CONDITION_SOURCE_REACHABLE,
+                ConditionStatus::True,
+                "Measured",
+                "source and Redis answered",
+                generation,
+                now.clone(),
+            );
+            status.set_condition(
+                CONDITION_READY,
+                ConditionStatus::True,
+                if d.reason.is_hold() {
+                    d.reason.rule().as_str()
+                } else {
+                    "Processing"
+                },
+                d.reason.to_string(),
+                generation,
+                now.clone(),
+            );
+        }
+    }
+    let scaling = if d.changed {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    status.set_condition(
+        CONDITION_SCALING,
+        scaling,
+        d.reason.rule().as_str(),
+        d.reason.to_string(),
+        generation,
+        now,
+    );
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
