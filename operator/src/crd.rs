@@ -277,7 +277,7 @@ fn tidy_docs(s: &mut schemars::Schema) {
     namespaced,
     status = "QueueProcessorStatus",
     derive = "PartialEq",
-    doc = "QueueProcessor runs token-gated workers that consume a Kafka topic or a Redis list, scales them on the backlog, and keeps every handler call under a cluster-wide concurrency budget. Pause one with spec.paused or the annotation queueprocessing.dev/paused: \"true\".",
+    doc = "QueueProcessor runs token-gated workers that consume a Kafka topic or a Redis list, scales them on the backlog, and keeps every handler call under a cluster-wide concurrency budget. Freeze its scaling with spec.paused or the annotation queueprocessing.dev/paused: \"true\".",
     printcolumn(
         name = "Source",
         type_ = "string",
@@ -339,9 +339,10 @@ fn tidy_docs(s: &mut schemars::Schema) {
 #[schemars(transform = spec_rules)]
 #[schemars(transform = tidy_docs)]
 pub struct QueueProcessorSpec {
-    /// Stop processing: when true the operator scales the workers (and the gateway) to zero and
-    /// sets the token limit to zero, so running work finishes and no new work starts. Backlog and
-    /// conditions keep being reported. The annotation `queueprocessing.dev/paused: "true"` has the
+    /// Freeze scaling: when true the operator keeps the worker replicas where they are (no
+    /// scale-up, no scale-down, no scale to zero), while the workers keep processing and the
+    /// backlog and conditions keep being reported. Use it to take manual control (e.g. `kubectl
+    /// scale`) during an incident. The annotation `queueprocessing.dev/paused: "true"` has the
     /// same effect without editing the spec.
     #[serde(default)]
     pub paused: bool,
@@ -1065,7 +1066,7 @@ pub struct QueueProcessorStatus {
 #[schemars(transform = tidy_docs)]
 pub struct TokenStatus {
     /// The current limit written to Redis (perReplicaTokens x ready replicas, capped at
-    /// globalMaxTokens; 0 when paused).
+    /// globalMaxTokens).
     pub limit: i32,
     /// Leases currently held by workers.
     pub in_use: i32,

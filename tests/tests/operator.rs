@@ -251,16 +251,69 @@ async fn scales_with_backlog_and_cleans_up_on_delete() {
         "{table}"
     );
 
-    // Work done: the backlog drops to 0, replicas return to the minimum after the window.
+    // Pause freezes scaling: the backlog is gone, yet replicas hold past the window.
+    let api: Api<QueueProcessor> = Api::namespaced(s.client.clone(), &s.ns);
+    let annotate = |value: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            api.patch(
+                "orders",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {"queueprocessing.dev/paused": value}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    annotate(json!("true")).await;
+    eventually(Duration::from_secs(10), "Scaling reason Paused", || async {
+        let (_, reason, _) = condition(&qp_status(&s, "orders").await, "Scaling")?;
+        (reason == "Paused").then_some(())
+    })
+    .await;
     commit_all(&bootstrap, &topic, &format!("{topic}-group"), 8);
+    let hold_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < hold_until {
+        assert_eq!(
+            replicas(&s, "orders-worker").await,
+            Some(5),
+            "paused: replicas hold"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    annotate(serde_json::Value::Null).await;
+
+    // Work done: the backlog drops to 0, replicas return to the minimum after the window.
     let t = Instant::now();
     eventually(Duration::from_secs(15), "back to 1 replica", || async {
         (replicas(&s, "orders-worker").await == Some(1)).then_some(())
     })
     .await;
     let down = t.elapsed();
+    // A spec change rolls the workers: the pod template follows the new handler.
+    let before = deployment(&s, "orders-worker").await.unwrap();
+    let mut changed = kafka_qp(&s, "orders", &topic, 1, json!({}));
+    changed["spec"]["worker"]["handler"] = json!({"builtin": {"name": "sleep", "sleepMillis": 5}});
+    apply_qp(&s, &changed).await;
+    eventually(
+        Duration::from_secs(10),
+        "the template to change",
+        || async {
+            let d = deployment(&s, "orders-worker").await?;
+            let c = &d.spec.as_ref()?.template.spec.as_ref()?.containers[0];
+            let rolled = c
+                .env
+                .as_ref()?
+                .iter()
+                .any(|e| e.name == "QP_HANDLER" && e.value.as_deref() == Some("sleep:5"));
+            (rolled && d.metadata.generation > before.metadata.generation).then_some(())
+        },
+    )
+    .await;
+
     // With minReplicas 0, to zero after the cooldown.
-    let api: Api<QueueProcessor> = Api::namespaced(s.client.clone(), &s.ns);
     api.patch(
         "orders",
         &PatchParams::apply(MANAGER).force(),
