@@ -115,7 +115,14 @@ impl GroupLag {
     /// second; statistics are only delivered while the client is polled, which every call
     /// here does).
     pub fn requests_sent(&self) -> u64 {
-        self.consumer.poll(Duration::ZERO);
+        // Each poll serves one queued event; drain what accumulated since the last call (the
+        // synchronous calls above do not serve the queue). The consumer never subscribes, so
+        // no message can be consumed here.
+        // rdkafka does not say whether an event was served, so poll a bounded number of times
+        // (an empty queue answers a zero-timeout poll at once).
+        for _ in 0..256 {
+            self.consumer.poll(Duration::ZERO);
+        }
         self.tx.load(Ordering::Relaxed)
     }
 
