@@ -163,6 +163,10 @@ async fn scales_with_backlog_and_cleans_up_on_delete() {
     let topic = format!("op-{}", s.ns);
     kafka::create_topic(&bootstrap, &topic, 8).await;
     let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    // A neighbour whose broker does not answer must not slow this one down.
+    let mut broken = kafka_qp(&s, "broken", "nowhere", 1, json!({}));
+    broken["spec"]["source"]["kafka"]["bootstrapServers"] = json!("192.0.2.1:9092");
+    apply_qp(&s, &broken).await;
     apply_qp(&s, &kafka_qp(&s, "orders", &topic, 1, json!({}))).await;
 
     // The worker Deployment appears with the expected spec and owner reference.
