@@ -11,16 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::FutureExt;
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::core::TypeMeta;
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, CustomResourceExt, ResourceExt};
 use qp_operator::crd::{
     self, CONDITION_READY, ConditionStatus, QueueProcessor, QueueProcessorStatus, TokenStatus,
 };
+use qp_tests::cluster::{create_namespace, delete_namespace, install_crd};
 use qp_tests::env;
 use serde_json::json;
 
@@ -93,59 +91,6 @@ async fn kubectl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// Server-side apply the generated CRD and wait until it is Established.
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        QueueProcessor::crd_name(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(QueueProcessor::crd()),
-    )
-    .await
-    .expect("the CRD is accepted by the API server");
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(
-            crds,
-            QueueProcessor::crd_name(),
-            conditions::is_crd_established(),
-        ),
-    )
-    .await
-    .expect("the CRD becomes Established within 30 s")
-    .expect("watching the CRD");
-}
-
-async fn create_namespace(client: &Client, prefix: &str) -> String {
-    let name = format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER),
-            &Patch::Apply(
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
-            ),
-        )
-        .await
-        .expect("create the test namespace");
-    name
-}
-
-async fn delete_namespace(client: &Client, ns: &str) {
-    // QueueProcessors have no finalizers without an operator, so they go at once; the namespace
-    // controller removes the rest.
-    let qps: Api<QueueProcessor> = Api::namespaced(client.clone(), ns);
-    let _ = qps
-        .delete_collection(&DeleteParams::default(), &Default::default())
-        .await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
 }
 
 /// The committed CRD is what the Rust types generate. Fix with `make crds`.
