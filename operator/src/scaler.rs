@@ -43,8 +43,16 @@ pub fn redis_settings(spec: &RedisSpec, secrets: &SecretValues) -> Result<RedisS
         Some(RedisEndpoint::Cluster(n)) => (None, Some(n.join(","))),
         None => return Err(Error::InvalidSpec("redis needs url or clusterNodes".into())),
     };
-    RedisSettings::from_parts(url.as_deref(), nodes.as_deref(), password, spec.uses_tls())
-        .map_err(|e| Error::InvalidSpec(e.to_string()))
+    let username = spec
+        .username_secret_ref
+        .as_ref()
+        .map(|r| secret(secrets, r))
+        .transpose()?;
+    Ok(
+        RedisSettings::from_parts(url.as_deref(), nodes.as_deref(), password, spec.uses_tls())
+            .map_err(|e| Error::InvalidSpec(e.to_string()))?
+            .with_username(username),
+    )
 }
 
 /// How the operator measures the source, credentials resolved. TLS material is passed to

@@ -104,6 +104,9 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
     if let Some(p) = &spec.redis.password_secret_ref {
         env.push(("QP_REDIS_PASSWORD".into(), EnvValue::Secret(p.clone())));
     }
+    if let Some(u) = &spec.redis.username_secret_ref {
+        env.push(("QP_REDIS_USERNAME".into(), EnvValue::Secret(u.clone())));
+    }
     match spec.source.get()? {
         Source::Kafka(k) => {
             env.push(("QP_SOURCE".into(), v("kafka")));

@@ -491,3 +491,54 @@ async fn malformed_list_items_go_to_a_kafka_dead_letter_topic() {
     assert!(reason.contains("malformed"), "{reason}");
     fx.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_authenticates_as_a_redis_acl_user_limited_to_its_keys() {
+    let fx = Fixture::new("acl", RedisKind::Single, 0).await;
+    fx.pool().set_limit(2).await.unwrap();
+    let user = format!("qp-{}", fx.name);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    // Only this QueueProcessor's keys (and its pub/sub channel), nothing else.
+    let pattern = format!("~{}*", fx.keys.prefix());
+    let channel = format!("&{}*", fx.keys.prefix());
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("resetkeys")
+        .arg(&pattern)
+        .arg(&channel)
+        .arg("+@all")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&list)
+        .arg(Envelope::new("acl-1", None, b"hi").to_bytes())
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    let mut cmd = fx.worker_command("w0");
+    cmd.args([
+        "--source",
+        "redis-list",
+        "--list-key",
+        &list,
+        "--handler",
+        "echo",
+    ])
+    .env("QP_REDIS_USERNAME", &user)
+    .env("QP_REDIS_PASSWORD", &password);
+    let _w = qp_tests::procs::Proc::spawn(&format!("{}-w0", fx.name), cmd);
+    fx.wait_finished(&["acl-1".to_owned()], Duration::from_secs(30))
+        .await;
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    fx.cleanup().await;
+}

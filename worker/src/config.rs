@@ -54,6 +54,9 @@ pub struct CommonArgs {
     /// Redis password. Prefer the environment variable (from a Secret): flags show up in `ps`.
     #[arg(long, env = "QP_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// Redis ACL user name (from a Secret); default user when unset.
+    #[arg(long, env = "QP_REDIS_USERNAME", hide_env_values = true)]
+    pub redis_username: Option<String>,
     /// Connect to Redis over TLS.
     #[arg(long, env = "QP_REDIS_TLS")]
     pub redis_tls: bool,
@@ -261,12 +264,13 @@ impl CommonArgs {
     }
 
     pub fn redis(&self) -> Result<RedisSettings> {
-        RedisSettings::from_parts(
+        Ok(RedisSettings::from_parts(
             self.redis_url.as_deref(),
             self.redis_cluster_nodes.as_deref(),
             self.redis_password.clone(),
             self.redis_tls,
-        )
+        )?
+        .with_username(self.redis_username.clone()))
     }
 }
 

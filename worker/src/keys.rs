@@ -168,6 +168,8 @@ impl Keys {
     /// finished. Lives in the *source's* slot (see the module docs), and still names this
     /// QueueProcessor so two QueueProcessors reading one list do not collide:
     ///
+    /// * a source inside this QueueProcessor's own key space (`<prefix>queue`, the gateway's
+    ///   default) gives `<prefix>processing:<worker>`, so one ACL pattern covers every key;
     /// * a source with a hash tag `{t}` gives `{t}:<prefix>processing:<worker>`;
     /// * a source without one gives `{<source>}:<prefix>processing:<worker>`, which hashes
     ///   exactly like the untagged source name.
@@ -184,6 +186,11 @@ impl Keys {
                 )));
             }
         };
+        // A source inside our own key space (the gateway's default) keeps its processing lists
+        // there too, so one ACL key pattern (`~qp:{ns/name}:*`) covers everything.
+        if self.hash_tag() == Some(tag) && source_key.starts_with(&self.prefix) {
+            return Ok(format!("{}processing:{worker_id}", self.prefix));
+        }
         Ok(format!("{{{tag}}}:{}processing:{worker_id}", self.prefix))
     }
 }

@@ -77,6 +77,8 @@ pub struct RedisSettings {
     /// The password (`AUTH`), kept out of the URL because it comes from a Secret. Overrides a
     /// password embedded in the URL.
     pub password: Option<String>,
+    /// The ACL user (Redis 6+), also from a Secret; `None` is the default user.
+    pub username: Option<String>,
     /// Use TLS (`rediss://`) even if the URLs say `redis://`.
     pub tls: bool,
 }
@@ -98,6 +100,7 @@ impl fmt::Debug for RedisSettings {
         f.debug_struct("RedisSettings")
             .field("target", &self.target)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("username", &self.username.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
             .finish()
     }
@@ -150,6 +153,7 @@ impl RedisSettings {
         RedisSettings {
             target: RedisTarget::Single(with_scheme(&url.into())),
             password: None,
+            username: None,
             tls: false,
         }
     }
@@ -161,6 +165,7 @@ impl RedisSettings {
                 nodes.into_iter().map(|n| with_scheme(&n.into())).collect(),
             ),
             password: None,
+            username: None,
             tls: false,
         }
     }
@@ -168,6 +173,12 @@ impl RedisSettings {
     /// Sets the password (an empty string means none).
     pub fn with_password(mut self, password: Option<String>) -> Self {
         self.password = password.filter(|p| !p.is_empty());
+        self
+    }
+
+    /// Sets the ACL user name (an empty string means the default user).
+    pub fn with_username(mut self, username: Option<String>) -> Self {
+        self.username = username.filter(|u| !u.is_empty());
         self
     }
 
@@ -210,6 +221,7 @@ impl RedisSettings {
         let settings = RedisSettings {
             target,
             password: password.filter(|p| !p.is_empty()),
+            username: None,
             tls,
         };
         // Parse now so a typo fails at startup with a clear message, not at first use.
@@ -245,6 +257,10 @@ impl RedisSettings {
                     let redis = info.redis_settings().clone().set_password(password);
                     info = info.set_redis_settings(redis);
                 }
+                if let Some(username) = &self.username {
+                    let redis = info.redis_settings().clone().set_username(username);
+                    info = info.set_redis_settings(redis);
+                }
                 if self.tls
                     && let ConnectionAddr::Tcp(host, port) = info.addr().clone()
                 {
@@ -278,6 +294,9 @@ impl RedisSettings {
                     .connection_timeout(CONNECTION_TIMEOUT);
                 if let Some(password) = &self.password {
                     builder = builder.password(password);
+                }
+                if let Some(username) = &self.username {
+                    builder = builder.username(username);
                 }
                 let client = builder.build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
