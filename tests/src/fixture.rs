@@ -20,6 +20,15 @@ pub enum RedisKind {
     Cluster,
 }
 
+/// Where a gateway started by [`Fixture::gateway`] queues requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayQueue<'a> {
+    /// The fixture's Kafka topic (and consumer group, for the backlog).
+    Kafka,
+    /// This Redis list.
+    RedisList(&'a str),
+}
+
 pub struct Fixture {
     pub env: Env,
     pub namespace: String,
@@ -108,6 +117,50 @@ impl Fixture {
             .args(["--worker-id", worker_id])
             .args(["--listen", &format!("127.0.0.1:{}", procs::free_port())])
             .env("RUST_LOG", "info,librdkafka=warn");
+        self.redis_args(&mut cmd);
+        cmd
+    }
+
+    /// `qp-worker gateway` for this QueueProcessor, queueing to `queue`, with `extra` flags.
+    /// Returns once `/readyz` answers 200, with the process and its base URL
+    /// (`http://127.0.0.1:<port>`).
+    pub async fn gateway(&self, queue: GatewayQueue<'_>, extra: &[&str]) -> (Proc, String) {
+        let port = procs::free_port();
+        let mut cmd = Command::new(procs::binary("qp-worker"));
+        cmd.arg("gateway")
+            .args(["--namespace", &self.namespace, "--name", &self.name])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info,librdkafka=warn");
+        self.redis_args(&mut cmd);
+        match queue {
+            GatewayQueue::Kafka => {
+                cmd.args(["--source", "kafka", "--kafka-bootstrap", &self.bootstrap])
+                    .args(["--kafka-topic", &self.topic, "--kafka-group", &self.group]);
+            }
+            GatewayQueue::RedisList(list) => {
+                cmd.args(["--source", "redis-list", "--list-key", list]);
+            }
+        }
+        cmd.args(extra);
+        let mut proc = Proc::spawn(&format!("{}-gateway-{port}", self.name), cmd);
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let readyz = format!("{base}/readyz");
+        eventually(Duration::from_secs(30), "the gateway's /readyz", || {
+            assert!(proc.alive(), "the gateway exited; see target/test-logs/");
+            let get = http.get(&readyz).send();
+            async move {
+                get.await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await;
+        (proc, base)
+    }
+
+    fn redis_args(&self, cmd: &mut Command) {
         match self.redis_kind {
             RedisKind::Single => {
                 cmd.args(["--redis-url", &self.env.get("QP_REDIS_URL")]);
@@ -123,7 +176,6 @@ impl Fixture {
                 );
             }
         }
-        cmd
     }
 
     /// A Kafka-source worker with the given handler and extra flags.

@@ -96,3 +96,32 @@ pub async fn send_many(producer: &FutureProducer, topic: &str, ids: &[String]) {
         r.unwrap_or_else(|(e, _)| panic!("producing: {e}"));
     }
 }
+
+/// Messages ever written to `topic`: the sum of its partitions' high watermarks (one request per
+/// partition; for tests, not for loops).
+pub async fn message_count(bootstrap: &str, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("consumer");
+        let timeout = Duration::from_secs(10);
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), timeout)
+            .expect("topic metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        (0..partitions)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, p, timeout)
+                    .expect("watermarks");
+                assert_eq!(low, 0, "nothing was deleted from a fresh test topic");
+                high
+            })
+            .sum()
+    })
+    .await
+    .expect("message_count task")
+}

@@ -1,18 +1,28 @@
 //! Running our own binaries as real processes, the way Kubernetes or local mode would.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// Path of a binary of this workspace (`qp-worker`, `qp-operator`), built by `make test` /
+/// Path of a binary of this workspace (`qp-worker`, `qp-operator`): from `$QP_BIN_DIR` when set
+/// (benchmarks point it at `target/release`), else built by `make test` /
 /// `cargo build --workspace --bins` into the same target directory as the test executable.
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("QP_BIN_DIR") {
+        return binary_in(Path::new(&dir), name);
+    }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary of this crate (the
+    // bench driver) lives in target/<profile>/ itself.
+    let mut dir = exe.parent().expect("executable has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("deps/ has a parent");
+    }
+    binary_in(dir, name)
+}
+
+/// Path of binary `name` in `dir`, which must exist.
+pub fn binary_in(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),

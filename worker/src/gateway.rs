@@ -14,8 +14,14 @@
 //! the client gets 503; if the gateway dies in between, the reservation expires. Either way no
 //! client is left polling a request that will never run.
 //!
+//! An `Idempotency-Key` header becomes the request id: while a request with that id exists
+//! (until its result expires), submitting it again queues nothing and answers `202` with the
+//! existing state and `"duplicate": true`.
+//!
 //! Long polls do not poll: workers `PUBLISH` every finished id on the QueueProcessor's `done`
-//! channel; one subscription per gateway wakes exactly the waiters of that id.
+//! channel; one subscription per gateway wakes exactly the waiters of that id. The gateway is
+//! ready only while that subscription is up, so no long poll can start deaf. After a reconnect
+//! every waiter re-reads its state once, so a result written while disconnected is not missed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,11 +29,13 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use prometheus::IntGauge;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Deserialize;
@@ -74,8 +82,87 @@ enum Queue {
     },
 }
 
-/// Waiters of long polls, by request id.
-type Waiters = Arc<Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>>;
+/// Parked long polls, by request id. The gauge counts them (`qp_gateway_longpoll_waiters`).
+struct Waiters {
+    by_id: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    parked: IntGauge,
+}
+
+impl Waiters {
+    fn new(metrics: &Metrics) -> Result<Self> {
+        let parked = IntGauge::new(
+            "qp_gateway_longpoll_waiters",
+            "Long polls parked until their request finishes",
+        )
+        .map_err(|e| Error::Http(e.to_string()))?;
+        metrics
+            .registry
+            .register(Box::new(parked.clone()))
+            .map_err(|e| Error::Http(e.to_string()))?;
+        Ok(Waiters {
+            by_id: Mutex::default(),
+            parked,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<()>>>> {
+        self.by_id.lock().expect("waiters lock")
+    }
+
+    /// Register interest in `id` finishing.
+    fn watch<'a>(&'a self, id: &'a str) -> Watch<'a> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().entry(id.to_owned()).or_default().push(tx);
+        self.parked.inc();
+        Watch {
+            waiters: self,
+            id,
+            rx: Some(rx),
+        }
+    }
+
+    /// Wake the waiters of `id`.
+    fn notify(&self, id: &str) {
+        let waiting = self.lock().remove(id).unwrap_or_default();
+        self.parked.sub(waiting.len() as i64);
+        for tx in waiting {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Wake every waiter so each re-reads its state (after notifications may have been lost).
+    fn notify_all(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        for tx in all.into_values().flatten() {
+            self.parked.dec();
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// One long poll's interest in an id. Dropping it (the poll ended, or the client went away and
+/// axum dropped the handler) removes the entry, so waiters of ids that never finish cannot pile
+/// up in the map.
+struct Watch<'a> {
+    waiters: &'a Waiters,
+    id: &'a str,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut w = self.waiters.lock();
+        if let Some(list) = w.get_mut(self.id) {
+            let before = list.len();
+            list.retain(|tx| !tx.is_closed());
+            self.waiters.parked.sub((before - list.len()) as i64);
+            if list.is_empty() {
+                w.remove(self.id);
+            }
+        }
+    }
+}
 
 struct Gateway {
     keys: Keys,
@@ -89,6 +176,10 @@ struct Gateway {
     backlog: Mutex<Option<u64>>,
     waiters: Waiters,
     metrics: Metrics,
+    claim: redis::Script,
+    /// Process shutdown: long polls answer with the current state instead of holding up the
+    /// graceful shutdown.
+    stop: CancellationToken,
 }
 
 type Shared = Arc<Gateway>;
@@ -107,13 +198,15 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     let result_ttl = Duration::from_secs(args.result_ttl_seconds);
     let queue = match args.source {
         SourceKind::Kafka => {
-            let mut kafka = args.kafka.clone();
-            // The gateway answers within seconds: a broker that is down must fail fast.
-            kafka.kafka_bootstrap = Some(kafka.bootstrap()?.to_owned());
-            let producer = gateway_producer(&kafka)?;
+            if args.max_backlog > 0 && args.kafka.kafka_group.is_none() {
+                return Err(Error::config(
+                    "--max-backlog with --source kafka needs --kafka-group (QP_KAFKA_GROUP): \
+                     the backlog is the consumer group's lag",
+                ));
+            }
             Queue::Kafka {
-                producer,
-                topic: kafka.topic()?.to_owned(),
+                producer: gateway_producer(&args.kafka)?,
+                topic: args.kafka.topic()?.to_owned(),
             }
         }
         SourceKind::RedisList => Queue::RedisList {
@@ -131,22 +224,31 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         max_wait: Duration::from_secs(args.max_wait_seconds),
         max_backlog: args.max_backlog,
         backlog: Mutex::new(None),
-        waiters: Arc::default(),
+        waiters: Waiters::new(&metrics)?,
         metrics: metrics.clone(),
+        claim: redis::Script::new(CLAIM),
+        stop: stop.clone(),
     });
-    tokio::spawn(listen_done(redis.clone(), gw.clone(), stop.clone()));
+    tokio::spawn(listen_done(
+        redis.clone(),
+        gw.clone(),
+        ready.clone(),
+        stop.clone(),
+    ));
     if gw.max_backlog > 0 {
         tokio::spawn(sample_backlog(gw.clone(), args.clone(), stop.clone()));
     }
 
     let app = api(gw.clone(), args.max_request_bytes).merge(server::router(metrics, ready.clone()));
     let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
-    ready.set(true);
-    info!(%addr, keys = %gw.keys.prefix(), "gateway ready");
+    // Ready once `listen_done` has subscribed (it sets the flag).
+    info!(%addr, keys = %gw.keys.prefix(), "gateway serving");
     let _ = http.await;
     Ok(())
 }
 
+/// The producer fails a send after 5 s without an acknowledgement, so a broker that is down
+/// turns into a 503 within seconds instead of a request that hangs.
 fn gateway_producer(kafka: &crate::config::KafkaArgs) -> Result<FutureProducer> {
     let mut config = rdkafka::ClientConfig::new();
     config
@@ -187,9 +289,17 @@ fn observe(gw: &Gateway, route: &str, started: Instant, resp: &Response) {
         .observe(started.elapsed().as_secs_f64());
 }
 
-async fn submit(State(gw): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn submit(
+    State(gw): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
-    let resp = submit_inner(&gw, &headers, body).await;
+    let resp = match body {
+        Ok(body) => submit_inner(&gw, &headers, body).await,
+        // Too large (413) or cut off: answered in the API's JSON shape and counted.
+        Err(e) => problem(e.status(), &e.body_text()),
+    };
     observe(&gw, "submit", started, &resp);
     resp
 }
@@ -245,7 +355,8 @@ async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Respons
     }
 
     let key = gw.keys.result(&id);
-    let claimed: redis::RedisResult<String> = redis::Script::new(CLAIM)
+    let claimed: redis::RedisResult<String> = gw
+        .claim
         .key(&key)
         .arg(RESERVATION.as_millis() as u64)
         .invoke_async(&mut gw.conn.clone())
@@ -335,39 +446,28 @@ impl Gateway {
             }
         }
     }
-
-    /// Register interest in `id` finishing.
-    fn watch(&self, id: &str) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("waiters lock")
-            .entry(id.to_owned())
-            .or_default()
-            .push(tx);
-        rx
-    }
-
-    fn unwatch_closed(&self, id: &str) {
-        let mut w = self.waiters.lock().expect("waiters lock");
-        if let Some(list) = w.get_mut(id) {
-            list.retain(|tx| !tx.is_closed());
-            if list.is_empty() {
-                w.remove(id);
-            }
-        }
-    }
 }
 
 async fn status(
     State(gw): State<Shared>,
     Path(id): Path<String>,
-    Query(q): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Response {
     let started = Instant::now();
-    let resp = status_inner(&gw, &id, q.wait).await;
+    let resp = match query {
+        Ok(Query(q)) => status_inner(&gw, &id, q.wait).await,
+        Err(e) => problem(e.status(), &e.body_text()),
+    };
     observe(&gw, "status", started, &resp);
     resp
+}
+
+fn store_unavailable(e: &Error) -> Response {
+    warn!(error = %e, "redis unavailable on status");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "result store (Redis) is unavailable",
+    )
 }
 
 async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
@@ -377,43 +477,42 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     let wait = wait
         .filter(|w| w.is_finite() && *w > 0.0)
         .map(|w| Duration::from_secs_f64(w).min(gw.max_wait));
-    // Subscribe before reading, so a result written in between is not missed.
-    let waiter = wait.map(|_| gw.watch(id));
-    let state = match gw.store.get(id).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "redis unavailable on status");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "result store (Redis) is unavailable",
-            );
-        }
+    let Some(wait) = wait else {
+        return match gw.store.get(id).await {
+            Ok(s) => render(id, s),
+            Err(e) => store_unavailable(&e),
+        };
     };
-    let state = match (state, wait, waiter) {
-        (Some(s), Some(wait), Some(rx)) if !s.is_finished() => {
-            let waited = Instant::now();
-            let notified = tokio::time::timeout(wait, rx).await.is_ok();
-            gw.unwatch_closed(id);
-            gw.metrics
-                .longpoll_seconds
-                .with_label_values(&[if notified { "result" } else { "timeout" }])
-                .observe(waited.elapsed().as_secs_f64());
-            match gw.store.get(id).await {
-                Ok(s) => s,
-                Err(_) => {
-                    return problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "result store (Redis) is unavailable",
-                    );
-                }
+    let waited = Instant::now();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut woken = false;
+    loop {
+        // Register before reading, so a result written in between is not missed.
+        let mut watch = gw.waiters.watch(id);
+        let state = match gw.store.get(id).await {
+            Ok(s) => s,
+            Err(e) => return store_unavailable(&e),
+        };
+        let finished = state.as_ref().is_none_or(RequestState::is_finished);
+        if finished || woken && tokio::time::Instant::now() >= deadline {
+            if woken {
+                let ended = if finished { "result" } else { "timeout" };
+                gw.metrics
+                    .longpoll_seconds
+                    .with_label_values(&[ended])
+                    .observe(waited.elapsed().as_secs_f64());
             }
+            return render(id, state);
         }
-        (s, _, _) => {
-            gw.unwatch_closed(id);
-            s
+        let rx = watch.rx.as_mut().expect("fresh watch");
+        tokio::select! {
+            // Notified (or woken after a reconnect): read again.
+            _ = rx => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = gw.stop.cancelled() => return render(id, state),
         }
-    };
-    render(id, state)
+        woken = true;
+    }
 }
 
 fn render(id: &str, state: Option<RequestState>) -> Response {
@@ -450,8 +549,9 @@ fn render(id: &str, state: Option<RequestState>) -> Response {
 }
 
 /// One subscription to the `done` channel, fanning out to long-poll waiters. Reconnects with
-/// backoff; while disconnected, waiters still end at their timeout and re-read the state.
-async fn listen_done(redis: RedisSettings, gw: Shared, stop: CancellationToken) {
+/// backoff; the gateway is not ready while disconnected, and after a reconnect every waiter
+/// re-reads its state once (a result may have been written in the gap).
+async fn listen_done(redis: RedisSettings, gw: Shared, ready: Readiness, stop: CancellationToken) {
     let channel = gw.keys.done_channel();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -464,6 +564,9 @@ async fn listen_done(redis: RedisSettings, gw: Shared, stop: CancellationToken) 
         match attempt.await {
             Ok(mut pubsub) => {
                 backoff = Duration::from_millis(100);
+                ready.set(true);
+                info!("gateway ready");
+                gw.waiters.notify_all();
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
@@ -471,15 +574,13 @@ async fn listen_done(redis: RedisSettings, gw: Shared, stop: CancellationToken) 
                         m = messages.next() => match m {
                             Some(m) => {
                                 let id: String = m.get_payload().unwrap_or_default();
-                                let waiting = gw.waiters.lock().expect("waiters lock").remove(&id);
-                                for tx in waiting.into_iter().flatten() {
-                                    let _ = tx.send(());
-                                }
+                                gw.waiters.notify(&id);
                             }
                             None => break,
                         },
                     }
                 }
+                ready.set(false);
                 warn!("result notifications disconnected; reconnecting");
             }
             Err(e) => warn!(error = %e, "subscribing to result notifications failed"),
@@ -524,5 +625,46 @@ async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiters_are_woken_and_never_left_behind() {
+        let w = Waiters::new(&Metrics::new()).unwrap();
+        let count = |w: &Waiters| w.lock().values().map(Vec::len).sum::<usize>();
+
+        // Notified: the waiter wakes, the entry is gone.
+        let mut a = w.watch("a");
+        let b = w.watch("a");
+        assert_eq!((w.parked.get(), count(&w)), (2, 2));
+        w.notify("a");
+        a.rx.as_mut().unwrap().await.unwrap();
+        assert_eq!((w.parked.get(), count(&w)), (0, 0));
+        drop((a, b));
+        assert_eq!(
+            w.parked.get(),
+            0,
+            "a dropped watch that was notified counts once"
+        );
+
+        // Abandoned (the client went away): dropping removes only that waiter.
+        let c = w.watch("c");
+        let d = w.watch("c");
+        drop(c);
+        assert_eq!((w.parked.get(), count(&w)), (1, 1));
+        drop(d);
+        assert!(w.lock().is_empty());
+        assert_eq!(w.parked.get(), 0);
+
+        // After a reconnect everyone re-reads.
+        let mut e = w.watch("e");
+        let _f = w.watch("f");
+        w.notify_all();
+        e.rx.as_mut().unwrap().await.unwrap();
+        assert_eq!((w.parked.get(), count(&w)), (0, 0));
     }
 }
