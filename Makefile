@@ -31,6 +31,9 @@ lint: ## rustfmt and clippy, warnings are errors
 test: ## start what is needed, run the whole test suite, stop what was started
 	@bash hack/test.sh
 
+demo: ## run the whole system on this machine (local mode) and watch it scale with a burst of requests
+	@bash hack/demo.sh
+
 bench: ## benchmarks; prints `name value unit` lines (see BENCHMARKS.md)
 	@bash hack/bench.sh
 

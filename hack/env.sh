@@ -40,8 +40,13 @@ SECRETS_FILE="$QP_RUN/secrets"
 # ---------------------------------------------------------------------------------------------
 # Installation
 
+# apt_install [test-tools]: Debian packages the services and the build need; with `test-tools`
+# also those only the test suite uses (a headless Chromium for the dashboard screenshot test).
 apt_install() {
   local missing=()
+  if [[ "${1:-}" == test-tools ]]; then
+    command -v chromium >/dev/null || missing+=(chromium)
+  fi
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
   command -v prometheus >/dev/null || missing+=(prometheus)
@@ -64,15 +69,24 @@ apt_install() {
   # unused system Redis/Prometheus is noise, so leave them stopped where the init system allows.
 }
 
+# install_all [service...]: install and build what the given services need (default: all of
+# them, plus the test tools). `up kafka redis prometheus` (make demo) builds no Kubernetes.
 install_all() {
+  (($#)) || set -- "${ALL_SERVICES[@]}"
+  local want=" $* " kafka_pid=""
   mkdir -p "$QP_CACHE/build"
-  apt_install
-  "$QP_ROOT/hack/fetch-kafka.sh" &
-  local kafka_pid=$!
-  "$QP_ROOT/hack/build-k8s.sh"
-  "$QP_ROOT/hack/build-etcd.sh"
-  "$QP_ROOT/hack/build-helm.sh"
-  wait "$kafka_pid" || die "fetching Kafka failed (see above)"
+  if ((${#ALL_SERVICES[@]} == $#)); then apt_install test-tools; else apt_install; fi
+  if [[ "$want" == *" kafka "* ]]; then
+    "$QP_ROOT/hack/fetch-kafka.sh" &
+    kafka_pid=$!
+  fi
+  # helm is only ever used against the API server.
+  if [[ "$want" == *" kube-"* ]]; then
+    "$QP_ROOT/hack/build-k8s.sh"
+    "$QP_ROOT/hack/build-helm.sh"
+  fi
+  if [[ "$want" == *" etcd "* ]]; then "$QP_ROOT/hack/build-etcd.sh"; fi
+  [[ -z "$kafka_pid" ]] || wait "$kafka_pid" || die "fetching Kafka failed (see above)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +493,7 @@ services=("$@")
 
 case "$cmd" in
   up)
-    install_all
+    install_all "${services[@]}"
     started=()
     # Nothing half-started: if any service fails, stop the ones this call started.
     trap 'rc=$?; if ((rc != 0)); then for s in "${started[@]}"; do stop_service "$s"; done; fi' EXIT

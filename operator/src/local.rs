@@ -54,6 +54,8 @@ struct LocalStatus {
     ready_replicas: u32,
     restarts: u64,
     worker_ports: Vec<u16>,
+    /// Process ids of the workers, in the order of `worker_ports`.
+    worker_pids: Vec<u32>,
     gateway_url: Option<String>,
 }
 
@@ -102,6 +104,14 @@ fn command(
 ) -> Result<Command> {
     let mut cmd = Command::new(bin);
     cmd.args(&cfg.args);
+    // A process gets the QueueProcessor's configuration and nothing else: `QP_*` variables of
+    // local mode's own environment (an exported env file, say) would be read as worker
+    // settings and could contradict the spec.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("QP_") {
+            cmd.env_remove(name);
+        }
+    }
     for (name, value) in &cfg.env {
         let v = match value {
             EnvValue::Value(v) => v.clone(),
@@ -119,8 +129,12 @@ fn command(
     cmd.env("QP_LISTEN", format!("127.0.0.1:{port}"))
         .env("QP_LOG_FORMAT", "text")
         .env("QP_WORKER_ID", id);
-    let file = std::fs::File::create(log)
-        .map_err(|e| Error::Local(format!("creating {}: {e}", log.display())))?;
+    // Append: a restarted process must not wipe the log that says why its predecessor died.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::Local(format!("opening {}: {e}", log.display())))?;
     let err = file.try_clone().map_err(|e| Error::Local(e.to_string()))?;
     cmd.stdout(file)
         .stderr(err)
@@ -163,11 +177,15 @@ impl Local {
             .expect("a free port")
     }
 
-    fn spawn(&mut self, id: String, port: u16) -> Result<Replica> {
+    fn spawn(&self, id: String, port: u16) -> Result<Replica> {
+        self.spawn_process(&self.worker_cfg, id, port)
+    }
+
+    fn spawn_process(&self, cfg: &ProcessConfig, id: String, port: u16) -> Result<Replica> {
         let log = self.log_dir.join(format!("{id}.log"));
         let mut cmd = command(
             &self.bin,
-            &self.worker_cfg,
+            cfg,
             &id,
             port,
             &self.secrets,
@@ -177,7 +195,7 @@ impl Local {
         let child = cmd
             .spawn()
             .map_err(|e| Error::Local(format!("starting {}: {e}", self.bin.display())))?;
-        info!(%id, port, "started worker");
+        info!(%id, port, component = cfg.component.as_str(), "started process");
         Ok(Replica {
             id,
             port,
@@ -263,6 +281,9 @@ fn write_targets(
 }
 
 pub async fn run(args: LocalArgs) -> Result<()> {
+    // Handle SIGTERM and Ctrl-C from the very start: a signal that arrived before the handlers
+    // existed would kill this process with the default action and orphan the workers.
+    let mut stop = Box::pin(shutdown_signal()?);
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| Error::Local(format!("reading {}: {e}", args.file.display())))?;
     let mut qp = QueueProcessor::from_yaml(&text).map_err(|e| Error::InvalidSpec(e.to_string()))?;
@@ -311,38 +332,33 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     };
 
     // The gateway, when enabled, is one process on the port below the workers'.
-    let mut gateway: Option<(Child, u16)> = None;
+    let mut gateway: Option<(Replica, ProcessConfig)> = None;
     if qp.spec.gateway.enabled {
         let cfg = workload::process(&qp, Component::Gateway)
             .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
-        let port = args.base_port - 1;
-        let log = args.log_dir.join(format!("{name}-gateway.log"));
-        let mut cmd = command(
-            &local.bin,
-            &cfg,
-            &format!("{name}-gateway"),
-            port,
-            &local.secrets,
-            local.secrets_dir.as_deref(),
-            &log,
-        )?;
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::Local(format!("starting the gateway: {e}")))?;
-        info!(port, "started gateway");
-        gateway = Some((child, port));
+        let port = args.base_port.checked_sub(1).ok_or_else(|| {
+            Error::Local("--base-port must leave room for the gateway below it".into())
+        })?;
+        let g = local.spawn_process(&cfg, format!("{name}-gateway"), port)?;
+        gateway = Some((g, cfg));
         status.lock().expect("status lock").gateway_url = Some(format!("http://127.0.0.1:{port}"));
     }
 
     let probes = Probes::default();
     let mut scaler = Scaler::default();
     let mut restarts = 0u64;
-    let mut stop = Box::pin(shutdown_signal());
     let labels = [ns.as_str(), name.as_str()];
     let started = Instant::now();
     info!(file = %args.file.display(), qp = %format!("{ns}/{name}"), "local mode running");
     loop {
-        let restarted = local.supervise()?;
+        let mut restarted = local.supervise()?;
+        if let Some((g, cfg)) = &mut gateway
+            && let Ok(Some(exit)) = g.child.try_wait()
+        {
+            warn!(%exit, "gateway exited unexpectedly; restarting");
+            *g = local.spawn_process(cfg, g.id.clone(), g.port)?;
+            restarted += 1;
+        }
         if restarted > 0 {
             restarts += restarted;
             metrics
@@ -380,6 +396,11 @@ pub async fn run(args: LocalArgs) -> Result<()> {
             st.ready_replicas = ready;
             st.restarts = restarts;
             st.worker_ports = local.replicas.iter().map(|r| r.port).collect();
+            st.worker_pids = local
+                .replicas
+                .iter()
+                .map(|r| r.child.id().unwrap_or(0))
+                .collect();
         }
         metrics
             .source_up
@@ -425,7 +446,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
                 path,
                 &qp,
                 &ports,
-                gateway.as_ref().map(|g| g.1),
+                gateway.as_ref().map(|g| g.0.port),
                 args.listen,
             );
         }
@@ -451,17 +472,26 @@ pub async fn run(args: LocalArgs) -> Result<()> {
         terminate(&r.child);
     }
     if let Some((g, _)) = &gateway {
-        terminate(g);
+        terminate(&g.child);
     }
+    // They all drain at the same time: one deadline for all of them, not one per process.
     let drain = Duration::from_secs(qp.spec.worker.shutdown_timeout_seconds.max(1) as u64 + 5);
+    let deadline = tokio::time::Instant::now() + drain;
     for r in local.replicas.iter_mut().chain(local.draining.iter_mut()) {
-        if tokio::time::timeout(drain, r.child.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, r.child.wait())
+            .await
+            .is_err()
+        {
             warn!(id = %r.id, "worker did not drain in time; killing it");
             let _ = r.child.kill().await;
         }
     }
-    if let Some((mut g, _)) = gateway {
-        let _ = tokio::time::timeout(Duration::from_secs(5), g.wait()).await;
+    if let Some((mut g, _)) = gateway
+        && tokio::time::timeout(Duration::from_secs(5), g.child.wait())
+            .await
+            .is_err()
+    {
+        let _ = g.child.kill().await;
     }
     if let Some(path) = &args.prometheus_targets {
         let _ = std::fs::remove_file(path);
@@ -470,13 +500,21 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+/// Resolves on the first SIGTERM or SIGINT. Both handlers are installed when this is called,
+/// not when the future is first polled.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|e| Error::Local(format!("installing a signal handler: {e}")))
+    };
+    let mut term = install(SignalKind::terminate())?;
+    let mut int = install(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 #[derive(Clone)]

@@ -1,0 +1,196 @@
+//! Local mode end to end: `qp-operator local` drives real `qp-worker` processes and a gateway
+//! against the real Kafka and Redis. A burst submitted through its gateway scales the workers
+//! out and back to the minimum, a worker killed with SIGKILL is restarted, and every request
+//! ends with its result.
+//!
+//! Other tests stop and restart the shared Kafka for a few seconds; every wait here is an
+//! eventual check with a generous deadline, and submissions retry on 503.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use qp_tests::fixture::{Fixture, RedisKind};
+use qp_tests::local::{self, LocalMode, LocalStatus, ResultTracker, TestQp};
+
+const REQUESTS: usize = 1200;
+const MIN_REPLICAS: u32 = 1;
+
+/// Poll `/status.json` until `check` accepts it, or panic after `timeout` with `what`.
+async fn wait_status(
+    lm: &mut LocalMode,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&LocalStatus) -> bool,
+) -> LocalStatus {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        assert!(
+            lm.alive(),
+            "qp-operator local exited; see {}",
+            lm.log.display()
+        );
+        if let Some(st) = lm.status().await {
+            if check(&st) {
+                return st;
+            }
+            last = Some(st);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last status: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_scales_out_and_back_without_loss_and_crashed_workers_restart() {
+    let f = Fixture::new("local", RedisKind::Single, 8).await;
+    let file = local::manifest(
+        &f,
+        &TestQp {
+            sleep_millis: 100,
+            per_replica_tokens: 4,
+            max_replicas: 4,
+        },
+    );
+    let mut lm = LocalMode::start(&f.name, &file, None);
+    let st = lm.wait_ready(Duration::from_secs(120)).await;
+    assert_eq!(st.replicas, MIN_REPLICAS, "starts at the minimum: {st:?}");
+    let gateway = st.gateway_url.clone().expect("the gateway is enabled");
+    let http = reqwest::Client::new();
+
+    // The peak, sampled in the background for the whole run.
+    let peak = Arc::new(AtomicU32::new(0));
+    let sampler = tokio::spawn({
+        let (peak, http, url) = (peak.clone(), http.clone(), lm.url.clone());
+        async move {
+            loop {
+                if let Some(st) = local::status(&http, &url).await {
+                    peak.fetch_max(st.replicas.min(st.ready_replicas), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+
+    // The burst, through the gateway. One replica handles ~40 requests/s.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let accepted = local::submit_burst(
+        &http,
+        &gateway,
+        REQUESTS,
+        32,
+        Instant::now() + Duration::from_secs(120),
+        Arc::new(AtomicUsize::new(0)),
+        tx,
+    )
+    .await
+    .expect("the gateway takes the burst");
+    assert_eq!(accepted, REQUESTS);
+    let mut tracker = ResultTracker::new(f.keys.clone(), f.conn.clone());
+    while let Ok(s) = rx.try_recv() {
+        tracker.add(s);
+    }
+
+    // Scaled out on the backlog.
+    let st = wait_status(&mut lm, Duration::from_secs(60), "two ready workers", |s| {
+        s.replicas >= 2 && s.ready_replicas >= 2
+    })
+    .await;
+
+    // A crash: SIGKILL one worker while it works. Local mode starts a new one on the same port,
+    // and what the dead one held is redelivered.
+    let victim = *st.worker_pids.last().expect("worker pids in the status");
+    let victim_port = *st.worker_ports.last().expect("worker ports in the status");
+    let replicas_before = st.replicas;
+    let cmdline = std::fs::read(format!("/proc/{victim}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("qp-worker"),
+        "pid {victim} from /status.json is a qp-worker"
+    );
+    local::signal(victim as i32, "-KILL");
+    let st = wait_status(
+        &mut lm,
+        Duration::from_secs(30),
+        "the killed worker restarted",
+        |s| s.restarts >= 1 && !s.worker_pids.contains(&victim),
+    )
+    .await;
+    assert_eq!(st.worker_pids.len(), st.worker_ports.len());
+    // Restarted in place (unless a scale-down removed that replica in the meantime).
+    assert!(
+        st.worker_ports.contains(&victim_port) || st.replicas < replicas_before,
+        "the replacement serves port {victim_port}: {st:?}"
+    );
+    let metrics = http
+        .get(format!("{}/metrics", lm.url))
+        .send()
+        .await
+        .expect("local mode /metrics")
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "qp_operator_local_restarts_total{{namespace=\"{}\",queueprocessor=\"{}\"}}",
+        f.namespace, f.name
+    );
+    let restarts = local::sample(&metrics, &series);
+    assert!(
+        restarts.is_some_and(|r| r >= 1.0),
+        "{series} counts the restart: {restarts:?}"
+    );
+
+    // No loss: every request ends with a result.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while tracker.open() > 0 {
+        let _ = tracker.refresh().await;
+        assert!(
+            Instant::now() < deadline,
+            "{} of {REQUESTS} requests without a result after 180 s; logs in {}",
+            tracker.open(),
+            lm.log_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        tracker.failed.is_empty(),
+        "failed requests: {:?}",
+        tracker.failed
+    );
+    assert_eq!(tracker.done_ms.len(), REQUESTS);
+
+    // Back to the minimum once the backlog is gone.
+    wait_status(
+        &mut lm,
+        Duration::from_secs(90),
+        "the workers back at the minimum",
+        |s| s.replicas == MIN_REPLICAS && s.desired() == MIN_REPLICAS && s.backlog() == 0,
+    )
+    .await;
+    sampler.abort();
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak >= 2, "at least two ready replicas at the peak: {peak}");
+    eprintln!(
+        "local mode: peak {peak} replicas, p99 {:?} ms submit-to-result",
+        local::quantile(&tracker.done_ms, 0.99)
+    );
+
+    // A clean stop drains and stops every process it started.
+    assert!(
+        lm.stop(Duration::from_secs(60)).await,
+        "local mode stops cleanly on SIGTERM; see {}",
+        lm.log.display()
+    );
+    for pid in st.worker_pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "worker {pid} is gone after the stop"
+        );
+    }
+    f.cleanup().await;
+}
