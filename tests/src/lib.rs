@@ -1,7 +1,10 @@
 //! Shared helpers of the black-box tests and benchmarks: the local environment, our binaries as
 //! processes, Kafka and Redis conveniences. Every test runs against real services.
 
+pub mod bench;
+pub mod cluster;
 pub mod env;
 pub mod fixture;
 pub mod kafka;
+pub mod local;
 pub mod procs;

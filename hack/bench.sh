@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make bench`: bring up the real services (reusing any that already run), build the release
+# binaries, run the benchmark driver, and stop exactly the services this run started.
+#
+#   bash hack/bench.sh [group...]    e.g. `bash hack/bench.sh worker`
+#
+# stdout carries only the figures, one `name value unit` line each (see BENCHMARKS.md);
+# everything else (service start-up, cargo, progress) goes to stderr.
+source "$(dirname "$0")/lib.sh"
+cd "$QP_ROOT"
+
+need cargo "install Rust with rustup (https://rustup.rs)"
+need redis-server "apt-get install redis-server (the worker benchmark starts a private one)"
+
+services=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
+already=()
+for s in "${services[@]}"; do
+  bash hack/env.sh is-up "$s" && already+=("$s")
+done
+started=()
+cleanup() {
+  local rc=$?
+  if ((${#started[@]})); then
+    log "stopping services this run started: ${started[*]}"
+    bash hack/env.sh down "${started[@]}" >&2 || true
+  fi
+  exit $rc
+}
+trap cleanup EXIT INT TERM
+
+t0=$SECONDS
+bash hack/env.sh up >&2
+for s in "${services[@]}"; do
+  [[ " ${already[*]} " == *" $s "* ]] || started+=("$s")
+done
+log "services ready in $((SECONDS - t0))s"
+
+log "building release binaries"
+cargo build --release --workspace --bins >&2
+export QP_ENV_FILE
+export QP_BIN_DIR="$QP_ROOT/target/release"
+log "load before the benchmarks: $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min, $(nproc) cores)"
+t1=$SECONDS
+cargo run -q --release -p qp-tests --bin qp-bench -- "$@"
+log "benchmarks done in $((SECONDS - t1))s"
