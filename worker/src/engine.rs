@@ -64,6 +64,22 @@ impl Gate {
     }
 }
 
+/// The job channel of a source: unbounded for Kafka (the source bounds itself by pausing),
+/// bounded for the Redis list.
+enum Jobs {
+    Bounded(mpsc::Receiver<Job>),
+    Unbounded(mpsc::UnboundedReceiver<Job>),
+}
+
+impl Jobs {
+    async fn recv(&mut self) -> Option<Job> {
+        match self {
+            Jobs::Bounded(rx) => rx.recv().await,
+            Jobs::Unbounded(rx) => rx.recv().await,
+        }
+    }
+}
+
 /// How a finished job is acknowledged to its source.
 #[derive(Clone)]
 pub enum Acker {
@@ -107,30 +123,34 @@ impl Engine {
     /// `drain_timeout` to finish; jobs not started are left to the source (redelivered).
     pub async fn run(
         self: Arc<Self>,
-        mut jobs: mpsc::UnboundedReceiver<Job>,
+        jobs: mpsc::UnboundedReceiver<Job>,
         acker: Acker,
         stop: CancellationToken,
     ) {
-        let (bounded_tx, bounded_rx) = mpsc::channel(1);
-        // Adapt the unbounded Kafka channel to the common bounded form.
-        let forward = tokio::spawn(async move {
-            while let Some(j) = jobs.recv().await {
-                if bounded_tx.send(j).await.is_err() {
-                    break;
-                }
-            }
-        });
-        self.run_bounded(bounded_rx, acker, stop).await;
-        forward.abort();
+        self.dispatch(Jobs::Unbounded(jobs), acker, stop).await;
     }
 
     /// [`Engine::run`] for a bounded job channel (the Redis list source).
     pub async fn run_bounded(
         self: Arc<Self>,
-        mut jobs: mpsc::Receiver<Job>,
+        jobs: mpsc::Receiver<Job>,
         acker: Acker,
         stop: CancellationToken,
     ) {
+        self.dispatch(Jobs::Bounded(jobs), acker, stop).await;
+    }
+
+    /// The dispatch loop runs as a task of its own: the caller is often the future that
+    /// `#[tokio::main]` blocks on, which lives on the main thread outside the worker pool, and
+    /// every job would then cost a wake-up of that thread (a futex call and a context switch)
+    /// on top of the wake-ups of the tasks it starts.
+    async fn dispatch(self: Arc<Self>, jobs: Jobs, acker: Acker, stop: CancellationToken) {
+        if let Err(e) = tokio::spawn(self.dispatch_loop(jobs, acker, stop)).await {
+            warn!(error = %e, "dispatch loop failed");
+        }
+    }
+
+    async fn dispatch_loop(self: Arc<Self>, mut jobs: Jobs, acker: Acker, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.max_concurrency));
         let mut tasks = JoinSet::new();
         // Ordering lanes: keys with a job running -> jobs of that key waiting, in arrival order.

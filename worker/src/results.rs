@@ -30,9 +30,10 @@ use crate::{Error, Result};
 /// Mark each id `processing` unless it already finished. KEYS: the result hashes.
 /// ARGV[1] = ttl ms. Returns one entry per id: 1 = run it, 0 = already finished (skip).
 const BEGIN: &str = r#"
-local ttl = tonumber(ARGV[1])
+local ttl = ARGV[1]
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- A string, formatted once: a number would be formatted again by every call it is passed to.
+local now = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
 local out = {}
 for i, key in ipairs(KEYS) do
   local s = redis.call('HGET', key, 'state')
@@ -52,10 +53,10 @@ return out
 /// outcome ('done'|'failed'), payload (body or error), id.
 /// Returns one entry per id: 1 = written, 0 = was already finished.
 const FINISH: &str = r#"
-local ttl = tonumber(ARGV[1])
+local ttl = ARGV[1]
 local channel = ARGV[2]
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local now = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
 local done, failed = 0, 0
 local out = {}
 for i = 3, #KEYS do
@@ -67,8 +68,8 @@ for i = 3, #KEYS do
     out[i - 2] = 0
   else
     if outcome == 'done' then
+      -- No HDEL of 'error': only a finished (failed) request has one, and those are skipped.
       redis.call('HSET', key, 'state', 'done', 'body', payload, 'at', now)
-      redis.call('HDEL', key, 'error')
       done = done + 1
     else
       redis.call('HSET', key, 'state', 'failed', 'error', payload, 'at', now)

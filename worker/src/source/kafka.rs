@@ -11,13 +11,18 @@
 //!   revoked partition are dropped: the new owner starts from the committed offset and gets them.
 //! - Back-pressure: a partition with too many fetched-but-unfinished messages is paused and
 //!   resumed when it drained to half, so a slow handler never makes the worker buffer a topic.
+//!   Pausing is not free, though: librdkafka drops a paused partition's prefetched messages and
+//!   fetches them again after the resume, which at a few hundred messages per pause costs a
+//!   fast handler most of its throughput. So when the engine is draining fast enough to empty
+//!   the backlog within [`SOFT_WAIT`], the poll thread just stops taking messages until the
+//!   full partitions drained to half, and pauses only if that takes longer.
 //!
 //! librdkafka is driven from one dedicated thread (`BaseConsumer::poll`): the rebalance callback
 //! may block for the drain, and blocking a thread of our own is fine where blocking an async
 //! runtime thread is not.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,8 +64,13 @@ pub struct KafkaSettings {
 struct Shared {
     topic: String,
     tracker: Mutex<OffsetTracker>,
-    /// Signalled whenever a message finishes, for drains.
+    /// Signalled whenever a message finishes while a drain waits.
     finished: Condvar,
+    /// Messages acknowledged so far (the poll thread derives the completion rate from it).
+    acks: AtomicU64,
+    /// Drains waiting on `finished`. Acknowledgements only signal the condvar when one waits:
+    /// a signal is a system call, and there are thousands of acknowledgements a second.
+    draining: AtomicUsize,
     /// Partitions currently revoked or being revoked: their queued jobs must not start.
     revoked: Mutex<HashSet<i32>>,
     drain_timeout: Duration,
@@ -70,7 +80,16 @@ struct Shared {
 impl Shared {
     /// Wait until no message of `partitions` is running, or the drain timeout passes.
     fn drain(&self, partitions: &[i32]) -> bool {
+        self.draining.fetch_add(1, Ordering::SeqCst);
+        let drained = self.drain_waiting(partitions);
+        self.draining.fetch_sub(1, Ordering::SeqCst);
+        drained
+    }
+
+    fn drain_waiting(&self, partitions: &[i32]) -> bool {
         let deadline = Instant::now() + self.drain_timeout;
+        // `draining` was raised before this lock: an acknowledgement that takes the lock after
+        // us sees it and signals.
         let mut tracker = self.tracker.lock().expect("offset tracker lock");
         loop {
             let running: usize = partitions
@@ -251,7 +270,10 @@ impl KafkaAcker {
         let mut tracker = self.shared.tracker.lock().expect("offset tracker lock");
         tracker.partition(partition).completed(offset);
         drop(tracker);
-        self.shared.finished.notify_all();
+        self.shared.acks.fetch_add(1, Ordering::Relaxed);
+        if self.shared.draining.load(Ordering::SeqCst) > 0 {
+            self.shared.finished.notify_all();
+        }
     }
 
     /// A job that was never started (e.g. dropped at shutdown) stays pending: its offset is not
@@ -269,6 +291,8 @@ impl KafkaSource {
             topic: settings.topic.clone(),
             tracker: Mutex::new(OffsetTracker::default()),
             finished: Condvar::new(),
+            draining: AtomicUsize::new(0),
+            acks: AtomicU64::new(0),
             revoked: Mutex::new(HashSet::new()),
             drain_timeout: settings.drain_timeout,
             metrics,
@@ -370,6 +394,19 @@ impl KafkaSource {
     }
 }
 
+/// The longest the poll thread stops taking messages, when a partition is full, instead of
+/// pausing it. Bounded, because while it waits it serves no rebalance callbacks either; and
+/// only tried when the measured completion rate drains the whole backlog within this time.
+pub const SOFT_WAIT: Duration = Duration::from_millis(250);
+
+/// How often the completion rate behind [`SOFT_WAIT`] is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// How often moved low watermarks go to librdkafka's offset store while messages flow. They
+/// are committed every `commit_interval` (and synchronously on revoke and close, which store
+/// their own), so storing after every single message would only cost time.
+const STORE_EVERY: Duration = Duration::from_millis(10);
+
 fn poll_loop(
     consumer: &BaseConsumer<Context>,
     shared: &Shared,
@@ -378,8 +415,20 @@ fn poll_loop(
     tx: mpsc::UnboundedSender<Job>,
 ) {
     let mut paused: HashSet<i32> = HashSet::new();
+    let mut last_store = Instant::now();
+    let mut rate = DrainRate::new(shared.acks.load(Ordering::Relaxed));
     while !stop.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(100)) {
+        rate.update(shared.acks.load(Ordering::Relaxed));
+        let (full, backlog) = full_partitions(shared, settings, &paused);
+        if !full.is_empty() {
+            let fast = rate.time_to_drain(backlog).is_some_and(|t| t <= SOFT_WAIT);
+            if !fast || !wait_for_room(shared, settings, stop, &full) {
+                pause(consumer, settings, &full, &mut paused);
+            }
+        }
+        let msg = consumer.poll(Duration::from_millis(100));
+        let idle = msg.is_none();
+        match msg {
             None => {}
             Some(Err(e)) => {
                 warn!(error = %e, "kafka poll error");
@@ -399,17 +448,96 @@ fn poll_loop(
                 }
             }
         }
-        store_and_throttle(consumer, shared, settings, &mut paused);
+        if idle || last_store.elapsed() >= STORE_EVERY {
+            store_offsets(consumer, shared);
+            last_store = Instant::now();
+        }
+        resume_drained(consumer, shared, settings, &mut paused);
     }
 }
 
-/// Store moved watermarks and pause/resume partitions by their backlog of unfinished messages.
-fn store_and_throttle(
-    consumer: &BaseConsumer<Context>,
+/// Partitions (not paused) with `max_pending_per_partition` or more unfinished messages, and
+/// the unfinished messages of all partitions.
+fn full_partitions(
     shared: &Shared,
     settings: &KafkaSettings,
-    paused: &mut HashSet<i32>,
-) {
+    paused: &HashSet<i32>,
+) -> (Vec<i32>, usize) {
+    let tracker = shared.tracker.lock().expect("offset tracker lock");
+    let full = tracker
+        .partitions()
+        .filter(|(p, o)| !paused.contains(p) && o.pending() >= settings.max_pending_per_partition)
+        .map(|(p, _)| p)
+        .collect();
+    (full, tracker.total_pending())
+}
+
+/// Messages finished per second, measured over [`RATE_WINDOW`]s by the poll thread.
+struct DrainRate {
+    since: Instant,
+    acks_then: u64,
+    per_sec: f64,
+}
+
+impl DrainRate {
+    fn new(acks: u64) -> Self {
+        DrainRate {
+            since: Instant::now(),
+            acks_then: acks,
+            per_sec: 0.0,
+        }
+    }
+
+    fn update(&mut self, acks: u64) {
+        let elapsed = self.since.elapsed();
+        if elapsed >= RATE_WINDOW {
+            self.per_sec = acks.saturating_sub(self.acks_then) as f64 / elapsed.as_secs_f64();
+            self.since = Instant::now();
+            self.acks_then = acks;
+        }
+    }
+
+    /// How long `backlog` messages take at the current rate; `None` while nothing finishes.
+    fn time_to_drain(&self, backlog: usize) -> Option<Duration> {
+        (self.per_sec > 0.0).then(|| Duration::from_secs_f64(backlog as f64 / self.per_sec))
+    }
+}
+
+/// Stop taking messages until the `full` partitions drained to half, for at most
+/// [`SOFT_WAIT`]. Returns false when they are still full (the handler is slow: pause them).
+fn wait_for_room(
+    shared: &Shared,
+    settings: &KafkaSettings,
+    stop: &AtomicBool,
+    full: &[i32],
+) -> bool {
+    let low = settings.max_pending_per_partition / 2;
+    let deadline = Instant::now() + SOFT_WAIT;
+    loop {
+        {
+            let tracker = shared.tracker.lock().expect("offset tracker lock");
+            let drained = full
+                .iter()
+                .all(|p| tracker.get(*p).is_none_or(|o| o.pending() <= low));
+            if drained {
+                return true;
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        // A short sleep, not the `finished` condvar: it is signalled on every acknowledgement,
+        // thousands of times a second, and the engine has half a partition's worth of work
+        // queued, so resuming intake a millisecond late costs nothing.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Hand moved low watermarks to the offset store.
+fn store_offsets(consumer: &BaseConsumer<Context>, shared: &Shared) {
     let offsets = shared.storable(None);
     if offsets.count() > 0
         && let Err(e) = consumer.store_offsets(&offsets)
@@ -417,31 +545,47 @@ fn store_and_throttle(
         // Storing for a partition we just lost fails harmlessly.
         debug!(error = %e, "offset store failed");
     }
-    let (to_pause, to_resume) = {
-        let tracker = shared.tracker.lock().expect("offset tracker lock");
-        let high = settings.max_pending_per_partition;
-        let mut to_pause = TopicPartitionList::new();
-        let mut to_resume = TopicPartitionList::new();
-        for (p, o) in tracker.partitions() {
-            if !paused.contains(&p) && o.pending() >= high {
-                to_pause.add_partition(&settings.topic, p);
-                paused.insert(p);
-            } else if paused.contains(&p) && o.pending() <= high / 2 {
-                to_resume.add_partition(&settings.topic, p);
-                paused.remove(&p);
-            }
-        }
-        // Partitions we no longer own are no longer paused by us.
-        paused.retain(|p| tracker.get(*p).is_some());
-        (to_pause, to_resume)
-    };
-    if to_pause.count() > 0 {
-        debug!(
-            partitions = to_pause.count(),
-            "pausing partitions under back-pressure"
-        );
-        let _ = consumer.pause(&to_pause);
+}
+
+fn pause(
+    consumer: &BaseConsumer<Context>,
+    settings: &KafkaSettings,
+    partitions: &[i32],
+    paused: &mut HashSet<i32>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(&settings.topic, *p);
+        paused.insert(*p);
     }
+    debug!(?partitions, "pausing partitions under back-pressure");
+    let _ = consumer.pause(&tpl);
+}
+
+/// Resume paused partitions that drained to half, and forget the ones we no longer own.
+fn resume_drained(
+    consumer: &BaseConsumer<Context>,
+    shared: &Shared,
+    settings: &KafkaSettings,
+    paused: &mut HashSet<i32>,
+) {
+    if paused.is_empty() {
+        return;
+    }
+    let to_resume = {
+        let tracker = shared.tracker.lock().expect("offset tracker lock");
+        let low = settings.max_pending_per_partition / 2;
+        let mut to_resume = TopicPartitionList::new();
+        paused.retain(|p| match tracker.get(*p) {
+            None => false,
+            Some(o) if o.pending() <= low => {
+                to_resume.add_partition(&settings.topic, *p);
+                false
+            }
+            Some(_) => true,
+        });
+        to_resume
+    };
     if to_resume.count() > 0 {
         let _ = consumer.resume(&to_resume);
     }
