@@ -12,28 +12,7 @@ cd "$QP_ROOT"
 need cargo "install Rust with rustup (https://rustup.rs)"
 need redis-server "apt-get install redis-server (the worker benchmark starts a private one)"
 
-services=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
-already=()
-for s in "${services[@]}"; do
-  bash hack/env.sh is-up "$s" && already+=("$s")
-done
-started=()
-cleanup() {
-  local rc=$?
-  if ((${#started[@]})); then
-    log "stopping services this run started: ${started[*]}"
-    bash hack/env.sh down "${started[@]}" >&2 || true
-  fi
-  exit $rc
-}
-trap cleanup EXIT INT TERM
-
-t0=$SECONDS
-bash hack/env.sh up >&2
-for s in "${services[@]}"; do
-  [[ " ${already[*]} " == *" $s "* ]] || started+=("$s")
-done
-log "services ready in $((SECONDS - t0))s"
+services_up
 
 log "building release binaries"
 cargo build --release --workspace --bins >&2

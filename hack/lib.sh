@@ -51,3 +51,31 @@ run_logged() {
   fi
   log "$what: done in $((SECONDS - start))s"
 }
+
+# services_up: start every local service (installing what is missing), reusing those already
+# running, and arrange for exactly the ones this run started to be stopped when the calling
+# script exits. Output of env.sh goes to stderr so callers can keep stdout for results.
+QP_SERVICES=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
+services_up() {
+  local s already=()
+  for s in "${QP_SERVICES[@]}"; do
+    bash "$QP_ROOT/hack/env.sh" is-up "$s" && already+=("$s")
+  done
+  QP_STARTED=()
+  trap '_services_cleanup' EXIT INT TERM
+  local t0=$SECONDS
+  bash "$QP_ROOT/hack/env.sh" up >&2
+  for s in "${QP_SERVICES[@]}"; do
+    [[ " ${already[*]} " == *" $s "* ]] || QP_STARTED+=("$s")
+  done
+  log "services ready in $((SECONDS - t0))s"
+}
+
+_services_cleanup() {
+  local rc=$?
+  if ((${#QP_STARTED[@]})); then
+    log "stopping services this run started: ${QP_STARTED[*]}"
+    bash "$QP_ROOT/hack/env.sh" down "${QP_STARTED[@]}" >&2 || true
+  fi
+  exit $rc
+}

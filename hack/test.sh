@@ -6,27 +6,8 @@ cd "$QP_ROOT"
 
 need cargo "install Rust with rustup (https://rustup.rs)"
 
-already=()
-for s in etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus; do
-  bash hack/env.sh is-up "$s" && already+=("$s")
-done
-started=()
-cleanup() {
-  local rc=$?
-  if ((${#started[@]})); then
-    log "stopping services this run started: ${started[*]}"
-    bash hack/env.sh down "${started[@]}" || true
-  fi
-  exit $rc
-}
-trap cleanup EXIT INT TERM
-
 t0=$SECONDS
-bash hack/env.sh up
-for s in etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus; do
-  [[ " ${already[*]} " == *" $s "* ]] || started+=("$s")
-done
-log "services ready in $((SECONDS - t0))s"
+services_up
 
 t1=$SECONDS
 log "lint: rustfmt and clippy"
