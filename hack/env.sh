@@ -324,6 +324,9 @@ start_redis_cluster() {
   pass="$(secret redis_cluster_password)"
   for p in "${PORTS_REDIS_CLUSTER[@]}"; do
     mkdir -p "$DATA/redis-cluster/$p"
+    # No persistence, so a restarted cluster has no data: form it afresh rather than trust an
+    # old nodes.conf (a restored membership is not 'ok' at once, and create would then refuse).
+    rm -f "$DATA/redis-cluster/$p/nodes.conf"
     # The config file carries the password so that it never shows up in `ps`.
     cat >"$DATA/redis-cluster/$p/redis.conf" <<CONF
 bind 127.0.0.1
