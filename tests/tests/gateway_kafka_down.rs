@@ -98,7 +98,12 @@ async fn kafka_down_answers_503_and_leaves_no_pending_state() {
         body["error"].as_str().unwrap_or_default().contains("Kafka"),
         "the 503 says what is down: {body}"
     );
-    assert!(took < Duration::from_secs(10), "503 within seconds");
+    // The producer gives up after message.timeout.ms (5 s); librdkafka checks timeouts about
+    // once a second and a loaded machine adds more, so allow 20 s for the bounded answer.
+    assert!(
+        took < Duration::from_secs(20),
+        "503 within seconds, took {took:?}"
+    );
     assert!(
         !exists(&fx, "during").await,
         "no pending state was left behind"
