@@ -231,13 +231,19 @@ async fn scales_with_backlog_and_cleans_up_on_delete() {
         "{st:?}"
     );
     assert_eq!(condition(&qp, "SourceReachable").unwrap().0, "True");
-    let scaled = events(&s, "ScaledUp").await;
-    assert!(
-        scaled
-            .iter()
-            .any(|e| e.note.as_deref().unwrap_or("").contains("-> 5")),
-        "a ScaledUp event names the change"
-    );
+    // The event is published right after the status patch: wait for it.
+    eventually(
+        Duration::from_secs(10),
+        "a ScaledUp event naming the change",
+        || async {
+            events(&s, "ScaledUp")
+                .await
+                .iter()
+                .any(|e| e.note.as_deref().unwrap_or("").contains("-> 5"))
+                .then_some(())
+        },
+    )
+    .await;
     let out = Command::new(s.env.get("QP_KUBECTL"))
         .args([
             "--kubeconfig",
