@@ -3,8 +3,9 @@
 //! flight, live replicas, tokens in use).
 //!
 //! Clients are cached: one Kafka lag probe per (brokers, group, topic) — an offset fetch is
-//! always made on behalf of one group id, so a group needs its own consumer handle — and one
-//! multiplexed Redis connection per Redis endpoint. Every probe runs with a timeout on its own
+//! always made on behalf of one group id, so a group needs its own consumer handle; a probe
+//! replaces its client after a failure (see [`LagProbe`]) — and one multiplexed Redis
+//! connection per Redis endpoint. Every probe runs with a timeout on its own
 //! task, so one unreachable source never delays the measurement of another.
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qp_worker::keys::Keys;
-use qp_worker::lag::{GroupLag, PartitionLag};
+use qp_worker::lag::{LagProbe, PartitionLag};
 use qp_worker::redis_conn::{Conn, RedisSettings};
 use qp_worker::tokens::{PoolOptions, TokenPool};
 
@@ -97,7 +98,7 @@ return {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '0', #l
 /// Shared measurement clients.
 #[derive(Default)]
 pub struct Probes {
-    kafka: Mutex<HashMap<String, Arc<GroupLag>>>,
+    kafka: Mutex<HashMap<String, Arc<LagProbe>>>,
     redis: tokio::sync::Mutex<Vec<(RedisSettings, Conn)>>,
 }
 
@@ -108,7 +109,7 @@ impl Probes {
         topic: &str,
         group: &str,
         properties: &[(String, String)],
-    ) -> Result<Arc<GroupLag>> {
+    ) -> Arc<LagProbe> {
         // Credentials are part of the identity (a rotated password needs a new client) but
         // must not sit in a map key in clear: use a hash of them.
         let mut h = std::hash::DefaultHasher::new();
@@ -118,14 +119,9 @@ impl Probes {
             std::hash::Hasher::finish(&h)
         );
         let mut map = self.kafka.lock().expect("probe map lock");
-        if let Some(p) = map.get(&key) {
-            return Ok(p.clone());
-        }
-        let probe = Arc::new(GroupLag::with_properties(
-            bootstrap, properties, topic, group,
-        )?);
-        map.insert(key, probe.clone());
-        Ok(probe)
+        map.entry(key)
+            .or_insert_with(|| Arc::new(LagProbe::new(bootstrap, properties, topic, group)))
+            .clone()
     }
 
     /// The shared connection to a Redis endpoint.
@@ -151,6 +147,16 @@ impl Probes {
             .sum()
     }
 
+    /// How many failed Kafka clients were replaced (see [`LagProbe`]).
+    pub fn kafka_clients_replaced(&self) -> u64 {
+        self.kafka
+            .lock()
+            .expect("probe map lock")
+            .values()
+            .map(|p| p.clients_replaced())
+            .sum()
+    }
+
     /// Measure the source.
     pub async fn source(
         &self,
@@ -164,12 +170,8 @@ impl Probes {
                 group,
                 properties,
             } => {
-                let probe = self.kafka_probe(bootstrap, topic, group, properties)?;
-                let task = tokio::task::spawn_blocking(move || {
-                    let lags = probe.measure()?;
-                    let state = probe.group_state()?;
-                    Ok::<_, qp_worker::Error>((lags, state))
-                });
+                let probe = self.kafka_probe(bootstrap, topic, group, properties);
+                let task = tokio::task::spawn_blocking(move || probe.measure_with_state());
                 let (lags, group_state) = tokio::time::timeout(PROBE_TIMEOUT * 3, task)
                     .await
                     .map_err(|_| Error::Source("measuring Kafka lag timed out".into()))?

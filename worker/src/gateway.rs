@@ -597,7 +597,7 @@ async fn listen_done(redis: RedisSettings, gw: Shared, ready: Readiness, stop: C
 async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) {
     let lag = match (&gw.queue, args.kafka.kafka_group.as_deref()) {
         (Queue::Kafka { topic, .. }, Some(group)) => {
-            crate::lag::GroupLag::new(&args.kafka, topic, group).ok()
+            crate::lag::LagProbe::from_args(&args.kafka, topic, group).ok()
         }
         _ => None,
     };

@@ -19,8 +19,8 @@
 //! run them on a blocking thread. Requests actually sent are counted from librdkafka's
 //! statistics ([`GroupLag::requests_sent`]), which is how the benchmark proves the cost.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -71,15 +71,6 @@ pub struct GroupLag {
 }
 
 impl GroupLag {
-    pub fn new(kafka: &KafkaArgs, topic: &str, group: &str) -> Result<Self> {
-        Self::with_properties(
-            kafka.bootstrap()?,
-            &kafka.security_properties(),
-            topic,
-            group,
-        )
-    }
-
     pub fn with_properties(
         bootstrap: &str,
         properties: &[(String, String)],
@@ -220,6 +211,111 @@ impl GroupLag {
     /// Total lag over all partitions.
     pub fn total(&self) -> Result<u64> {
         Ok(self.measure()?.iter().map(|l| l.lag).sum())
+    }
+}
+
+/// A lag probe that replaces its Kafka client after any failure.
+///
+/// Why: a librdkafka client that lived through a broker restart can keep failing every
+/// metadata request with `BrokerTransportFailure` long after the broker is back (seen in about
+/// half of the restarts in `tests/tests/operator_kafka_down.rs`, for 25 s and more), while a new
+/// client answers at once. A lag client holds no group membership, so building a new one is
+/// cheap: the failed one is dropped and the next call starts afresh. The client is also built
+/// lazily, so a broker that is down when the probe is made does not make the probe useless.
+///
+/// Every method blocks (librdkafka calls, and dropping a client): call from a blocking thread.
+pub struct LagProbe {
+    bootstrap: String,
+    properties: Vec<(String, String)>,
+    topic: String,
+    group: String,
+    client: Mutex<Option<Arc<GroupLag>>>,
+    /// Requests sent by clients that were dropped, so the count never goes backwards.
+    retired_requests: AtomicU64,
+    rebuilt: AtomicU64,
+}
+
+impl LagProbe {
+    pub fn new(bootstrap: &str, properties: &[(String, String)], topic: &str, group: &str) -> Self {
+        LagProbe {
+            bootstrap: bootstrap.to_owned(),
+            properties: properties.to_vec(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            client: Mutex::new(None),
+            retired_requests: AtomicU64::new(0),
+            rebuilt: AtomicU64::new(0),
+        }
+    }
+
+    pub fn from_args(kafka: &KafkaArgs, topic: &str, group: &str) -> Result<Self> {
+        Ok(Self::new(
+            kafka.bootstrap()?,
+            &kafka.security_properties(),
+            topic,
+            group,
+        ))
+    }
+
+    /// Run `f` with the current client (built if there is none); after an error the client is
+    /// dropped so the next call builds a new one.
+    pub fn with<T>(&self, f: impl FnOnce(&GroupLag) -> Result<T>) -> Result<T> {
+        let client = {
+            let mut slot = self.client.lock().expect("lag client lock");
+            match slot.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = Arc::new(GroupLag::with_properties(
+                        &self.bootstrap,
+                        &self.properties,
+                        &self.topic,
+                        &self.group,
+                    )?);
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let out = f(&client);
+        if out.is_err() {
+            let mut slot = self.client.lock().expect("lag client lock");
+            // Only retire the client that failed: a concurrent call may have replaced it.
+            if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                *slot = None;
+                self.retired_requests
+                    .fetch_add(client.requests_sent(), Ordering::Relaxed);
+                self.rebuilt.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // The last reference, if it was retired, is dropped here, on the caller's thread.
+        drop(client);
+        out
+    }
+
+    /// Lag of every partition and the group's state.
+    pub fn measure_with_state(&self) -> Result<(Vec<PartitionLag>, Option<String>)> {
+        self.with(|c| Ok((c.measure()?, c.group_state()?)))
+    }
+
+    /// Total lag over all partitions.
+    pub fn total(&self) -> Result<u64> {
+        self.with(GroupLag::total)
+    }
+
+    /// Requests sent to brokers by this probe's clients so far.
+    pub fn requests_sent(&self) -> u64 {
+        let current = self
+            .client
+            .lock()
+            .expect("lag client lock")
+            .as_ref()
+            .map_or(0, |c| c.requests_sent());
+        self.retired_requests.load(Ordering::Relaxed) + current
+    }
+
+    /// How many times a failed client was replaced.
+    pub fn clients_replaced(&self) -> u64 {
+        self.rebuilt.load(Ordering::Relaxed)
     }
 }
 
