@@ -1,6 +1,7 @@
-//! The operator when Kafka goes away: replicas hold (never scale to zero because the broker is
+//! Kafka outages. The operator: replicas hold (never scale to zero because the broker is
 //! unreachable), the condition and an event name the problem, and scaling resumes when Kafka is
-//! back; and the lag probes it measures with answer again soon after every Kafka restart. Its
+//! back; the lag probes it measures with answer again soon after every Kafka restart. The
+//! workers: consumption and offset commits resume after a restart, nothing is lost. Its
 //! own test binary, because stopping Kafka would disturb every other Kafka test (`cargo test`
 //! runs test binaries one at a time); the tests here take turns through [`OUTAGE`].
 
@@ -17,8 +18,9 @@ use qp_operator::crd::QueueProcessor;
 use qp_operator::measure::{Probes, SourceTarget};
 use qp_tests::cluster::{self, MANAGER};
 use qp_tests::env;
-use qp_tests::fixture::eventually;
+use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::kafka;
+use qp_worker::lag::LagProbe;
 use qp_worker::redis_conn::RedisSettings;
 use serde_json::json;
 
@@ -272,4 +274,75 @@ async fn lag_probes_answer_again_after_every_kafka_restart() {
     stop.store(true, Ordering::Relaxed);
     poller.await.unwrap();
     kafka::delete_topic(&bootstrap, &topic).await;
+}
+
+/// Workers consuming when the broker restarts: they reconnect, rejoin the group, finish every
+/// message (those produced before and after the outage), commit, and still drain on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_resume_and_commit_after_a_kafka_restart() {
+    let _turn = OUTAGE.lock().await;
+    let fx = Fixture::new("restart", RedisKind::Single, 4).await;
+    fx.pool().set_limit(8).await.unwrap();
+    let before: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &before).await;
+    let args = ["--max-concurrency", "4"];
+    let mut workers = [
+        fx.kafka_worker("w0", "probe:20", &args),
+        fx.kafka_worker("w1", "probe:20", &args),
+    ];
+    let done_before = |n: usize| {
+        let fx = &fx;
+        let before = &before;
+        async move {
+            let d = fx
+                .states(before)
+                .await
+                .values()
+                .filter(|s| *s == "done")
+                .count();
+            (d >= n).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(60), "50 done before the outage", || {
+        done_before(50)
+    })
+    .await;
+    {
+        let _down = KafkaStopped::stop();
+    } // Kafka starts again here.
+    let after: Vec<String> = (0..300).map(|i| format!("a{i}")).collect();
+    kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &after).await;
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    let restarted = Instant::now();
+    fx.wait_finished(&all, Duration::from_secs(120)).await;
+    println!(
+        "all {} messages finished {:?} after Kafka was back",
+        all.len(),
+        restarted.elapsed()
+    );
+    let states = fx.states(&all).await;
+    assert!(states.values().all(|s| s == "done"), "every message done");
+    assert!(
+        workers.iter_mut().all(|w| w.alive()),
+        "the workers outlived the outage"
+    );
+    // Commits resumed: the group's committed offsets reach the log end.
+    let probe = Arc::new(LagProbe::new(&fx.bootstrap, &[], &fx.topic, &fx.group));
+    eventually(Duration::from_secs(30), "group lag 0", || {
+        let probe = probe.clone();
+        async move {
+            let lag = tokio::task::spawn_blocking(move || probe.total())
+                .await
+                .unwrap()
+                .ok()?;
+            (lag == 0).then_some(())
+        }
+    })
+    .await;
+    let (dups, extra) = fx.duplicate_runs().await;
+    println!("processed more than once (at least once allows it): {dups} ids, {extra} extra runs");
+    for w in &mut workers {
+        assert!(w.terminate(), "SIGTERM after the outage drains and exits 0");
+    }
+    fx.cleanup().await;
 }
