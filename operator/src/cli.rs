@@ -26,6 +26,10 @@ pub enum Command {
     /// Run the controller against the cluster in KUBECONFIG or the in-cluster config.
     Run(RunArgs),
     /// Drive qp-worker processes on this machine from a QueueProcessor file (no cluster).
+    ///
+    /// Replicas are `qp-worker` processes; scale-down sends SIGTERM (the worker drains). A
+    /// process that exits unexpectedly is restarted at once the first time, then after 1, 2,
+    /// 4 ... up to 30 s while it keeps crashing (a minute of running resets the count).
     Local(LocalArgs),
 }
 

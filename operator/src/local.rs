@@ -5,7 +5,8 @@
 //! - Scale down: SIGTERM the newest; it drains (finishes running messages, commits, releases
 //!   its tokens) while the loop goes on without it.
 //! - A process that exits unexpectedly is restarted and counted in
-//!   `qp_operator_local_restarts_total`.
+//!   `qp_operator_local_restarts_total`; one that keeps crashing is restarted with a growing
+//!   delay (see [`restart_delay`]), as the kubelet's CrashLoopBackOff does.
 //! - The token limit and the status are kept exactly as in the cluster; the status is served as
 //!   JSON on `/status.json` next to `/metrics`.
 //! - Secrets come from a directory laid out like a mounted Secret: `<dir>/<name>/<key>`.
@@ -36,12 +37,59 @@ use crate::policy::Policy;
 use crate::scaler::{self, Scaler, SecretValues};
 use crate::workload::{self, Component, EnvValue, ProcessConfig};
 
-/// One running `qp-worker` process.
+/// Crash-loop backoff: the delay before restarting a process that exited `crashes` times in a
+/// row. The first restart is immediate (a one-off crash, such as an OOM kill, comes back at
+/// once); then 1 s, 2 s, 4 s ... up to [`BACKOFF_MAX`], so a worker that cannot start (bad
+/// handler command, unreachable Redis) does not fork every poll and flood its log.
+pub fn restart_delay(crashes: u32) -> Duration {
+    match crashes {
+        0 | 1 => Duration::ZERO,
+        n => BACKOFF_FIRST
+            .saturating_mul(1 << (n - 2).min(16))
+            .min(BACKOFF_MAX),
+    }
+}
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A process that ran this long before it exited starts the crash count afresh.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// One `qp-worker` process.
 struct Replica {
     id: String,
     port: u16,
     child: Child,
     started: Instant,
+    /// Unexpected exits in a row (carried over to the replacement process).
+    crashes: u32,
+    /// When the process was seen to have exited; `None` while it runs.
+    exited: Option<Instant>,
+}
+
+impl Replica {
+    /// Notes an unexpected exit (once) and says whether the replacement is due now.
+    fn restart_due(&mut self, now: Instant) -> bool {
+        if self.exited.is_none()
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            self.crashes = if now.duration_since(self.started) >= BACKOFF_RESET_AFTER {
+                1
+            } else {
+                self.crashes + 1
+            };
+            self.exited = Some(now);
+            warn!(
+                id = %self.id,
+                %status,
+                crashes_in_a_row = self.crashes,
+                restart_in = ?restart_delay(self.crashes),
+                "process exited unexpectedly"
+            );
+        }
+        self.exited
+            .is_some_and(|at| now >= at + restart_delay(self.crashes))
+    }
 }
 
 /// The status and a few live figures, for `/status.json` (the demo's table reads it).
@@ -201,7 +249,16 @@ impl Local {
             port,
             child,
             started: Instant::now(),
+            crashes: 0,
+            exited: None,
         })
+    }
+
+    /// A new process in place of an exited one, keeping its identity and crash count.
+    fn respawn(&self, cfg: &ProcessConfig, old: &Replica) -> Result<Replica> {
+        let mut r = self.spawn_process(cfg, old.id.clone(), old.port)?;
+        r.crashes = old.crashes;
+        Ok(r)
     }
 
     fn scale_to(&mut self, n: u32) -> Result<()> {
@@ -225,16 +282,16 @@ impl Local {
         Ok(())
     }
 
-    /// Restart crashed workers; forget drained ones. Returns how many were restarted.
+    /// Restart crashed workers whose backoff has passed; forget drained ones. Returns how many
+    /// were restarted.
     fn supervise(&mut self) -> Result<u64> {
         self.draining
             .retain_mut(|r| matches!(r.child.try_wait(), Ok(None)));
+        let now = Instant::now();
         let mut restarted = 0;
         for i in 0..self.replicas.len() {
-            if let Ok(Some(status)) = self.replicas[i].child.try_wait() {
-                let (id, port) = (self.replicas[i].id.clone(), self.replicas[i].port);
-                warn!(%id, %status, "worker exited unexpectedly; restarting");
-                self.replicas[i] = self.spawn(id, port)?;
+            if self.replicas[i].restart_due(now) {
+                self.replicas[i] = self.respawn(&self.worker_cfg, &self.replicas[i])?;
                 restarted += 1;
             }
         }
@@ -353,10 +410,9 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     loop {
         let mut restarted = local.supervise()?;
         if let Some((g, cfg)) = &mut gateway
-            && let Ok(Some(exit)) = g.child.try_wait()
+            && g.restart_due(Instant::now())
         {
-            warn!(%exit, "gateway exited unexpectedly; restarting");
-            *g = local.spawn_process(cfg, g.id.clone(), g.port)?;
+            *g = local.respawn(cfg, g)?;
             restarted += 1;
         }
         if restarted > 0 {
@@ -545,4 +601,54 @@ async fn serve(addr: SocketAddr, metrics: Metrics, status: Arc<Mutex<LocalStatus
         let _ = axum::serve(listener, app).await;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_loops_back_off_up_to_a_cap() {
+        let delays: Vec<u64> = (0..=9).map(|n| restart_delay(n).as_secs()).collect();
+        assert_eq!(delays, [0, 0, 1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(restart_delay(u32::MAX), BACKOFF_MAX);
+    }
+
+    /// A real process that exits at once: noted once, restarted per the backoff, and a
+    /// process that ran long enough starts the count afresh.
+    #[tokio::test]
+    async fn an_exited_process_is_due_for_restart_after_its_backoff() {
+        let spawn = || {
+            let mut cmd = Command::new("false");
+            cmd.kill_on_drop(true);
+            cmd.spawn().expect("spawn false")
+        };
+        let t0 = Instant::now();
+        let mut r = Replica {
+            id: "w".into(),
+            port: 1,
+            child: spawn(),
+            started: t0,
+            crashes: 1,
+            exited: None,
+        };
+        r.child.wait().await.unwrap();
+        // Second crash in a row: due after 1 s, not before.
+        assert!(!r.restart_due(t0));
+        assert_eq!((r.crashes, r.exited), (2, Some(t0)));
+        assert!(!r.restart_due(t0 + Duration::from_millis(999)));
+        assert_eq!(r.crashes, 2, "an exit is counted once");
+        assert!(r.restart_due(t0 + Duration::from_secs(1)));
+
+        // It had run for a minute before exiting: the count starts again, restart at once.
+        let mut long = Replica {
+            child: spawn(),
+            crashes: 5,
+            exited: None,
+            ..r
+        };
+        long.child.wait().await.unwrap();
+        assert!(long.restart_due(t0 + BACKOFF_RESET_AFTER));
+        assert_eq!(long.crashes, 1);
+    }
 }
