@@ -211,11 +211,17 @@ async fn a_killed_worker_returns_its_tokens_and_loses_nothing() {
     victim.kill9();
     let killed = Instant::now();
 
-    // Its permits come back within the lease TTL (+1 s).
+    // Its permits come back within the lease TTL (+1 s): an acquirer arriving then finds them
+    // free. Expired leases stay in the sorted set until the next script reaps them, so look
+    // the way an acquirer does: reap (a snapshot), then count.
+    let pool = fx.pool();
     eventually(
         Duration::from_millis(ttl_ms + 1000),
         "the victim's leases to expire",
-        || async { (leases_of(&fx, "victim").await == 0).then_some(()) },
+        || async {
+            pool.snapshot().await.unwrap();
+            (leases_of(&fx, "victim").await == 0).then_some(())
+        },
     )
     .await;
     let returned = killed.elapsed();
