@@ -111,11 +111,16 @@ impl Fixture {
 
     /// `qp-worker run` with the common settings; add source and handler flags.
     pub fn worker_command(&self, worker_id: &str) -> Command {
+        self.worker_command_on(worker_id, procs::free_port())
+    }
+
+    /// [`Fixture::worker_command`] serving `/metrics` on `port`.
+    pub fn worker_command_on(&self, worker_id: &str, port: u16) -> Command {
         let mut cmd = Command::new(procs::binary("qp-worker"));
         cmd.arg("run")
             .args(["--namespace", &self.namespace, "--name", &self.name])
             .args(["--worker-id", worker_id])
-            .args(["--listen", &format!("127.0.0.1:{}", procs::free_port())])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info,librdkafka=warn");
         self.redis_args(&mut cmd);
         cmd
@@ -180,7 +185,18 @@ impl Fixture {
 
     /// A Kafka-source worker with the given handler and extra flags.
     pub fn kafka_worker(&self, worker_id: &str, handler: &str, extra: &[&str]) -> Proc {
-        let mut cmd = self.worker_command(worker_id);
+        self.kafka_worker_on(worker_id, procs::free_port(), handler, extra)
+    }
+
+    /// [`Fixture::kafka_worker`] serving `/metrics` on `port`.
+    pub fn kafka_worker_on(
+        &self,
+        worker_id: &str,
+        port: u16,
+        handler: &str,
+        extra: &[&str],
+    ) -> Proc {
+        let mut cmd = self.worker_command_on(worker_id, port);
         cmd.args(["--source", "kafka", "--kafka-bootstrap", &self.bootstrap])
             .args(["--kafka-topic", &self.topic, "--kafka-group", &self.group])
             .args(["--handler", handler])

@@ -561,3 +561,39 @@ async fn a_worker_authenticates_as_a_redis_acl_user_limited_to_its_keys() {
         .unwrap();
     fx.cleanup().await;
 }
+
+/// Back-pressure: with a slow handler, a partition with `--max-pending-per-partition` fetched
+/// but unfinished messages is paused (the worker does not buffer the topic), resumed as it
+/// drains, and nothing is lost. The pause counter is what an operator watches; the benchmark
+/// checks the other side (a fast worker pauses nothing).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_handler_pauses_full_partitions_and_loses_nothing() {
+    let fx = Fixture::new("pause", RedisKind::Single, 2).await;
+    fx.pool().set_limit(2).await.unwrap();
+    let ids = ids("m", 40);
+    kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &ids).await;
+    let port = qp_tests::procs::free_port();
+    // About 6 messages/s: a full partition takes far longer than the soft wait to drain.
+    let args = ["--max-concurrency", "2", "--max-pending-per-partition", "8"];
+    let mut worker = fx.kafka_worker_on("w0", port, "probe:300", &args);
+    let paused = eventually(Duration::from_secs(30), "a paused partition", || async {
+        qp_tests::cluster::metric(port, "qp_worker_kafka_paused_partitions")
+            .await
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    fx.wait_finished(&ids, Duration::from_secs(60)).await;
+    let states = fx.states(&ids).await;
+    assert!(states.values().all(|s| s == "done"), "every message done");
+    let pauses = qp_tests::cluster::metric(port, "qp_worker_kafka_pauses_total")
+        .await
+        .unwrap();
+    let now_paused = qp_tests::cluster::metric(port, "qp_worker_kafka_paused_partitions")
+        .await
+        .unwrap();
+    println!("back-pressure: {paused} partitions paused at once, {pauses} pauses in all");
+    assert!(pauses >= 2.0, "pausing again after resuming: {pauses}");
+    assert_eq!(now_paused, 0.0, "drained partitions are resumed");
+    assert!(worker.terminate());
+    fx.cleanup().await;
+}

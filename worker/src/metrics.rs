@@ -28,6 +28,10 @@ pub struct Metrics {
     pub leases_lost: IntCounter,
     /// Offset commits that failed.
     pub commit_errors: IntCounter,
+    /// Kafka partitions paused because the handler fell behind (back-pressure), and how many
+    /// are paused now. A fast worker should show none.
+    pub kafka_pauses: IntCounter,
+    pub kafka_paused_partitions: IntGauge,
     /// Consumer lag per partition as librdkafka sees it (from its statistics).
     pub partition_lag: IntGaugeVec,
     /// Dead letters written, by reason class (malformed, oversized, failed).
@@ -84,6 +88,16 @@ impl Metrics {
         let commit_errors =
             IntCounter::new("qp_worker_commit_errors_total", "Failed offset commits")
                 .expect("valid metric");
+        let kafka_pauses = IntCounter::new(
+            "qp_worker_kafka_pauses_total",
+            "Kafka partitions paused under back-pressure (too many fetched but unfinished messages)",
+        )
+        .expect("valid metric");
+        let kafka_paused_partitions = IntGauge::new(
+            "qp_worker_kafka_paused_partitions",
+            "Kafka partitions paused under back-pressure now",
+        )
+        .expect("valid metric");
         let partition_lag = IntGaugeVec::new(
             Opts::new(
                 "qp_worker_partition_lag",
@@ -129,6 +143,8 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(leases_lost.clone()),
             Box::new(commit_errors.clone()),
+            Box::new(kafka_pauses.clone()),
+            Box::new(kafka_paused_partitions.clone()),
             Box::new(partition_lag.clone()),
             Box::new(dead_letters.clone()),
             Box::new(http_requests.clone()),
@@ -147,6 +163,8 @@ impl Metrics {
             in_flight,
             leases_lost,
             commit_errors,
+            kafka_pauses,
+            kafka_paused_partitions,
             partition_lag,
             dead_letters,
             http_requests,
@@ -194,6 +212,8 @@ mod tests {
             "qp_worker_tokens_held",
             "qp_worker_in_flight",
             "qp_worker_commit_errors_total",
+            "qp_worker_kafka_pauses_total",
+            "qp_worker_kafka_paused_partitions",
             "qp_worker_partition_lag",
             "qp_worker_dead_letters_total",
             "qp_gateway_requests_total",

@@ -7,7 +7,8 @@
 //!
 //! Settings (environment): `QP_BENCH_MESSAGES` (default 100000), `QP_BENCH_PARTITIONS` (8),
 //! `QP_BENCH_LIMIT` (token limit and `--max-concurrency` of the gated worker, 64),
-//! `QP_BENCH_WAKE_SAMPLES` (300).
+//! `QP_BENCH_WAKE_SAMPLES` (300), `QP_BENCH_WORKER_LOG` (the workers' `RUST_LOG`, default
+//! `warn`; their logs go to `target/test-logs/bench-*.log`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -273,7 +274,10 @@ impl KafkaRun<'_> {
             .args(["--kafka-group", &format!("{name}-group")])
             .args(["--handler", "echo"])
             .args(["--max-concurrency", &self.limit.to_string()])
-            .env("RUST_LOG", "warn");
+            .env(
+                "RUST_LOG",
+                std::env::var("QP_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         if !gated {
             cmd.arg("--ungated");
         }

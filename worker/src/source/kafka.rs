@@ -421,9 +421,10 @@ fn poll_loop(
         rate.update(shared.acks.load(Ordering::Relaxed));
         let (full, backlog) = full_partitions(shared, settings, &paused);
         if !full.is_empty() {
-            let fast = rate.time_to_drain(backlog).is_some_and(|t| t <= SOFT_WAIT);
+            let fast = rate.drains_soon(backlog);
             if !fast || !wait_for_room(shared, settings, stop, &full) {
                 pause(consumer, settings, &full, &mut paused);
+                shared.metrics.kafka_pauses.inc_by(full.len() as u64);
             }
         }
         let msg = consumer.poll(Duration::from_millis(100));
@@ -453,6 +454,10 @@ fn poll_loop(
             last_store = Instant::now();
         }
         resume_drained(consumer, shared, settings, &mut paused);
+        shared
+            .metrics
+            .kafka_paused_partitions
+            .set(paused.len() as i64);
     }
 }
 
@@ -472,35 +477,55 @@ fn full_partitions(
     (full, tracker.total_pending())
 }
 
-/// Messages finished per second, measured over [`RATE_WINDOW`]s by the poll thread.
+/// How fast the engine finishes messages, as the poll thread sees it: the best rate of recent
+/// [`RATE_WINDOW`]s, forgotten slowly ([`RATE_MEMORY`]).
+///
+/// Why the best and not the latest: pausing starves the engine (librdkafka drops the paused
+/// partition's prefetched messages and refetches them after the resume), so the rate measured
+/// right after a pause is low, which would make the next full partition look slow and be
+/// paused too. Judged by the latest window, a fast worker could lock itself into that state:
+/// the benchmark saw a gated worker run at 3k msg/s for 30 s, pausing a partition every 256
+/// messages, where it otherwise runs at 20k msg/s.
 struct DrainRate {
     since: Instant,
     acks_then: u64,
-    per_sec: f64,
+    best: f64,
 }
+
+/// How long a fast rate is remembered: it halves every this long without a window as fast.
+const RATE_MEMORY: Duration = Duration::from_secs(5);
 
 impl DrainRate {
     fn new(acks: u64) -> Self {
         DrainRate {
             since: Instant::now(),
             acks_then: acks,
-            per_sec: 0.0,
+            best: 0.0,
         }
     }
 
     fn update(&mut self, acks: u64) {
         let elapsed = self.since.elapsed();
         if elapsed >= RATE_WINDOW {
-            self.per_sec = acks.saturating_sub(self.acks_then) as f64 / elapsed.as_secs_f64();
+            let rate = acks.saturating_sub(self.acks_then) as f64 / elapsed.as_secs_f64();
+            self.best = remembered(self.best, rate, elapsed);
             self.since = Instant::now();
             self.acks_then = acks;
         }
     }
 
-    /// How long `backlog` messages take at the current rate; `None` while nothing finishes.
-    fn time_to_drain(&self, backlog: usize) -> Option<Duration> {
-        (self.per_sec > 0.0).then(|| Duration::from_secs_f64(backlog as f64 / self.per_sec))
+    /// Whether `backlog` messages are expected to drain within [`SOFT_WAIT`], so that waiting
+    /// is cheaper than pausing. Before anything has finished the answer is yes: a wait costs
+    /// at most [`SOFT_WAIT`], once, and tells; a needless pause costs far more.
+    fn drains_soon(&self, backlog: usize) -> bool {
+        self.best <= 0.0 || backlog as f64 / self.best <= SOFT_WAIT.as_secs_f64()
     }
+}
+
+/// The best rate after a window of `elapsed` that measured `rate`.
+fn remembered(best: f64, rate: f64, elapsed: Duration) -> f64 {
+    let decay = 0.5f64.powf(elapsed.as_secs_f64() / RATE_MEMORY.as_secs_f64());
+    rate.max(best * decay)
 }
 
 /// Stop taking messages until the `full` partitions drained to half, for at most
@@ -641,5 +666,40 @@ fn to_job<M: Message>(msg: &M, settings: &KafkaSettings) -> Job {
         body,
         malformed,
         origin: Origin::Kafka { partition, offset },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(best: f64) -> DrainRate {
+        DrainRate {
+            since: Instant::now(),
+            acks_then: 0,
+            best,
+        }
+    }
+
+    #[test]
+    fn a_dip_after_a_pause_does_not_make_a_fast_worker_look_slow() {
+        // 20k msg/s, then a window starved by a pause: still judged by the 20k.
+        let best = remembered(20_000.0, 1_000.0, RATE_WINDOW);
+        assert!(best > 19_000.0, "{best}");
+        assert!(
+            rate(best).drains_soon(2048),
+            "2048 messages at ~20k/s: ~0.1 s"
+        );
+        // Slow for a long time: forgotten (halved every RATE_MEMORY).
+        let later = remembered(20_000.0, 100.0, RATE_MEMORY * 4);
+        assert!((later - 1_250.0).abs() < 1.0, "{later}");
+        assert!(!rate(later).drains_soon(2048));
+    }
+
+    #[test]
+    fn before_anything_finished_waiting_is_tried_first() {
+        assert!(rate(0.0).drains_soon(10_000));
+        // A slow handler, once measured, is paused at once.
+        assert!(!rate(50.0).drains_soon(256));
     }
 }
