@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use super::Figure;
+use super::{Figure, setting};
 use crate::env::Env;
 use crate::fixture::{Fixture, GatewayQueue, RedisKind};
 
@@ -56,13 +56,6 @@ enum Client {
     LongPoll,
     /// The article's client: sleep 1 s, `GET`, at most 10 times, then give up.
     Poll1s,
-}
-
-fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
 }
 
 fn progress(msg: impl AsRef<str>) {

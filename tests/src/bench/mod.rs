@@ -17,6 +17,14 @@ use crate::env::Env;
 /// One measured figure: name (`group.what`), value, unit.
 pub type Figure = (String, f64, String);
 
+/// A benchmark setting from the environment, or its default when unset or unparsable.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
 /// The groups in the order they run, each with the time it may take at most.
 pub const GROUPS: &[(&str, Duration)] = &[
     ("worker", Duration::from_secs(180)),

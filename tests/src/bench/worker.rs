@@ -22,8 +22,8 @@ use qp_worker::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, TokenPool};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use super::Figure;
 use super::private_redis::{CountingProxy, PrivateRedis, commands_executed};
+use super::{Figure, setting};
 use crate::env::Env;
 use crate::procs::{self, Proc};
 
@@ -53,13 +53,6 @@ struct Settings {
     wake_samples: usize,
     /// Messages for the paced seed-style run (about 1000 msg/s, so fewer).
     seed_paced_messages: u64,
-}
-
-fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
 }
 
 fn progress(msg: impl AsRef<str>) {
