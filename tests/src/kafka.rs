@@ -1,5 +1,6 @@
-//! Kafka helpers for tests and benchmarks: topics and bulk production.
+//! Kafka helpers for tests and benchmarks: topics, bulk production, and outages.
 
+use std::process::Command;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -124,4 +125,48 @@ pub async fn message_count(bootstrap: &str, topic: &str) -> i64 {
     })
     .await
     .expect("message_count task")
+}
+
+/// Kafka stopped through `hack/env.sh stop kafka`; started again by [`Outage::end`] or on drop,
+/// also when the test panics, so a failed assertion never leaves Kafka down for the next test.
+pub struct Outage {
+    running: bool,
+}
+
+fn env_sh(action: &str) -> bool {
+    Command::new("bash")
+        .arg(crate::env::workspace_root().join("hack/env.sh"))
+        .args([action, "kafka"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl Outage {
+    /// Stop Kafka; returns once it is down.
+    pub fn begin() -> Outage {
+        assert!(env_sh("stop"), "hack/env.sh stop kafka failed");
+        Outage { running: false }
+    }
+
+    /// Start Kafka again; returns once it answers.
+    pub fn end(&mut self) {
+        if !self.running {
+            self.running = true;
+            assert!(env_sh("start"), "hack/env.sh start kafka failed");
+        }
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A second panic here would abort the test binary: only say what to do.
+            if !self.running && !env_sh("start") {
+                eprintln!("could not restart Kafka: run `bash hack/env.sh start kafka`");
+            }
+        } else {
+            self.end();
+        }
+    }
 }

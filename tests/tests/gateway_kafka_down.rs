@@ -4,55 +4,12 @@
 //! binaries one after another, so no other file's test sees the broker go away. The broker is
 //! restarted when the test ends, whether it passed or not.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qp_tests::env::workspace_root;
 use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
+use qp_tests::kafka;
 use reqwest::StatusCode;
 use serde_json::Value;
-
-/// Kafka stopped through `hack/env.sh`; started again on drop (also when the test panics).
-struct KafkaStopped {
-    running: bool,
-}
-
-fn env_sh(action: &str) -> bool {
-    Command::new("bash")
-        .arg("hack/env.sh")
-        .args([action, "kafka"])
-        .current_dir(workspace_root())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-impl KafkaStopped {
-    fn stop() -> KafkaStopped {
-        let mut guard = KafkaStopped { running: true };
-        assert!(env_sh("stop"), "hack/env.sh stop kafka failed");
-        guard.running = false;
-        guard
-    }
-
-    fn start(&mut self) {
-        if !self.running {
-            assert!(env_sh("start"), "hack/env.sh start kafka failed");
-            self.running = true;
-        }
-    }
-}
-
-impl Drop for KafkaStopped {
-    fn drop(&mut self) {
-        if !self.running {
-            self.running = true;
-            if !env_sh("start") {
-                eprintln!("could not restart Kafka: run `bash hack/env.sh start kafka`");
-            }
-        }
-    }
-}
 
 async fn submit(http: &reqwest::Client, base: &str, key: &str) -> (StatusCode, Value) {
     let resp = http
@@ -88,7 +45,7 @@ async fn kafka_down_answers_503_and_leaves_no_pending_state() {
     fx.wait_finished(&["before".to_owned()], Duration::from_secs(30))
         .await;
 
-    let mut kafka = KafkaStopped::stop();
+    let mut kafka = kafka::Outage::begin();
     let t = Instant::now();
     let (status, body) = submit(&http, &base, "during").await;
     let took = t.elapsed();
@@ -118,7 +75,7 @@ async fn kafka_down_answers_503_and_leaves_no_pending_state() {
     // Back up: the same gateway and key work again, as a new request (nothing half-done
     // remembered it), and the worker processes it.
     let t = Instant::now();
-    kafka.start();
+    kafka.end();
     let body = eventually(Duration::from_secs(60), "a 202 after restart", || async {
         let (status, body) = submit(&http, &base, "during").await;
         (status == StatusCode::ACCEPTED).then_some(body)

@@ -5,7 +5,6 @@
 //! own test binary, because stopping Kafka would disturb every other Kafka test (`cargo test`
 //! runs test binaries one at a time); the tests here take turns through [`OUTAGE`].
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,31 +25,6 @@ use serde_json::json;
 
 /// One Kafka outage at a time: the tests of this binary run in parallel otherwise.
 static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Restarts Kafka when dropped, so a failing assertion never leaves it down.
-struct KafkaStopped;
-
-fn env_script(action: &str) {
-    let status = Command::new("bash")
-        .arg(env::workspace_root().join("hack/env.sh"))
-        .args([action, "kafka"])
-        .status()
-        .expect("run hack/env.sh");
-    assert!(status.success(), "hack/env.sh {action} kafka failed");
-}
-
-impl KafkaStopped {
-    fn stop() -> KafkaStopped {
-        env_script("stop");
-        KafkaStopped
-    }
-}
-
-impl Drop for KafkaStopped {
-    fn drop(&mut self) {
-        env_script("start");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_hold_while_kafka_is_down_and_scaling_resumes() {
@@ -114,7 +88,7 @@ async fn replicas_hold_while_kafka_is_down_and_scaling_resumes() {
     };
 
     {
-        let _down = KafkaStopped::stop();
+        let _down = kafka::Outage::begin();
         let stopped = Instant::now();
         let (_, reason, message) =
             eventually(Duration::from_secs(40), "SourceReachable=False", || async {
@@ -250,7 +224,7 @@ async fn lag_probes_answer_again_after_every_kafka_restart() {
         .await;
         assert_eq!(backlog, 12, "round {round}: the probe measures the backlog");
         {
-            let _down = KafkaStopped::stop();
+            let _down = kafka::Outage::begin();
             let stopped = Instant::now();
             let error = eventually(Duration::from_secs(30), "a failed reading", || async {
                 reading_since(stopped).await?.err()
@@ -308,7 +282,7 @@ async fn workers_resume_and_commit_after_a_kafka_restart() {
     })
     .await;
     {
-        let _down = KafkaStopped::stop();
+        let _down = kafka::Outage::begin();
     } // Kafka starts again here.
     let after: Vec<String> = (0..300).map(|i| format!("a{i}")).collect();
     kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &after).await;
