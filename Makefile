@@ -7,7 +7,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help env-up env-down env-status build lint test bench demo crds clean
+.PHONY: help env-up env-down env-status build lint test bench demo crds image clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench: ## benchmarks; prints `name value unit` lines (see BENCHMARKS.md)
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run -q -p qp-operator --bin crdgen > crds/queueprocessor.yaml
 	cp crds/queueprocessor.yaml charts/queue-processor/files/queueprocessor.yaml
+
+image: ## build the container image and the pause image as OCI archives in target/image/ (no registry; hack/image.sh)
+	@bash hack/image.sh && bash hack/pause-image.sh
 
 clean: env-down
 	rm -rf .qp-env target
