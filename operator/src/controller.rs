@@ -7,9 +7,12 @@
 //!    decision ([`crate::scaler`], the same code local mode runs);
 //! 3. server-side-apply the worker Deployment (and the gateway Deployment and Service) with one
 //!    field manager and an owner reference, so deletion is garbage collection;
-//! 4. write the token limit into Redis, patch the status, emit events for scale decisions and
-//!    error classes, update metrics;
-//! 5. requeue after `pollIntervalSeconds`: the decision loop is the reconcile loop.
+//! 4. when a Deployment has fewer ready, available or up-to-date replicas than it wants, list its
+//!    pods and ask [`crate::health`] why (bad image, crash loop, unschedulable, config error,
+//!    Deployment failure), so `Ready` says so instead of only what measurement saw;
+//! 5. write the token limit into Redis, patch the status, emit events for scale decisions,
+//!    error classes and pod problems (one per transition), update metrics;
+//! 6. requeue after `pollIntervalSeconds`: the decision loop is the reconcile loop.
 //!
 //! Deleting a QueueProcessor runs the finalizer: its token and counter keys are removed from
 //! Redis (results expire by TTL); the Deployments go with their owner.
@@ -21,9 +24,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -39,6 +42,7 @@ use crate::crd::{
     SecretKeyRef,
 };
 use crate::error::{Error, Result};
+use crate::health::{self, Problem};
 use crate::measure::Probes;
 use crate::metrics::Metrics;
 use crate::scaler::{self, Scaler};
@@ -58,6 +62,10 @@ pub struct Context {
     /// Last error class reported per QueueProcessor, so an event is emitted per transition
     /// rather than per poll.
     last_error: Mutex<HashMap<String, &'static str>>,
+    /// Last pod problem reported per QueueProcessor (component and reason), for the same
+    /// reason. Kept apart from `last_error` so a source error and a pod problem at the same
+    /// time do not take turns emitting events.
+    last_health: Mutex<HashMap<String, (Component, health::Reason)>>,
 }
 
 impl Context {
@@ -77,6 +85,7 @@ impl Context {
             build,
             scalers: Mutex::default(),
             last_error: Mutex::default(),
+            last_health: Mutex::default(),
         }
     }
 }
@@ -244,7 +253,7 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
     let worker_cfg = workload::process(qp, Component::Worker)
         .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
     let dep = builder::deployment(qp, &worker_cfg, replicas, &ctx.build);
-    deployments
+    let worker = deployments
         .patch(&worker_name, &pp, &Patch::Apply(&dep))
         .await?;
     if step.decision.changed {
@@ -252,20 +261,30 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
             .decision_latency
             .observe(measured_at.elapsed().as_secs_f64());
     }
-    apply_gateway(qp, ctx, &pp).await?;
+    let gateway = apply_gateway(qp, ctx, &pp).await?;
+
+    // Can the pods run? The applied objects carry the Deployments' current status.
+    let problem = diagnose_pods(qp, ctx, &worker, gateway.as_ref()).await;
 
     // Tokens follow ready replicas under the global ceiling.
     if observed.workers.is_ok() {
         scaler::set_token_limit(&ctx.probes, &redis, &keys, step.decision.token_limit).await?;
     }
 
-    write_status(qp, ctx, &observed, &step, ready).await?;
+    write_status(qp, ctx, &observed, &step, ready, problem.as_ref()).await?;
     publish_events(qp, ctx, &observed, &step, current).await;
+    publish_health_events(qp, ctx, problem.as_ref()).await;
     update_metrics(qp, ctx, &observed, &step, ready);
     Ok(Action::requeue(poll))
 }
 
-async fn apply_gateway(qp: &QueueProcessor, ctx: &Context, pp: &PatchParams) -> Result<()> {
+/// Apply the gateway's Deployment and Service when enabled (returning the applied Deployment),
+/// delete them otherwise.
+async fn apply_gateway(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    pp: &PatchParams,
+) -> Result<Option<Deployment>> {
     let ns = qp.namespace_or_default();
     let name = builder::object_name(qp, Component::Gateway);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -274,10 +293,11 @@ async fn apply_gateway(qp: &QueueProcessor, ctx: &Context, pp: &PatchParams) -> 
         let cfg = workload::process(qp, Component::Gateway)
             .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
         let dep = builder::deployment(qp, &cfg, qp.spec.gateway.replicas, &ctx.build);
-        deployments.patch(&name, pp, &Patch::Apply(&dep)).await?;
+        let applied = deployments.patch(&name, pp, &Patch::Apply(&dep)).await?;
         services
             .patch(&name, pp, &Patch::Apply(&builder::gateway_service(qp)))
             .await?;
+        Ok(Some(applied))
     } else {
         for res in [
             deployments
@@ -295,8 +315,52 @@ async fn apply_gateway(qp: &QueueProcessor, ctx: &Context, pp: &PatchParams) -> 
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(None)
     }
-    Ok(())
+}
+
+/// Why the worker (else the gateway) pods cannot run, if they cannot ([`health::diagnose`]).
+/// Pods are listed only for a Deployment short of ready, available or up-to-date replicas, so a
+/// healthy QueueProcessor costs no extra API call. The list is served from the API server's
+/// cache (`resourceVersion=0`): a status a moment old is fine for a diagnosis repeated every
+/// poll. A failed list (for example RBAC from an older chart without `pods: list`) is logged
+/// and the diagnosis falls back to the Deployment's own conditions: explaining is best effort
+/// and must never stop the reconcile.
+async fn diagnose_pods(
+    qp: &QueueProcessor,
+    ctx: &Context,
+    worker: &Deployment,
+    gateway: Option<&Deployment>,
+) -> Option<Problem> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
+    for (component, dep) in [
+        (Component::Worker, Some(worker)),
+        (Component::Gateway, gateway),
+    ] {
+        if !health::needs_pods(dep) {
+            continue;
+        }
+        let selector = builder::selector_labels(qp, component)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods = match api
+            .list(&ListParams::default().labels(&selector).match_any())
+            .await
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                warn!(qp = %key(qp), component = component.as_str(), error = %e,
+                    "listing pods failed; diagnosing from the Deployment alone");
+                Vec::new()
+            }
+        };
+        if let Some(p) = health::diagnose(component, dep, &pods) {
+            return Some(p);
+        }
+    }
+    None
 }
 
 fn now_time() -> Time {
@@ -348,16 +412,26 @@ async fn report_invalid(qp: &QueueProcessor, ctx: &Context, err: &Error) -> Resu
     Ok(())
 }
 
-/// Record the current error class; true when it changed (worth an event).
-fn remember_error(ctx: &Context, qp: &QueueProcessor, kind: Option<&'static str>) -> bool {
-    let mut map = ctx.last_error.lock().expect("last_error lock");
+/// Record the current value of one transition memory for a QueueProcessor. Returns the previous
+/// value when it changed (worth an event), `None` when it did not: events mark transitions
+/// rather than repeat every poll.
+fn remember<T: Copy + PartialEq>(
+    map: &Mutex<HashMap<String, T>>,
+    qp: &QueueProcessor,
+    value: Option<T>,
+) -> Option<Option<T>> {
+    let mut map = map.lock().expect("transition memory lock");
     let k = key(qp);
-    let prev = map.get(&k).copied();
-    match kind {
-        Some(kind) => map.insert(k, kind),
+    let prev = match value {
+        Some(v) => map.insert(k, v),
         None => map.remove(&k),
     };
-    prev != kind
+    (prev != value).then_some(prev)
+}
+
+/// Record the current error class; true when it changed (worth an event).
+fn remember_error(ctx: &Context, qp: &QueueProcessor, kind: Option<&'static str>) -> bool {
+    remember(&ctx.last_error, qp, kind).is_some()
 }
 
 async fn publish(
@@ -386,10 +460,19 @@ async fn write_status(
     observed: &scaler::Observed,
     step: &scaler::Step,
     ready: u32,
+    problem: Option<&Problem>,
 ) -> Result<()> {
     let mut status = qp.status.clone().unwrap_or_default();
     let generation = qp.metadata.generation;
-    scaler::fill_status(&mut status, observed, step, ready, generation, now_time());
+    scaler::fill_status_with_health(
+        &mut status,
+        observed,
+        step,
+        ready,
+        problem,
+        generation,
+        now_time(),
+    );
     status.refresh_summary(&qp.spec);
     patch_status(qp, ctx, &status).await
 }
@@ -443,6 +526,53 @@ async fn publish_events(
                 )
                 .await
             }
+        }
+    }
+}
+
+/// A Warning event when the pods start failing or fail for another reason, a Normal one when
+/// they recover: one per transition, like the measurement errors.
+async fn publish_health_events(qp: &QueueProcessor, ctx: &Context, problem: Option<&Problem>) {
+    let Some(before) = remember(
+        &ctx.last_health,
+        qp,
+        problem.map(|p| (p.component, p.reason)),
+    ) else {
+        return;
+    };
+    match problem {
+        Some(p) => {
+            warn!(qp = %key(qp), reason = p.reason.as_str(), message = %p.message,
+                "pods cannot run");
+            publish(
+                ctx,
+                qp,
+                EventType::Warning,
+                p.reason.as_str(),
+                "CheckPods",
+                p.message.clone(),
+            )
+            .await
+        }
+        None => {
+            let note = match before {
+                Some((component, reason)) => format!(
+                    "{} pods recovered from {}",
+                    component.as_str(),
+                    reason.as_str()
+                ),
+                None => "pods recovered".to_owned(),
+            };
+            info!(qp = %key(qp), %note, "pods recovered");
+            publish(
+                ctx,
+                qp,
+                EventType::Normal,
+                "PodsRecovered",
+                "CheckPods",
+                note,
+            )
+            .await
         }
     }
 }
@@ -507,6 +637,10 @@ async fn cleanup(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
     ctx.last_error
         .lock()
         .expect("last_error lock")
+        .remove(&key(qp));
+    ctx.last_health
+        .lock()
+        .expect("last_health lock")
         .remove(&key(qp));
     ctx.metrics.forget(&ns, &name);
     publish(

@@ -51,6 +51,7 @@ pub const KIND: &str = "QueueProcessor";
 pub const PAUSED_ANNOTATION: &str = "queueprocessing.dev/paused";
 
 /// Condition type: the workload is processing (or idle with nothing to process) as specified.
+/// `False` when measuring fails or the pods cannot run ([`crate::health`]).
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type: the operator could measure the backlog at the source (Kafka or Redis).
 pub const CONDITION_SOURCE_REACHABLE: &str = "SourceReachable";

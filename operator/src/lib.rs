@@ -2,7 +2,7 @@
 //! builder, and the two backends that apply decisions (a Kubernetes controller, local processes).
 //!
 //! - [`crd`]: the `QueueProcessor` API
-//! - [`policy`], [`rates`]: pure decision code
+//! - [`policy`], [`rates`]: pure decision code; [`health`]: why pods cannot run (pure)
 //! - [`workload`], [`builder`]: what a worker is told, and its Kubernetes objects (pure)
 //! - [`measure`], [`scaler`]: readings -> one decision, shared by both backends
 //! - [`controller`], [`leader`], [`run`]: the cluster backend; [`local`]: the process backend
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod health;
 pub mod leader;
 pub mod local;
 pub mod measure;

@@ -17,6 +17,7 @@ use crate::crd::{
     TokenStatus,
 };
 use crate::error::{Error, Result};
+use crate::health::Problem;
 use crate::measure::{Probes, SourceReading, SourceTarget, WorkerReading};
 use crate::policy::{self, Decision, Observation, Policy, PolicyState};
 use crate::rates::{PerReplicaCapacity, RateEstimator};
@@ -267,6 +268,23 @@ pub fn fill_status(
     generation: Option<i64>,
     now: Time,
 ) {
+    fill_status_with_health(status, observed, step, ready, None, generation, now);
+}
+
+/// [`fill_status`], with what the controller found wrong with the pods ([`crate::health`]).
+/// A pod problem makes `Ready` False with its reason and message, whatever the measurement
+/// says: a backlog measured fine is no comfort when no worker can start. `SourceReachable` and
+/// `Scaling` still describe the measurement and the decision. `Ready` is set once per call, so
+/// its `lastTransitionTime` moves only when its status really changes.
+pub fn fill_status_with_health(
+    status: &mut QueueProcessorStatus,
+    observed: &Observed,
+    step: &Step,
+    ready: u32,
+    problem: Option<&Problem>,
+    generation: Option<i64>,
+    now: Time,
+) {
     let d = &step.decision;
     status.observed_generation = generation;
     status.replicas = Some(d.replicas as i32);
@@ -309,14 +327,6 @@ pub fn fill_status(
                 generation,
                 now.clone(),
             );
-            status.set_condition(
-                CONDITION_READY,
-                ConditionStatus::False,
-                e.kind(),
-                format!("holding {} replicas: {e}", d.replicas),
-                generation,
-                now.clone(),
-            );
         }
         None => {
             status.set_condition(
@@ -327,6 +337,30 @@ pub fn fill_status(
                 generation,
                 now.clone(),
             );
+        }
+    }
+    match (problem, error) {
+        (Some(p), _) => {
+            status.set_condition(
+                CONDITION_READY,
+                ConditionStatus::False,
+                p.reason.as_str(),
+                p.message.clone(),
+                generation,
+                now.clone(),
+            );
+        }
+        (None, Some(e)) => {
+            status.set_condition(
+                CONDITION_READY,
+                ConditionStatus::False,
+                e.kind(),
+                format!("holding {} replicas: {e}", d.replicas),
+                generation,
+                now.clone(),
+            );
+        }
+        (None, None) => {
             status.set_condition(
                 CONDITION_READY,
                 ConditionStatus::True,
@@ -358,4 +392,125 @@ pub fn fill_status(
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{self, Problem};
+    use crate::measure::{SourceReading, WorkerReading};
+    use crate::policy::{Basis, Reason};
+    use crate::workload::Component;
+
+    fn observed(source_ok: bool) -> Observed {
+        Observed {
+            source: if source_ok {
+                Ok(SourceReading {
+                    backlog: 900,
+                    partitions: Some(6),
+                    produced_total: Some(10_000),
+                    lags: Vec::new(),
+                    group_state: Some("Stable".into()),
+                })
+            } else {
+                Err(Error::Source("broker down".into()))
+            },
+            workers: Ok(WorkerReading {
+                processed_total: 0,
+                failed_total: 0,
+                live_replicas: 0,
+                rate: 0.0,
+                in_flight: 0,
+                tokens_in_use: 0,
+                tokens_limit: 0,
+            }),
+        }
+    }
+
+    fn step() -> Step {
+        Step {
+            decision: Decision {
+                replicas: 3,
+                target: 3,
+                token_limit: 0,
+                reason: Reason::Computed {
+                    basis: Basis::Backlog {
+                        backlog: 900,
+                        target_per_replica: 300,
+                        replicas: 3,
+                    },
+                    bounds: Vec::new(),
+                },
+                changed: false,
+            },
+            arrival_rate: None,
+            processed_rate: None,
+            failed_rate: None,
+            per_replica_rate: None,
+        }
+    }
+
+    fn problem() -> Problem {
+        Problem {
+            component: Component::Worker,
+            reason: health::Reason::ImagePullFailed,
+            message: "worker: 0/3 pods ready; pod orders-worker-x: container qp-worker cannot \
+                      pull image \"ghcr.io/acme/qp:9\" (ImagePullBackOff)"
+                .into(),
+        }
+    }
+
+    fn at(minute: u32) -> Time {
+        Time(format!("2025-06-01T10:{minute:02}:00Z").parse().unwrap())
+    }
+
+    fn ready(st: &QueueProcessorStatus) -> (String, String, Time) {
+        let c = st.condition(CONDITION_READY).unwrap();
+        (
+            c.status.clone(),
+            c.reason.clone(),
+            c.last_transition_time.clone(),
+        )
+    }
+
+    #[test]
+    fn a_pod_problem_makes_ready_false_and_recovery_restores_the_measured_ready() {
+        let mut st = QueueProcessorStatus::default();
+        let (obs, step) = (observed(true), step());
+        fill_status(&mut st, &obs, &step, 0, Some(1), at(0));
+        assert_eq!(ready(&st), ("True".into(), "Processing".into(), at(0)));
+
+        let p = problem();
+        fill_status_with_health(&mut st, &obs, &step, 0, Some(&p), Some(1), at(1));
+        assert_eq!(
+            ready(&st),
+            ("False".into(), "ImagePullFailed".into(), at(1))
+        );
+        assert_eq!(st.condition(CONDITION_READY).unwrap().message, p.message);
+        // Measurement and decision are reported as before.
+        assert!(st.is_condition_true(CONDITION_SOURCE_REACHABLE));
+        assert_eq!(
+            st.condition(CONDITION_SCALING).unwrap().reason,
+            step.decision.reason.rule().as_str()
+        );
+        // Still broken a poll later: the transition time stays.
+        fill_status_with_health(&mut st, &obs, &step, 0, Some(&p), Some(1), at(2));
+        assert_eq!(
+            ready(&st),
+            ("False".into(), "ImagePullFailed".into(), at(1))
+        );
+
+        // The pod problem wins over a measurement error; SourceReachable still says why.
+        let down = observed(false);
+        fill_status_with_health(&mut st, &down, &step, 0, Some(&p), Some(1), at(3));
+        assert_eq!(ready(&st).1, "ImagePullFailed");
+        assert_eq!(
+            st.condition(CONDITION_SOURCE_REACHABLE).unwrap().reason,
+            "SourceUnreachable"
+        );
+
+        // Pods recovered: Ready is what measurement says again.
+        fill_status_with_health(&mut st, &obs, &step, 3, None, Some(1), at(4));
+        assert_eq!(ready(&st), ("True".into(), "Processing".into(), at(4)));
+    }
 }

@@ -8,3 +8,4 @@ pub mod fixture;
 pub mod kafka;
 pub mod local;
 pub mod procs;
+pub mod tools;

@@ -14,11 +14,9 @@
 //! The tools and addresses come from the env file written by `hack/env.sh` ([`env`]).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -26,6 +24,9 @@ use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
 use qp_tests::env;
+use qp_tests::tools::{
+    Release, TestNamespace, can_i, env_get, helm, kubectl, promtool, run, run_ok, test_env, unique,
+};
 
 const CRD_NAME: &str = "queueprocessors.queueprocessing.dev";
 
@@ -46,96 +47,6 @@ fn chart_file(rel: &str) -> PathBuf {
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
-}
-
-/// The env file written by `hack/env.sh`, read once.
-fn test_env() -> &'static env::Env {
-    static ENV: OnceLock<env::Env> = OnceLock::new();
-    ENV.get_or_init(env::load)
-}
-
-fn env_get(key: &str) -> String {
-    test_env().get(key)
-}
-
-fn helm() -> Command {
-    let mut cmd = Command::new(env_get("QP_HELM"));
-    cmd.env("KUBECONFIG", env_get("KUBECONFIG"));
-    cmd
-}
-
-fn kubectl() -> Command {
-    let mut cmd = Command::new(env_get("QP_KUBECTL"));
-    cmd.env("KUBECONFIG", env_get("KUBECONFIG"));
-    cmd
-}
-
-fn promtool() -> Command {
-    Command::new("promtool")
-}
-
-/// Runs `cmd`, feeding it `stdin`, and returns its output whatever the exit status.
-fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {shown}: {e}"));
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin is piped");
-        pipe.write_all(input)
-            .unwrap_or_else(|e| panic!("write stdin of {shown}: {e}"));
-    }
-    child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("wait for {shown}: {e}"))
-}
-
-/// Runs `cmd` and returns its stdout; panics with everything it printed when it fails.
-fn run_ok(cmd: &mut Command, stdin: Option<&[u8]>) -> String {
-    let shown = format!("{cmd:?}");
-    let out = run(cmd, stdin);
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    )
-}
-
-/// A namespace that is deleted when the test ends, pass or fail.
-struct TestNamespace(String);
-
-impl TestNamespace {
-    fn create(prefix: &str) -> Self {
-        let name = unique(prefix);
-        run_ok(kubectl().args(["create", "namespace", &name]), None);
-        TestNamespace(name)
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let _ = run(
-            kubectl().args(["delete", "namespace", &self.0, "--wait=false"]),
-            None,
-        );
-    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -495,10 +406,17 @@ async fn monitoring_objects_are_built_from_the_tested_files() {
     );
 
     let pm = find(&docs, "PodMonitor");
-    assert_eq!(
-        pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
-        "qp-worker"
-    );
+    // Workers and gateways both: a selector on qp-worker alone never scraped a gateway.
+    let expr = &pm["spec"]["selector"]["matchExpressions"][0];
+    assert_eq!(expr["key"], "app.kubernetes.io/name");
+    assert_eq!(expr["operator"], "In");
+    let names: Vec<&str> = expr["values"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(names, ["qp-worker", "qp-gateway"]);
     let targets: Vec<&str> = pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
         .as_sequence()
         .unwrap()
@@ -563,51 +481,6 @@ async fn rendered_chart_passes_a_server_side_dry_run() {
             documents(&manifests).len(),
             "every rendered object is accepted ({sets:?}):\n{out}"
         );
-    }
-}
-
-/// Release, ServiceAccount and the `kubectl auth can-i` matrix.
-struct Release {
-    name: String,
-    namespace: String,
-    uninstalled: bool,
-}
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        if !self.uninstalled {
-            let _ = run(
-                helm().args(["uninstall", &self.name, "--namespace", &self.namespace]),
-                None,
-            );
-        }
-    }
-}
-
-/// `kubectl auth can-i` as the operator's ServiceAccount. `namespace` None asks cluster-wide.
-fn can_i(sa: &str, sa_ns: &str, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
-    let (resource, subresource) = match resource.split_once(" --subresource=") {
-        Some((r, s)) => (r, Some(s)),
-        None => (resource, None),
-    };
-    let mut cmd = kubectl();
-    cmd.args(["auth", "can-i", verb, resource])
-        .arg(format!("--as=system:serviceaccount:{sa_ns}:{sa}"));
-    if let Some(sub) = subresource {
-        cmd.arg(format!("--subresource={sub}"));
-    }
-    match namespace {
-        Some(ns) => cmd.args(["--namespace", ns]),
-        None => cmd.arg("--all-namespaces"),
-    };
-    let out = run(&mut cmd, None);
-    match String::from_utf8_lossy(&out.stdout).trim() {
-        "yes" => true,
-        "no" => false,
-        other => panic!(
-            "kubectl auth can-i {verb} {resource}: {other:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
     }
 }
 
@@ -716,6 +589,8 @@ async fn helm_install_creates_every_object_and_grants_only_what_the_operator_nee
         ("update", "services", Some(other)),
         ("delete", "services", Some(other)),
         ("get", "secrets", Some(other)),
+        ("list", "pods", Some(other)),
+        ("list", "pods", None),
         ("create", "events.events.k8s.io", Some(other)),
         ("patch", "events.events.k8s.io", Some(other)),
         ("create", "leases.coordination.k8s.io", Some(&ns.0)),
@@ -739,11 +614,15 @@ async fn helm_install_creates_every_object_and_grants_only_what_the_operator_nee
         ("create", "secrets", Some(other)),
         ("update", "secrets", Some(other)),
         ("delete", "secrets", Some(other)),
-        // No direct access to pods or nodes.
+        // Pods: listed to explain unready workers, nothing more. No nodes.
         ("get", "pods", Some(other)),
+        ("watch", "pods", Some(other)),
         ("create", "pods", Some(other)),
+        ("update", "pods", Some(other)),
         ("delete", "pods", Some(other)),
+        ("deletecollection", "pods", Some(other)),
         ("create", "pods --subresource=exec", Some(other)),
+        ("get", "pods --subresource=log", Some(other)),
         ("get", "nodes", None),
         ("list", "nodes", None),
         // Other workload and config kinds.
