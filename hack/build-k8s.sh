@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and kubectl from the Go module proxy.
+# Builds the Kubernetes binaries from the Go module proxy: the control plane (kube-apiserver,
+# kube-controller-manager, kube-scheduler), the node (kubelet, kube-proxy) and kubectl.
 #
 # k8s.io/kubernetes replaces its k8s.io/* dependencies with ./staging/... directories, which a
 # module download does not honour. So we build from a tiny wrapper module that requires
 # k8s.io/kubernetes and points every staging module at its published v0.Y.Z twin.
 source "$(dirname "$0")/lib.sh"
 
-if [[ -x "$K8S_BIN/kube-apiserver" && -x "$K8S_BIN/kube-controller-manager" && -x "$K8S_BIN/kubectl" ]]; then
-  exit 0
-fi
+K8S_COMMANDS=(kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy)
+missing=()
+for cmd in "${K8S_COMMANDS[@]}"; do [[ -x "$K8S_BIN/$cmd" ]] || missing+=("$cmd"); done
+((${#missing[@]})) || exit 0
 need go "install Go 1.25 or newer (https://go.dev/dl) or apt-get install golang"
 need curl "apt-get install curl"
 
@@ -42,11 +44,11 @@ done
 build() {
   cd "$work"
   export GOFLAGS=-mod=mod CGO_ENABLED=0
-  for cmd in kube-apiserver kube-controller-manager kubectl; do
+  for cmd in "${missing[@]}"; do
     echo "building $cmd"
     go build -v -trimpath -ldflags "-s -w $ldflags" -o "$K8S_BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
     mv "$K8S_BIN/$cmd.tmp" "$K8S_BIN/$cmd"
   done
 }
-run_logged "building Kubernetes $K8S_VERSION (first time only, ~10-20 min on 2 cores)" "$work/build.log" build
+run_logged "building Kubernetes $K8S_VERSION: ${missing[*]} (first time only, ~15-25 min on 2 cores)" "$work/build.log" build
 "$K8S_BIN/kube-apiserver" --version

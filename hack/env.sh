@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Local real services for development and tests, all on 127.0.0.1:
+# Local real services for development and tests, on this machine only:
 #
-#   etcd + kube-apiserver + kube-controller-manager   (built from source, see build-k8s.sh)
+#   etcd + kube-apiserver + kube-controller-manager + kube-scheduler  (built from source, see
+#     build-k8s.sh)
+#   a real node: containerd + runc, kubelet, kube-proxy and a CNI bridge (node.sh); the project's
+#     image and a pause image are imported into containerd, never pulled
 #   Kafka in KRaft mode, one combined broker/controller (jars from Maven Central)
 #   Redis, and a 3-master Redis Cluster with a password (Debian's redis-server)
-#   Prometheus (Debian), scraping whatever targets are dropped into its file_sd directory
+#   Prometheus (Debian), scraping file_sd targets and, through the API server, the pods
+#
+# Host tools use 127.0.0.1; the API server, Kafka (a second listener) and Redis also listen on
+# the node address (the gateway address of the pods' bridge, created first) so pods reach them.
 #
 # Usage: hack/env.sh up|down|status|start|stop [service...]
 #   up       install/build what is missing, then start every service that is not running
-#   down     stop every service this script started
+#   down     stop every service this script started and undo the node's host changes
+#   leftovers  list what of a stopped environment is still on the host (status 1 if anything)
+#   load-image FILE  import an OCI archive (make image) into the node's containerd
 #   status   one line per service: state, version, address
 #   start S  / stop S   start or stop single services (tests stop and restart Kafka this way)
 #
@@ -27,8 +35,17 @@ PORT_KAFKA_CONTROLLER=$((QP_PORT_BASE + 6))
 PORT_REDIS=$((QP_PORT_BASE + 7))
 PORT_PROMETHEUS=$((QP_PORT_BASE + 9))
 PORTS_REDIS_CLUSTER=($((QP_PORT_BASE + 10)) $((QP_PORT_BASE + 11)) $((QP_PORT_BASE + 12)))
+PORT_KUBELET=$((QP_PORT_BASE + 13))
+PORT_KUBELET_HEALTHZ=$((QP_PORT_BASE + 14))
+PORT_SCHEDULER=$((QP_PORT_BASE + 15))
+PORT_PROXY_METRICS=$((QP_PORT_BASE + 16))
+PORT_PROXY_HEALTHZ=$((QP_PORT_BASE + 17))
+PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
 
-ALL_SERVICES=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
+# In start order; `down` stops in reverse. node-network (an interface and sysctls, no process)
+# comes first because the API server, Kafka and Redis listen on its address.
+ALL_SERVICES=(node-network etcd kube-apiserver kube-controller-manager kube-scheduler containerd
+  kubelet kube-proxy kafka redis redis-cluster prometheus)
 PIDS="$QP_RUN/pids"
 LOGS="$QP_RUN/logs"
 DATA="$QP_RUN/data"
@@ -36,6 +53,7 @@ CERTS="$QP_RUN/pki"
 KUBECONFIG_FILE="$QP_RUN/kubeconfig"
 # Local development secrets: generated once per environment, readable only by the owner.
 SECRETS_FILE="$QP_RUN/secrets"
+source "$QP_ROOT/hack/node.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Installation
@@ -46,6 +64,15 @@ apt_install() {
   local missing=()
   if [[ "${1:-}" == test-tools ]]; then
     command -v chromium >/dev/null || missing+=(chromium)
+    # The node and the image built for it without a registry.
+    command -v containerd >/dev/null || missing+=(containerd)
+    command -v runc >/dev/null || missing+=(runc)
+    [[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
+    command -v iptables >/dev/null || missing+=(iptables)
+    command -v ip >/dev/null || missing+=(iproute2)
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    command -v skopeo >/dev/null || missing+=(skopeo)
   fi
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v redis-cli >/dev/null || missing+=(redis-tools)
@@ -86,6 +113,8 @@ install_all() {
     "$QP_ROOT/hack/build-helm.sh"
   fi
   if [[ "$want" == *" etcd "* ]]; then "$QP_ROOT/hack/build-etcd.sh"; fi
+  # Debian's Prometheus lacks Kubernetes discovery, which the end-to-end tests need.
+  if [[ "$want" == *" kubelet "* ]]; then "$QP_ROOT/hack/build-prometheus.sh"; fi
   [[ -z "$kafka_pid" ]] || wait "$kafka_pid" || die "fetching Kafka failed (see above)"
 }
 
@@ -96,6 +125,7 @@ pidfile() { echo "$PIDS/$1.pid"; }
 
 running() {
   local f pid
+  [[ "$1" == node-network ]] && { node_network_up; return; }
   f="$(pidfile "$1")"
   [[ -f "$f" ]] || return 1
   for pid in $(cat "$f"); do kill -0 "$pid" 2>/dev/null || return 1; done
@@ -111,7 +141,7 @@ require_ports() {
   for p in "$@"; do
     port_free "$p" || die "port $p (for $svc) on 127.0.0.1 is already in use by another program.
   Fix: stop that program (\`ss -ltnp 'sport = :$p'\` shows it), or pick another range with
-  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+12 are used)"
+  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+18 are used)"
   done
 }
 
@@ -184,21 +214,40 @@ pki() {
   token="$(secret admin_token)"
   # The static token file is the simplest real authenticator: the admin is in system:masters.
   echo "$token,qp-admin,qp-admin,system:masters" >"$CERTS/tokens.csv"
-  # A self-signed serving certificate that is explicitly not a CA: rustls (kube-rs) rejects a
-  # CA certificate presented as the server's own (CaUsedAsEndEntity); Go clients accept both.
-  # Replace a certificate from an older version of this script that was made as a CA.
-  if [[ -f "$CERTS/apiserver.crt" ]] && openssl x509 -in "$CERTS/apiserver.crt" -noout -text | grep -q 'CA:TRUE'; then
-    rm -f "$CERTS/apiserver.crt" "$CERTS/apiserver.key"
+  # The node's kubelet is in system:nodes (the Node authorizer scopes it to its own node);
+  # Prometheus discovers pods with a read-only identity (see prometheus_rbac).
+  echo "$(secret kubelet_token),system:node:$NODE_NAME,system:node:$NODE_NAME,system:nodes" >>"$CERTS/tokens.csv"
+  echo "$(secret prometheus_token),qp-prometheus,qp-prometheus,qp:prometheus" >>"$CERTS/tokens.csv"
+  # A CA, and certificates it signs: the API server's serving certificate (not a CA itself:
+  # rustls rejects a CA certificate presented as the server's own, CaUsedAsEndEntity) valid for
+  # every address a client uses, including the `kubernetes` Service IP that pods dial, and the
+  # client certificate the API server presents to the kubelet.
+  if [[ ! -f "$CERTS/ca.crt" ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=qp-local-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    rm -f "$CERTS/apiserver.crt" "$CERTS/kubelet-client.crt"
   fi
-  if [[ ! -f "$CERTS/apiserver.crt" ]]; then
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=127.0.0.1" \
-      -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
-      -addext "basicConstraints=critical,CA:FALSE" \
-      -addext "keyUsage=critical,digitalSignature,keyEncipherment" \
-      -addext "extendedKeyUsage=serverAuth" \
-      -keyout "$CERTS/apiserver.key" -out "$CERTS/apiserver.crt" 2>/dev/null
-  fi
+  local san="IP:127.0.0.1,IP:$NODE_IP,IP:$SERVICE_IP_APISERVER,DNS:localhost,DNS:kubernetes"
+  san+=",DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  [[ -f "$CERTS/apiserver.crt" ]] && ! openssl x509 -in "$CERTS/apiserver.crt" -noout -ext subjectAltName 2>/dev/null \
+    | grep -q "IP Address:$NODE_IP" && rm -f "$CERTS/apiserver.crt"
+  [[ -f "$CERTS/apiserver.crt" ]] || sign_cert apiserver "/CN=kube-apiserver" serverAuth "$san"
+  # The kubelet authorizes the API server's calls (logs, exec) by this identity.
+  [[ -f "$CERTS/kubelet-client.crt" ]] || sign_cert kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth ""
   chmod 600 "$CERTS"/*
+}
+
+# sign_cert <name> <subject> <serverAuth|clientAuth> <subjectAltName or "">
+sign_cert() {
+  local ext="basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=$3"
+  [[ -n "$4" ]] && ext+=$'\n'"subjectAltName=$4"
+  openssl req -new -newkey rsa:2048 -nodes -subj "$2" -keyout "$CERTS/$1.key" -out "$CERTS/$1.csr" 2>/dev/null
+  openssl x509 -req -in "$CERTS/$1.csr" -CA "$CERTS/ca.crt" -CAkey "$CERTS/ca.key" -CAcreateserial \
+    -days 3650 -extfile <(echo "$ext") -out "$CERTS/$1.crt" 2>/dev/null
+  rm -f "$CERTS/$1.csr"
 }
 
 write_kubeconfig() {
@@ -210,8 +259,8 @@ kind: Config
 clusters:
 - name: qp-local
   cluster:
-    server: https://127.0.0.1:$PORT_APISERVER
-    certificate-authority: $CERTS/apiserver.crt
+    server: https://$NODE_IP:$PORT_APISERVER
+    certificate-authority: $CERTS/ca.crt
 users:
 - name: qp-admin
   user:
@@ -226,20 +275,27 @@ KC
 
 start_kube_apiserver() {
   running etcd || die "kube-apiserver needs etcd: run hack/env.sh start etcd"
+  node_network_up || die "kube-apiserver listens on the node address: hack/env.sh start node-network"
   require_ports kube-apiserver "$PORT_APISERVER"
   pki
   mkdir -p "$CERTS"
+  # Bound to the node address only (pods reach it through the `kubernetes` Service, which
+  # kube-proxy maps to the advertise address); the ServiceAccount admission plugin stays on so
+  # pods get their token volume.
   spawn kube-apiserver kube-apiserver "$K8S_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$PORT_ETCD" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$PORT_APISERVER" \
+    --bind-address "$NODE_IP" --advertise-address "$NODE_IP" --secure-port "$PORT_APISERVER" \
     --cert-dir "$CERTS" --tls-cert-file "$CERTS/apiserver.crt" --tls-private-key-file "$CERTS/apiserver.key" \
-    --token-auth-file "$CERTS/tokens.csv" --authorization-mode RBAC \
+    --client-ca-file "$CERTS/ca.crt" \
+    --kubelet-client-certificate "$CERTS/kubelet-client.crt" --kubelet-client-key "$CERTS/kubelet-client.key" \
+    --token-auth-file "$CERTS/tokens.csv" --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$CERTS/sa.pub" --service-account-signing-key-file "$CERTS/sa.key" \
-    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=false \
-    --disable-admission-plugins ServiceAccount --v 1
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=false --v 1
   write_kubeconfig
   wait_for kube-apiserver 90 "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz
+  prometheus_rbac
 }
 
 start_kube_controller_manager() {
@@ -250,8 +306,8 @@ start_kube_controller_manager() {
     --authorization-kubeconfig "$KUBECONFIG_FILE" \
     --bind-address 127.0.0.1 --secure-port "$PORT_KCM" --cert-dir "$CERTS/kcm" \
     --leader-elect=false --use-service-account-credentials=false \
-    --controllers garbagecollector,deployment,replicaset,namespace,serviceaccount,serviceaccount-token \
-    --service-account-private-key-file "$CERTS/sa.key" --root-ca-file "$CERTS/apiserver.crt" \
+    --controllers garbagecollector,deployment,replicaset,namespace,serviceaccount,serviceaccount-token,nodelifecycle,root-ca-cert-publisher,endpoint,endpointslice,podgc,clusterrole-aggregation \
+    --service-account-private-key-file "$CERTS/sa.key" --root-ca-file "$CERTS/ca.crt" \
     --concurrent-gc-syncs 5 --v 1
   wait_for kube-controller-manager 60 curl -fsSk "https://127.0.0.1:$PORT_KCM/healthz"
 }
@@ -264,15 +320,23 @@ kafka_java() {
 start_kafka() {
   require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER"
   mkdir -p "$QP_RUN/kafka" "$DATA/kafka"
+  # With the node up, a second listener on the node address, advertised as such, serves pods.
+  local listeners="PLAINTEXT://127.0.0.1:$PORT_KAFKA" advertised="PLAINTEXT://127.0.0.1:$PORT_KAFKA"
+  local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  if node_network_up; then
+    listeners+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
+    advertised+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
+    protocols+=",PODS:PLAINTEXT"
+  fi
   cat >"$QP_RUN/kafka/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$PORT_KAFKA_CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA,CONTROLLER://127.0.0.1:$PORT_KAFKA_CONTROLLER
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA
+listeners=$listeners,CONTROLLER://127.0.0.1:$PORT_KAFKA_CONTROLLER
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$DATA/kafka
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -313,8 +377,13 @@ L4J
 start_redis() {
   require_ports redis "$PORT_REDIS"
   mkdir -p "$DATA/redis"
-  spawn redis redis redis-server --bind 127.0.0.1 --port "$PORT_REDIS" --save "" --appendonly no \
-    --dir "$DATA/redis" --protected-mode yes
+  local bind=127.0.0.1
+  node_network_up && bind+=" $NODE_IP"
+  # Protected mode would refuse the pods (not loopback); the node address is reachable only
+  # from this machine and its pods.
+  # shellcheck disable=SC2086 # two addresses, one argument each
+  spawn redis redis redis-server --bind $bind --port "$PORT_REDIS" --save "" --appendonly no \
+    --dir "$DATA/redis" --protected-mode "$(node_network_up && echo no || echo yes)"
   wait_for redis 20 redis-cli -p "$PORT_REDIS" ping
 }
 
@@ -356,6 +425,28 @@ CONF
   for p in "${PORTS_REDIS_CLUSTER[@]}"; do wait_for redis-cluster 30 cluster_ok "$p"; done
 }
 
+# prometheus_rbac: a read-only identity for the pod discovery of the end-to-end tests'
+# Prometheus (the token is in tokens.csv; this grants list/watch of pods and nothing else).
+prometheus_rbac() {
+  secret prometheus_token >"$QP_RUN/prometheus-token"
+  chmod 600 "$QP_RUN/prometheus-token"
+  "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" apply -f - >/dev/null <<'RBAC'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "qp:prometheus"}
+rules:
+  - apiGroups: [""]
+    resources: ["pods"]
+    verbs: ["list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "qp:prometheus"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "qp:prometheus"}
+subjects: [{kind: Group, name: "qp:prometheus", apiGroup: rbac.authorization.k8s.io}]
+RBAC
+}
+
 # Debian ships the console helper libraries as documentation examples.
 console_libraries() {
   local d
@@ -384,6 +475,7 @@ scrape_configs:
       - files: ["$QP_RUN/prometheus/targets/*.json"]
         refresh_interval: 1s
 PROM
+
   local consoles="$QP_ROOT/charts/queue-processor/consoles"
   [[ -d "$consoles" ]] || consoles="/usr/share/prometheus/consoles"
   # The project's alert rules are live in the local Prometheus, as a user's would be.
@@ -409,7 +501,7 @@ QP_ROOT=$QP_ROOT
 QP_RUN=$QP_RUN
 QP_CACHE=$QP_CACHE
 KUBECONFIG=$KUBECONFIG_FILE
-QP_KUBE_APISERVER=https://127.0.0.1:$PORT_APISERVER
+QP_KUBE_APISERVER=https://$NODE_IP:$PORT_APISERVER
 QP_ETCD=http://127.0.0.1:$PORT_ETCD
 QP_KAFKA_BOOTSTRAP=127.0.0.1:$PORT_KAFKA
 QP_KAFKA_LIBS=$KAFKA_LIBS
@@ -425,6 +517,21 @@ QP_HELM=$HELM_BIN/helm
 QP_K8S_VERSION=$K8S_VERSION
 QP_ENV_SCRIPT=$QP_ROOT/hack/env.sh
 ENV
+  # The node: addresses that pods (not host tools) use, and what the e2e tests need to know.
+  if node_network_up; then
+    cat >>"$QP_ENV_FILE.tmp" <<ENV
+QP_NODE_NAME=$NODE_NAME
+QP_NODE_IP=$NODE_IP
+QP_NODE_TAINT=$NODE_TAINT
+QP_POD_CIDR=$POD_CIDR
+QP_POD_KAFKA_BOOTSTRAP=$NODE_IP:$PORT_KAFKA_POD
+QP_POD_REDIS_URL=redis://$NODE_IP:$PORT_REDIS
+QP_CONTAINERD_SOCK=$CONTAINERD_SOCK
+QP_KUBE_CA=$CERTS/ca.crt
+QP_PROMETHEUS_SD_BIN=$PROMETHEUS_SD_BIN/prometheus
+QP_PROMETHEUS_SD_TOKEN_FILE=$QP_RUN/prometheus-token
+ENV
+  fi
   chmod 600 "$QP_ENV_FILE.tmp"
   mv "$QP_ENV_FILE.tmp" "$QP_ENV_FILE"
 }
@@ -436,9 +543,14 @@ start_one() {
   log "starting $svc"
   local t=$SECONDS
   case "$svc" in
+    node-network) start_node_network ;;
     etcd) start_etcd ;;
     kube-apiserver) start_kube_apiserver ;;
     kube-controller-manager) start_kube_controller_manager ;;
+    kube-scheduler) start_kube_scheduler ;;
+    containerd) start_containerd ;;
+    kubelet) start_kubelet ;;
+    kube-proxy) start_kube_proxy ;;
     kafka) start_kafka ;;
     redis) start_redis ;;
     redis-cluster) start_redis_cluster ;;
@@ -453,7 +565,9 @@ version_of() {
     etcd) "$ETCD_BIN/etcd" --version 2>/dev/null | head -1 | awk '{print $3}' ;;
     kube-apiserver) "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get --raw /version 2>/dev/null \
       | grep -o '"gitVersion": *"[^"]*"' | cut -d'"' -f4 ;;
-    kube-controller-manager) "$K8S_BIN/kube-controller-manager" --version 2>/dev/null | awk '{print $2}' ;;
+    kube-controller-manager | kube-scheduler | kube-proxy | kubelet) "$K8S_BIN/$1" --version 2>/dev/null | awk '{print $2}' ;;
+    containerd) containerd --version | awk '{print $3}' ;;
+    node-network) echo "$POD_BRIDGE" ;;
     kafka) echo "$KAFKA_VERSION (KRaft)" ;;
     redis) redis-cli -p "$PORT_REDIS" info server 2>/dev/null | grep redis_version | cut -d: -f2 | tr -d '\r' ;;
     redis-cluster) echo "$(REDISCLI_AUTH="$(secret redis_cluster_password)" redis-cli -p "${PORTS_REDIS_CLUSTER[0]}" info server 2>/dev/null \
@@ -466,10 +580,15 @@ version_of() {
 address_of() {
   case "$1" in
     etcd) echo "http://127.0.0.1:$PORT_ETCD" ;;
-    kube-apiserver) echo "https://127.0.0.1:$PORT_APISERVER (kubeconfig: $KUBECONFIG_FILE)" ;;
+    kube-apiserver) echo "https://$NODE_IP:$PORT_APISERVER (kubeconfig: $KUBECONFIG_FILE)" ;;
     kube-controller-manager) echo "https://127.0.0.1:$PORT_KCM/healthz" ;;
-    kafka) echo "127.0.0.1:$PORT_KAFKA" ;;
-    redis) echo "redis://127.0.0.1:$PORT_REDIS" ;;
+    kube-scheduler) echo "https://127.0.0.1:$PORT_SCHEDULER/healthz" ;;
+    node-network) echo "node $NODE_IP, pods $POD_CIDR on $POD_BRIDGE" ;;
+    containerd) echo "$CONTAINERD_SOCK" ;;
+    kubelet) echo "node $NODE_NAME, https://$NODE_IP:$PORT_KUBELET" ;;
+    kube-proxy) echo "iptables mode, http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz" ;;
+    kafka) echo "127.0.0.1:$PORT_KAFKA$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
+    redis) echo "redis://127.0.0.1:$PORT_REDIS$(node_network_up && echo ", pods: $NODE_IP")" ;;
     redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]} (password in $SECRETS_FILE)" ;;
     prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;
   esac
@@ -486,6 +605,13 @@ status() {
       rc=1
     fi
   done
+  if running kubelet && running kube-apiserver; then
+    echo
+    "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get nodes -o wide 2>/dev/null | cut -c1-110 || true
+    echo "images on the node:"
+    ctr_ images ls -q 2>/dev/null | grep -v '^sha256:' | sed 's/^/  /'
+    echo "pods: $("$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE" get pods -A --no-headers 2>/dev/null | wc -l)"
+  fi
   [[ -f "$QP_ENV_FILE" ]] && echo "env file: $QP_ENV_FILE"
   return $rc
 }
@@ -504,6 +630,11 @@ case "$cmd" in
       running "$s" || started+=("$s")
       start_one "$s"
     done
+    if [[ " ${services[*]} " == *" kubelet "* ]]; then
+      t=$SECONDS
+      wait_node_ready
+      log "node $NODE_NAME Ready in $((SECONDS - t))s"
+    fi
     write_env
     trap - EXIT
     ;;
@@ -512,14 +643,22 @@ case "$cmd" in
     write_env
     ;;
   down | stop)
-    # Stop in reverse dependency order.
+    # Pods first, while the kubelet can still stop them; then in reverse start order; then
+    # what the node changed on the host.
+    [[ " ${services[*]} " == *" kubelet "* ]] && node_delete_pods
     for ((i = ${#services[@]} - 1; i >= 0; i--)); do
-      if running "${services[$i]}" || [[ -f "$(pidfile "${services[$i]}")" ]]; then
+      if [[ "${services[$i]}" != node-network ]] && { running "${services[$i]}" || [[ -f "$(pidfile "${services[$i]}")" ]]; }; then
         log "stopping ${services[$i]}"
         stop_service "${services[$i]}"
       fi
     done
+    if [[ " ${services[*]} " == *" node-network "* ]]; then
+      node_cleanup
+      if ! node_leftovers >&2; then die "the node left traces on the host (above)"; fi
+    fi
     ;;
+  leftovers) node_leftovers ;;
+  load-image) load_image "${services[0]:?usage: hack/env.sh load-image FILE}" ;;
   status) status ;;
   is-up)
     for s in "${services[@]}"; do running "$s" || exit 1; done

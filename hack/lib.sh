@@ -12,6 +12,9 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.5}"
 HELM_VERSION="${HELM_VERSION:-v4.3.1}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.3.1}"
 LOG4J_VERSION="${LOG4J_VERSION:-2.25.4}"
+# Prometheus 3.16 is published as the Go module version v0.316.0.
+PROMETHEUS_SD_VERSION="${PROMETHEUS_SD_VERSION:-3.16.0}"
+PROMETHEUS_SD_MODULE_VERSION="v0.3${PROMETHEUS_SD_VERSION#3.}"
 
 QP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QP_CACHE="${QP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/queue-processor}"
@@ -22,6 +25,7 @@ K8S_BIN="$QP_CACHE/kubernetes-$K8S_VERSION/bin"
 ETCD_BIN="$QP_CACHE/etcd-$ETCD_VERSION/bin"
 HELM_BIN="$QP_CACHE/helm-$HELM_VERSION/bin"
 KAFKA_LIBS="$QP_CACHE/kafka-$KAFKA_VERSION-log4j-$LOG4J_VERSION/libs"
+PROMETHEUS_SD_BIN="$QP_CACHE/prometheus-$PROMETHEUS_SD_VERSION/bin"
 
 log() { printf '\033[1m[qp]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[qp] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -55,7 +59,8 @@ run_logged() {
 # services_up: start every local service (installing what is missing), reusing those already
 # running, and arrange for exactly the ones this run started to be stopped when the calling
 # script exits. Output of env.sh goes to stderr so callers can keep stdout for results.
-QP_SERVICES=(etcd kube-apiserver kube-controller-manager kafka redis redis-cluster prometheus)
+QP_SERVICES=(node-network etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet
+  kube-proxy kafka redis redis-cluster prometheus)
 services_up() {
   local s already=()
   for s in "${QP_SERVICES[@]}"; do
@@ -75,7 +80,8 @@ _services_cleanup() {
   local rc=$?
   if ((${#QP_STARTED[@]})); then
     log "stopping services this run started: ${QP_STARTED[*]}"
-    bash "$QP_ROOT/hack/env.sh" down "${QP_STARTED[@]}" >&2 || true
+    # `down` also checks that the node left nothing on the host; that failing fails the run.
+    bash "$QP_ROOT/hack/env.sh" down "${QP_STARTED[@]}" >&2 || { log "stopping services failed"; rc=1; }
   fi
   exit $rc
 }

@@ -15,8 +15,19 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log "building binaries"
 cargo build --workspace --bins
+# The end-to-end tests run the project's image on the local node. It is built from the debug
+# binaries just built (a release build would add minutes to every run); `make image` builds the
+# release image users get.
+t2=$SECONDS
+archive="$(bash hack/image.sh --profile debug --no-build --print-archive)"
+bash hack/env.sh load-image "$archive" >&2
+log "e2e image built and imported in $((SECONDS - t2))s"
 export QP_ENV_FILE
 # Integration tests start worker processes and share two cores; a bounded number of test threads
 # keeps timing-sensitive assertions (latencies, reaction times) meaningful.
 RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}" cargo test --workspace --no-fail-fast
 log "tests passed in $((SECONDS - t1))s (services: $((t1 - t0))s)"
+if [[ -f "$QP_RUN/e2e-times.txt" ]]; then
+  log "end-to-end times on the node:"
+  sed 's/^/    /' "$QP_RUN/e2e-times.txt" >&2
+fi
