@@ -305,6 +305,10 @@ node_kill_shims() {
 
 node_cleanup() {
   [[ -d "$NODE_DIR" ]] || return 0
+  # Best effort through every step: one thing that is already gone must not stop the rest
+  # (`local -` keeps these shell options to this function).
+  local -
+  set +e +o pipefail
   node_kill_shims
   # kube-proxy's chains, then those of the CNI plugins (portmap, bridge).
   if [[ -x "$K8S_BIN/kube-proxy" ]] && iptables-save 2>/dev/null | grep -q ':KUBE-'; then
@@ -354,6 +358,8 @@ node_cleanup() {
 
 # node_leftovers: print every trace of the node that `down` should have removed; status 1 if any.
 node_leftovers() {
+  local -
+  set +e +o pipefail
   local found=0 p
   for p in containerd kubelet kube-proxy kube-scheduler containerd-shim; do
     if pgrep -f "$QP_RUN" | xargs -r ps -o comm= -p 2>/dev/null | grep -q "^$p"; then
