@@ -12,13 +12,13 @@ CARGO ?= cargo
 help: ## show this help
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-env-up: ## install, build and start kube-apiserver, etcd, kube-controller-manager, Kafka, Redis (+cluster), Prometheus
+env-up: ## install, build and start etcd, the control plane, a real node (containerd, kubelet, kube-proxy), Kafka, Redis, Prometheus
 	@bash hack/env.sh up
 
-env-down: ## stop every local service started by env-up
+env-down: ## stop every local service started by env-up, undo the node's host changes, fail if anything is left
 	@bash hack/env.sh down
 
-env-status: ## list local services with version and address
+env-status: ## list local services with version and address, the node, its images and pods
 	@bash hack/env.sh status
 
 build: ## build the qp-operator and qp-worker binaries (debug)

@@ -10,6 +10,10 @@
 //!
 //! A leader that cannot renew within the lease duration steps down (the watch channel says
 //! `false`) and the process exits, so it never keeps writing next to a new leader.
+//!
+//! A leader that stops on purpose (SIGTERM: a rolling update, a drained node) resigns: it
+//! stops campaigning and empties the Lease's holder, so a waiting replica takes over at its
+//! next attempt (within `renew_every`) instead of after the whole lease duration.
 
 use std::time::Duration;
 
@@ -103,14 +107,50 @@ impl Elector {
     }
 }
 
-/// Campaign forever; the receiver says whether we lead right now.
-pub fn spawn(client: Client, cfg: LeaseConfig) -> watch::Receiver<bool> {
+/// A running campaign: [`Campaign::leading`] says whether we lead right now.
+pub struct Campaign {
+    pub leading: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+    api: Api<Lease>,
+    cfg: LeaseConfig,
+}
+
+impl Campaign {
+    /// Stop campaigning and, if we hold the Lease, give it up (holder emptied, renewal time
+    /// kept), so another replica takes it at its next attempt. The caller must have stopped
+    /// writing first. Best effort: if this fails, the Lease simply expires.
+    pub async fn resign(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
+            return;
+        };
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        lease.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => info!(lease = %self.cfg.name, "resigned the lease"),
+            Err(e) => warn!(error = %e, "resigning the lease failed; it will expire"),
+        }
+    }
+}
+
+/// Campaign until [`Campaign::resign`]; `leading` says whether we lead right now.
+pub fn spawn(client: Client, cfg: LeaseConfig) -> Campaign {
     let (tx, rx) = watch::channel(false);
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let elector = Elector {
-        api: Api::namespaced(client, &cfg.namespace),
-        cfg,
+        api: api.clone(),
+        cfg: cfg.clone(),
     };
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut last_renewed: Option<tokio::time::Instant> = None;
         loop {
             let mut wait = elector.cfg.renew_every;
@@ -147,5 +187,10 @@ pub fn spawn(client: Client, cfg: LeaseConfig) -> watch::Receiver<bool> {
             tokio::time::sleep(wait).await;
         }
     });
-    rx
+    Campaign {
+        leading: rx,
+        task,
+        api,
+        cfg,
+    }
 }

@@ -558,7 +558,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
 
 /// Resolves on the first SIGTERM or SIGINT. Both handlers are installed when this is called,
 /// not when the future is first polled.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let install = |kind: SignalKind| {
         signal(kind).map_err(|e| Error::Local(format!("installing a signal handler: {e}")))

@@ -85,7 +85,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         controller::run(ctx, args.watch_namespace.clone()).await;
         return Ok(());
     }
-    let mut leading = leader::spawn(
+    let mut campaign = leader::spawn(
         client,
         LeaseConfig {
             namespace: args.lease_namespace.clone(),
@@ -96,9 +96,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
     );
     info!(%identity, lease = %args.lease_name, "waiting for leadership");
+    let leading = &mut campaign.leading;
+    // A follower asked to stop simply stops (the controller is not running yet).
+    let signalled = crate::local::shutdown_signal()?;
+    tokio::pin!(signalled);
     while !*leading.borrow_and_update() {
-        if leading.changed().await.is_err() {
-            return Ok(());
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() { return Ok(()) },
+            _ = &mut signalled => return Ok(()),
         }
     }
     metrics.leader.set(1);
@@ -112,7 +117,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
     tokio::select! {
-        _ = controller => Ok(()),
+        // Stopped by a signal: stop claiming leadership before handing the Lease over, so no
+        // observer ever sees two leaders.
+        _ = controller => {
+            metrics.leader.set(0);
+            campaign.resign().await;
+            Ok(())
+        }
         _ = lost => {
             metrics.leader.set(0);
             // Exiting is the safe way to stop writing at once; the Deployment restarts us as

@@ -62,6 +62,28 @@ where
     }
 }
 
+/// States of the given request ids of the QueueProcessor with `keys` (missing ids are absent
+/// from the map), read in pipelines of 500.
+pub async fn states(conn: &Conn, keys: &Keys, ids: &[String]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for chunk in ids.chunks(500) {
+        let mut pipe = redis::pipe();
+        for id in chunk {
+            pipe.cmd("HGET").arg(keys.result(id)).arg("state");
+        }
+        let states: Vec<Option<String>> = pipe
+            .query_async(&mut conn.clone())
+            .await
+            .expect("read states");
+        for (id, s) in chunk.iter().zip(states) {
+            if let Some(s) = s {
+                out.insert(id.clone(), s);
+            }
+        }
+    }
+    out
+}
+
 impl Fixture {
     /// A fresh QueueProcessor identity; `partitions > 0` also creates its Kafka topic.
     pub async fn new(test: &str, redis_kind: RedisKind, partitions: i32) -> Fixture {
@@ -215,23 +237,7 @@ impl Fixture {
 
     /// States of the given request ids (missing ids are absent from the map).
     pub async fn states(&self, ids: &[String]) -> HashMap<String, String> {
-        let mut out = HashMap::new();
-        for chunk in ids.chunks(500) {
-            let mut pipe = redis::pipe();
-            for id in chunk {
-                pipe.cmd("HGET").arg(self.keys.result(id)).arg("state");
-            }
-            let states: Vec<Option<String>> = pipe
-                .query_async(&mut self.conn.clone())
-                .await
-                .expect("read states");
-            for (id, s) in chunk.iter().zip(states) {
-                if let Some(s) = s {
-                    out.insert(id.clone(), s);
-                }
-            }
-        }
-        out
+        states(&self.conn, &self.keys, ids).await
     }
 
     /// Wait until every id is `done` (or `failed`), panicking with the count still missing.
