@@ -1,5 +1,6 @@
 //! Kubernetes helpers for black-box tests: the CRD, throwaway namespaces, the operator as a
-//! process, and standing in for the kubelet (which does not exist here) by marking pods ready.
+//! process, and standing in for the kubelet by marking pods ready (the local node is tainted so
+//! that these pods never really start; tests/tests/e2e.rs runs real ones).
 
 use std::process::Command;
 use std::time::Duration;

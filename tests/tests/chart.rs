@@ -515,7 +515,8 @@ async fn helm_install_creates_every_object_and_grants_only_what_the_operator_nee
         "NOTES tell the user what to do next:\n{out}"
     );
 
-    // Every object exists (there is no kubelet, so the pods never run; the objects are enough).
+    // Every object exists (the node is tainted and this release does not tolerate it, so the pod
+    // never runs here; tests/tests/e2e.rs runs the chart on the node).
     for (kind, name, namespaced) in [
         ("deployment", fullname.clone(), true),
         ("serviceaccount", fullname.clone(), true),

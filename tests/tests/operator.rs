@@ -1,6 +1,6 @@
 //! The operator against the real kube-apiserver (with kube-controller-manager for ReplicaSets
 //! and garbage collection), Kafka and Redis. `qp-operator run` is a separate process; the test
-//! stands in for the kubelet by marking pods ready.
+//! stands in for the kubelet by marking pods ready (the local node is tainted against them).
 
 use std::time::{Duration, Instant};
 
