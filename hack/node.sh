@@ -269,12 +269,15 @@ start_kube_proxy() {
   wait_for kube-proxy 60 curl -fsS "http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz"
 }
 
-# The node is Ready once the kubelet has registered it and the controller-manager's node
-# lifecycle controller removed the not-ready taint.
+# The node is Ready once this kubelet has reported it Ready (the Node object, and its last
+# status, may survive from an earlier start: a heartbeat from before this call does not count).
 wait_node_ready() {
-  local kc=("$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE")
+  local kc=("$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_FILE") since
+  since="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   node_ready() {
-    "${kc[@]}" get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True
+    local ready
+    ready="$("${kc[@]}" get node "$NODE_NAME" -o jsonpath='{range .status.conditions[?(@.type=="Ready")]}{.status} {.lastHeartbeatTime}{end}')"
+    [[ "${ready%% *}" == True && ! "${ready#* }" < "$since" ]]
   }
   wait_for kubelet 90 node_ready
 }
