@@ -22,6 +22,7 @@ t2=$SECONDS
 archive="$(bash hack/image.sh --profile debug --no-build --print-archive)"
 bash hack/env.sh load-image "$archive" >&2
 log "e2e image built and imported in $((SECONDS - t2))s"
+bash hack/env.sh status >&2 || true
 export QP_ENV_FILE
 # Integration tests start worker processes and share two cores; a bounded number of test threads
 # keeps timing-sensitive assertions (latencies, reaction times) meaningful.

@@ -62,7 +62,11 @@ struct E2e {
 impl E2e {
     /// Print and record how long a phase took.
     fn time(&self, what: &str, took: Duration) {
-        let line = format!("e2e {what}: {:.1} s", took.as_secs_f64());
+        self.record(&format!("e2e {what}: {:.1} s", took.as_secs_f64()));
+    }
+
+    /// Print `line` and append it to the record that `make test` shows.
+    fn record(&self, line: &str) {
         eprintln!("{line}");
         let path = std::path::Path::new(&self.env.get("QP_RUN")).join("e2e-times.txt");
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -475,6 +479,12 @@ async fn burst_scales_up_and_down(e: &E2e) {
         &format!("burst to {ready} ready pods with token limit {limit}"),
         t.elapsed(),
     );
+    // What runs on the node now, for the record of the run.
+    let pods = run_ok(
+        kubectl().args(["get", "pods", "-o", "wide", "--namespace", &e.ns]),
+        None,
+    );
+    e.record(&pods);
     e.wait_done(&ids, Duration::from_secs(180), "burst").await;
     e.time(&format!("burst of {n} to drained"), t.elapsed());
     let t = Instant::now();
