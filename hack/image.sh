@@ -125,13 +125,10 @@ EOF
 
 # Up to date? The archive is rebuilt only when an input changed.
 INPUTS="$({ echo "$REF $QP_BUILDAH_DRIVER"; cat "$WORK/ctx/Containerfile"; sha256sum "$BASE_TAR" "$WORK/ctx/qp-operator" "$WORK/ctx/qp-worker" | cut -d' ' -f1; } | short_sha)"
-STAMP="$OUTPUT.inputs"
-if [[ -f "$OUTPUT" && -f "$STAMP" && "$(sed -n 1p "$STAMP")" == "$INPUTS" ]]; then
-  SIZE="$(sed -n 2p "$STAMP")"
+if SIZE="$(archive_current "$OUTPUT" "$INPUTS")"; then
   log "image up to date ($OUTPUT)"
 else
   log "building $REF with buildah ($QP_BUILDAH_DRIVER storage in $QP_BUILDAH_ROOT)"
-  rm -f "$STAMP"
   image_build_archive "$WORK/ctx" "$OUTPUT" "$REF" --build-arg "VERSION=$APP_VERSION"
 
   # 4. Check what was written: unpack the archive and run both binaries as the image's user.
@@ -147,7 +144,7 @@ else
   else
     log "not root: skipped running the binaries inside the unpacked image"
   fi
-  printf '%s\n%s\n' "$INPUTS" "$SIZE" >"$STAMP"
+  archive_record "$OUTPUT" "$INPUTS" "$SIZE"
 fi
 
 log "image ready in $((SECONDS - T0))s"

@@ -71,16 +71,13 @@ LABEL org.opencontainers.image.title="pause" \
 ENTRYPOINT ["/pause"]
 EOF
 INPUTS="$({ echo "$REF $QP_BUILDAH_DRIVER"; cat "$WORK/ctx/Containerfile" "$BIN"; } | short_sha)"
-STAMP="$OUTPUT.inputs"
-if [[ -f "$OUTPUT" && -f "$STAMP" && "$(sed -n 1p "$STAMP")" == "$INPUTS" ]]; then
-  SIZE="$(sed -n 2p "$STAMP")"
+if SIZE="$(archive_current "$OUTPUT" "$INPUTS")"; then
   log "pause image up to date ($OUTPUT)"
 else
   log "building $REF with buildah"
-  rm -f "$STAMP"
   image_build_archive "$WORK/ctx" "$OUTPUT" "$REF"
   SIZE="$(image_unpack "$OUTPUT" "$WORK/unpacked")"
   [[ -x "$WORK/unpacked/rootfs/pause" ]] || die "no /pause in $OUTPUT"
-  printf '%s\n%s\n' "$INPUTS" "$SIZE" >"$STAMP"
+  archive_record "$OUTPUT" "$INPUTS" "$SIZE"
 fi
 echo "image $REF archive ${OUTPUT#"$QP_ROOT"/} size $(mb "$SIZE")"

@@ -130,3 +130,20 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.1f MB", b / 1000000 }'; }
 
 # sha_of FILES/STRINGS on stdin -> short hash for cache keys
 short_sha() { sha256sum | cut -c1-16; }
+
+# An archive is rebuilt only when an input changed: `<archive>.inputs` holds the hash of its
+# inputs and its size.
+# archive_current ARCHIVE INPUTS: true, with the recorded size on stdout, when ARCHIVE exists and
+# was built from INPUTS; otherwise false, and the stale record is removed.
+archive_current() {
+  local stamp="$1.inputs"
+  if [[ -f "$1" && -f "$stamp" && "$(sed -n 1p "$stamp")" == "$2" ]]; then
+    sed -n 2p "$stamp"
+    return 0
+  fi
+  rm -f "$stamp"
+  return 1
+}
+
+# archive_record ARCHIVE INPUTS SIZE: remember that ARCHIVE was built from INPUTS.
+archive_record() { printf '%s\n%s\n' "$2" "$3" >"$1.inputs"; }
