@@ -14,8 +14,9 @@
 //!    error classes and pod problems (one per transition), update metrics;
 //! 6. requeue after `pollIntervalSeconds`: the decision loop is the reconcile loop.
 //!
-//! Deleting a QueueProcessor runs the finalizer: its token and counter keys are removed from
-//! Redis (results expire by TTL); the Deployments go with their owner.
+//! Deleting a QueueProcessor first deletes its Deployments and waits for their pods to stop
+//! (they drain through the token keys), then runs the finalizer: its token and counter keys are
+//! removed from Redis (results expire by TTL).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -126,6 +127,12 @@ fn key(qp: &QueueProcessor) -> String {
 async fn reconcile(qp: Arc<QueueProcessor>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
+    if qp.metadata.deletion_timestamp.is_some()
+        && qp.finalizers().iter().any(|f| f == FINALIZER)
+        && let Some(wait) = stop_pods(&qp, &ctx).await?
+    {
+        return Ok(Action::requeue(wait));
+    }
     let res = finalizer(&api, FINALIZER, qp, |event| async {
         match event {
             Finalizer::Apply(qp) => apply(&qp, &ctx).await,
@@ -618,7 +625,76 @@ fn update_metrics(
     m.kafka_requests.inc_by(ctx.probes.kafka_requests());
 }
 
+/// Before the finalizer removes any key: delete the Deployments and wait until their pods are
+/// gone. A worker that is still draining releases its leases and returns unfinished messages
+/// through those keys, and a running worker would write its heartbeat and lease keys back after
+/// they were removed (left behind for good). Deleting the Deployments here rather than leaving
+/// them to garbage collection (which only starts once the QueueProcessor is gone) puts the
+/// steps in that order. Returns how long to wait before looking again, or `None` when no pod is
+/// left or the wait has lasted the pods' grace period plus a margin; then a Warning says that
+/// keys are removed under running pods (a node that stopped reporting keeps pods "Terminating"
+/// forever, and deletion must not hang on it).
+async fn stop_pods(qp: &QueueProcessor, ctx: &Context) -> Result<Option<Duration>> {
+    let ns = qp.namespace_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut running = 0;
+    for component in [Component::Worker, Component::Gateway] {
+        match deployments
+            .delete(
+                &builder::object_name(qp, component),
+                &DeleteParams::background(),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let selector = builder::selector_labels(qp, component)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        running += pods
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+            .len();
+    }
+    if running == 0 {
+        return Ok(None);
+    }
+    let grace = qp.spec.worker.shutdown_timeout_seconds.max(0) as u64 + 10;
+    let waited = qp
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).as_secs().max(0) as u64)
+        .unwrap_or(0);
+    if waited < grace + STOP_MARGIN_SECONDS {
+        info!(qp = %key(qp), running, "waiting for pods to stop before removing Redis keys");
+        return Ok(Some(Duration::from_secs(2)));
+    }
+    publish(
+        ctx,
+        qp,
+        EventType::Warning,
+        "PodsNotStopped",
+        "Cleanup",
+        format!(
+            "{running} pod(s) still present {waited} s after deletion; removing Redis keys anyway"
+        ),
+    )
+    .await;
+    Ok(None)
+}
+
+/// How long past the pods' grace period deletion waits for them before removing keys anyway.
+const STOP_MARGIN_SECONDS: u64 = 30;
+
 /// Finalizer: remove the QueueProcessor's token and counter keys; results expire on their own.
+/// Runs once [`stop_pods`] saw no pod left.
 async fn cleanup(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
     let ns = qp.namespace_or_default();
     let name = qp.name_any();
