@@ -175,6 +175,10 @@ load_image() {
   running containerd || die "containerd is not running: make env-up"
   local t=$SECONDS
   ctr_ images import "$archive" >/dev/null || die "importing $archive into containerd failed"
+  # The kubelet's eviction manager deletes unused images, the sandbox image included, when the
+  # disk runs low (seen here: a full disk left every new pod failing to pull
+  # registry.k8s.io/pause). Put it back with every load, so the next pods can start.
+  import_pause_image
   log "image $(basename "$archive") imported into the node in $((SECONDS - t))s"
 }
 
