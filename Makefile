@@ -7,7 +7,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help env-up env-down env-status build lint test bench demo crds image clean
+.PHONY: help env-up env-down env-status build lint unit test bench demo crds image clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ build: ## build the qp-operator and qp-worker binaries (debug)
 lint: ## rustfmt and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ## every crate's unit tests; no service needed (black-box tests live in tests/)
+	$(CARGO) test --workspace --exclude qp-tests
 
 test: ## start what is needed, run the whole test suite, stop what was started
 	@bash hack/test.sh

@@ -33,9 +33,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use qp_worker::keys::Keys;
+use qp_protocol::keys::Keys;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{info, instrument, warn};
 
 use crate::builder::{self, BuildOptions, FIELD_MANAGER};
 use crate::crd::{
@@ -47,7 +47,8 @@ use crate::health::{self, Problem};
 use crate::measure::Probes;
 use crate::metrics::Metrics;
 use crate::scaler::{self, Scaler};
-use crate::workload::{self, Component};
+use crate::tick::{self, Replicas, Resolved, Tick};
+use crate::workload::Component;
 
 pub const FINALIZER: &str = "queueprocessing.dev/cleanup";
 
@@ -124,6 +125,8 @@ fn key(qp: &QueueProcessor) -> String {
     format!("{}/{}", qp.namespace_or_default(), qp.name_any())
 }
 
+/// One reconcile; its span names the QueueProcessor, so every log line under it does too.
+#[instrument(skip_all, fields(namespace = %qp.namespace_or_default(), name = %qp.name_any()))]
 async fn reconcile(qp: Arc<QueueProcessor>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
@@ -205,84 +208,121 @@ async fn resolve_secrets(
 }
 
 async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
-    let ns = qp.namespace_or_default();
-    let name = qp.name_any();
-    let poll = Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64);
-
     // Validate everything before touching anything.
-    let secrets = match qp
-        .spec
-        .validate()
-        .map_err(|e| Error::InvalidSpec(e.to_string()))
-    {
-        Ok(()) => resolve_secrets(&ctx.client, &ns, &qp.spec.secret_refs()).await,
-        Err(e) => Err(e),
-    };
-    let secrets = match secrets {
-        Ok(s) => s,
+    let resolved = match resolve(qp, ctx).await {
+        Ok(r) => r,
         Err(e @ (Error::InvalidSpec(_) | Error::SecretRef(_))) => {
             report_invalid(qp, ctx, &e).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         Err(e) => return Err(e),
     };
-    let redis = scaler::redis_settings(&qp.spec.redis, &secrets)?;
-    let target = scaler::source_target(qp, &secrets)?;
-    let keys = Keys::new(&ns, &name);
 
-    // Measure, then decide with the same code local mode runs.
-    let measured_at = Instant::now();
-    let observed = scaler::observe(&ctx.probes, &target, &redis, &keys).await;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let worker_name = builder::object_name(qp, Component::Worker);
-    let existing = deployments.get_opt(&worker_name).await?;
-    let policy = crate::policy::Policy::from_spec(&qp.spec.scaling, &qp.spec.concurrency);
-    let current = existing
-        .as_ref()
-        .and_then(|d| d.spec.as_ref()?.replicas)
-        .map(|r| r.max(0) as u32)
-        .unwrap_or(policy.min_replicas);
-    let ready = existing
-        .as_ref()
-        .and_then(|d| d.status.as_ref()?.ready_replicas)
-        .unwrap_or(0)
-        .max(0) as u32;
-    let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
-    let step = {
-        let mut scalers = ctx.scalers.lock().expect("scalers lock");
-        let s = scalers.entry(key(qp)).or_default();
-        s.step(&policy, &observed, current, ready, qp.is_paused(), now_ms)
-    };
-    let replicas = step.decision.replicas as i32;
-
-    // Apply: worker Deployment, then the gateway when enabled.
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let worker_cfg = workload::process(qp, Component::Worker)
-        .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
-    let dep = builder::deployment(qp, &worker_cfg, replicas, &ctx.build);
-    let worker = deployments
-        .patch(&worker_name, &pp, &Patch::Apply(&dep))
-        .await?;
-    if step.decision.changed {
-        ctx.metrics
-            .decision_latency
-            .observe(measured_at.elapsed().as_secs_f64());
+    let gateway = apply_gateway(qp, ctx, &resolved, &pp).await?;
+    let mut deployment = DeploymentReplicas {
+        qp,
+        ctx,
+        resolved: &resolved,
+        api: Api::namespaced(ctx.client.clone(), &resolved.namespace),
+        name: builder::object_name(qp, Component::Worker),
+        existing: None,
+        applied: None,
+        gateway,
+    };
+    // The decision memory leaves the map for the tick (no lock across awaits); kube-runtime
+    // never reconciles one object twice at once, so nobody else wants it meanwhile.
+    let mut scaler = ctx
+        .scalers
+        .lock()
+        .expect("scalers lock")
+        .remove(&key(qp))
+        .unwrap_or_default();
+    let tick = tick::run(
+        &resolved,
+        &ctx.probes,
+        &mut scaler,
+        &mut deployment,
+        &ctx.metrics,
+    )
+    .await;
+    ctx.scalers
+        .lock()
+        .expect("scalers lock")
+        .insert(key(qp), scaler);
+    let mut tick = tick?;
+    // A token limit that could not be written fails the reconcile (retried in 5 s), as before
+    // the status is written.
+    std::mem::replace(&mut tick.tokens, Ok(()))?;
+
+    write_status(qp, ctx, &tick).await?;
+    publish_events(qp, ctx, &tick.observed, &tick.step, tick.current).await;
+    publish_health_events(qp, ctx, tick.problem.as_ref()).await;
+    Ok(Action::requeue(resolved.poll))
+}
+
+/// Validate the spec and resolve every Secret it references.
+async fn resolve(qp: &QueueProcessor, ctx: &Context) -> Result<Resolved> {
+    qp.spec
+        .validate()
+        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let secrets = resolve_secrets(
+        &ctx.client,
+        &qp.namespace_or_default(),
+        &qp.spec.secret_refs(),
+    )
+    .await?;
+    Resolved::new(qp, &secrets)
+}
+
+/// The worker Deployment as the place replicas run: read once per tick, server-side applied
+/// with the decided count, and diagnosed when short of ready pods.
+struct DeploymentReplicas<'a> {
+    qp: &'a QueueProcessor,
+    ctx: &'a Context,
+    resolved: &'a Resolved,
+    api: Api<Deployment>,
+    name: String,
+    existing: Option<Deployment>,
+    applied: Option<Deployment>,
+    gateway: Option<Deployment>,
+}
+
+impl Replicas for DeploymentReplicas<'_> {
+    async fn current(&mut self) -> Result<Option<u32>> {
+        self.existing = self.api.get_opt(&self.name).await?;
+        Ok(self
+            .existing
+            .as_ref()
+            .and_then(|d| d.spec.as_ref()?.replicas)
+            .map(|r| r.max(0) as u32))
     }
-    let gateway = apply_gateway(qp, ctx, &pp).await?;
 
-    // Can the pods run? The applied objects carry the Deployments' current status.
-    let problem = diagnose_pods(qp, ctx, &worker, gateway.as_ref()).await;
-
-    // Tokens follow ready replicas under the global ceiling.
-    if observed.workers.is_ok() {
-        scaler::set_token_limit(&ctx.probes, &redis, &keys, step.decision.token_limit).await?;
+    async fn ready(&mut self) -> Result<u32> {
+        Ok(self
+            .existing
+            .as_ref()
+            .and_then(|d| d.status.as_ref()?.ready_replicas)
+            .unwrap_or(0)
+            .max(0) as u32)
     }
 
-    write_status(qp, ctx, &observed, &step, ready, problem.as_ref()).await?;
-    publish_events(qp, ctx, &observed, &step, current).await;
-    publish_health_events(qp, ctx, problem.as_ref()).await;
-    update_metrics(qp, ctx, &observed, &step, ready);
-    Ok(Action::requeue(poll))
+    async fn apply(&mut self, replicas: u32) -> Result<()> {
+        let dep = builder::deployment(
+            self.qp,
+            &self.resolved.worker,
+            replicas as i32,
+            &self.ctx.build,
+        );
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        self.applied = Some(self.api.patch(&self.name, &pp, &Patch::Apply(&dep)).await?);
+        Ok(())
+    }
+
+    async fn health(&mut self) -> Option<Problem> {
+        let worker = self.applied.as_ref()?;
+        diagnose_pods(self.qp, self.ctx, worker, self.gateway.as_ref()).await
+    }
 }
 
 /// Apply the gateway's Deployment and Service when enabled (returning the applied Deployment),
@@ -290,16 +330,15 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
 async fn apply_gateway(
     qp: &QueueProcessor,
     ctx: &Context,
+    resolved: &Resolved,
     pp: &PatchParams,
 ) -> Result<Option<Deployment>> {
     let ns = qp.namespace_or_default();
     let name = builder::object_name(qp, Component::Gateway);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    if qp.spec.gateway.enabled {
-        let cfg = workload::process(qp, Component::Gateway)
-            .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
-        let dep = builder::deployment(qp, &cfg, qp.spec.gateway.replicas, &ctx.build);
+    if let Some(cfg) = &resolved.gateway {
+        let dep = builder::deployment(qp, cfg, qp.spec.gateway.replicas, &ctx.build);
         let applied = deployments.patch(&name, pp, &Patch::Apply(&dep)).await?;
         services
             .patch(&name, pp, &Patch::Apply(&builder::gateway_service(qp)))
@@ -358,7 +397,7 @@ async fn diagnose_pods(
         {
             Ok(list) => list.items,
             Err(e) => {
-                warn!(qp = %key(qp), component = component.as_str(), error = %e,
+                warn!(component = component.as_str(), error = %e,
                     "listing pods failed; diagnosing from the Deployment alone");
                 Vec::new()
             }
@@ -415,7 +454,7 @@ async fn report_invalid(qp: &QueueProcessor, ctx: &Context, err: &Error) -> Resu
         )
         .await;
     }
-    warn!(qp = %key(qp), error = %err, "not applying an invalid QueueProcessor");
+    warn!(error = %err, "not applying an invalid QueueProcessor");
     Ok(())
 }
 
@@ -461,22 +500,15 @@ async fn publish(
     }
 }
 
-async fn write_status(
-    qp: &QueueProcessor,
-    ctx: &Context,
-    observed: &scaler::Observed,
-    step: &scaler::Step,
-    ready: u32,
-    problem: Option<&Problem>,
-) -> Result<()> {
+async fn write_status(qp: &QueueProcessor, ctx: &Context, tick: &Tick) -> Result<()> {
     let mut status = qp.status.clone().unwrap_or_default();
     let generation = qp.metadata.generation;
     scaler::fill_status_with_health(
         &mut status,
-        observed,
-        step,
-        ready,
-        problem,
+        &tick.observed,
+        &tick.step,
+        tick.ready,
+        tick.problem.as_ref(),
         generation,
         now_time(),
     );
@@ -501,7 +533,7 @@ async fn publish_events(
             "replicas {current} -> {}: {}",
             step.decision.replicas, step.decision.reason
         );
-        info!(qp = %key(qp), %note, "scaled");
+        info!(%note, "scaled");
         publish(ctx, qp, EventType::Normal, verb, "Scale", note).await;
     }
     let error = observed
@@ -549,7 +581,7 @@ async fn publish_health_events(qp: &QueueProcessor, ctx: &Context, problem: Opti
     };
     match problem {
         Some(p) => {
-            warn!(qp = %key(qp), reason = p.reason.as_str(), message = %p.message,
+            warn!(reason = p.reason.as_str(), message = %p.message,
                 "pods cannot run");
             publish(
                 ctx,
@@ -570,7 +602,7 @@ async fn publish_health_events(qp: &QueueProcessor, ctx: &Context, problem: Opti
                 ),
                 None => "pods recovered".to_owned(),
             };
-            info!(qp = %key(qp), %note, "pods recovered");
+            info!(%note, "pods recovered");
             publish(
                 ctx,
                 qp,
@@ -582,47 +614,6 @@ async fn publish_health_events(qp: &QueueProcessor, ctx: &Context, problem: Opti
             .await
         }
     }
-}
-
-fn update_metrics(
-    qp: &QueueProcessor,
-    ctx: &Context,
-    observed: &scaler::Observed,
-    step: &scaler::Step,
-    ready: u32,
-) {
-    let ns = qp.namespace_or_default();
-    let name = qp.name_any();
-    let l = [ns.as_str(), name.as_str()];
-    let m = &ctx.metrics;
-    m.source_up
-        .with_label_values(&l)
-        .set(i64::from(observed.source.is_ok()));
-    if let Ok(s) = &observed.source {
-        m.backlog.with_label_values(&l).set(s.backlog as i64);
-        for p in &s.lags {
-            m.partition_lag
-                .with_label_values(&[&ns, &name, &p.partition.to_string()])
-                .set(p.lag as i64);
-        }
-    }
-    m.desired_replicas
-        .with_label_values(&l)
-        .set(i64::from(step.decision.replicas));
-    m.ready_replicas.with_label_values(&l).set(i64::from(ready));
-    m.tokens_limit
-        .with_label_values(&l)
-        .set(i64::from(step.decision.token_limit));
-    if let Ok(w) = &observed.workers {
-        m.tokens_in_use
-            .with_label_values(&l)
-            .set(w.tokens_in_use as i64);
-    }
-    if let Some(r) = step.processed_rate {
-        m.throughput.with_label_values(&l).set(r);
-    }
-    m.kafka_requests.reset();
-    m.kafka_requests.inc_by(ctx.probes.kafka_requests());
 }
 
 /// Before the finalizer removes any key: delete the Deployments and wait until their pods are
@@ -673,7 +664,10 @@ async fn stop_pods(qp: &QueueProcessor, ctx: &Context) -> Result<Option<Duration
         .map(|t| Timestamp::now().duration_since(t.0).as_secs().max(0) as u64)
         .unwrap_or(0);
     if waited < grace + STOP_MARGIN_SECONDS {
-        info!(qp = %key(qp), running, "waiting for pods to stop before removing Redis keys");
+        info!(
+            running,
+            "waiting for pods to stop before removing Redis keys"
+        );
         return Ok(Some(Duration::from_secs(2)));
     }
     publish(
@@ -703,11 +697,11 @@ async fn cleanup(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
         Ok(redis) => {
             let keys = Keys::new(&ns, &name);
             scaler::delete_keys(&ctx.probes, &redis, &keys).await?;
-            info!(qp = %key(qp), "removed token and counter keys from Redis");
+            info!("removed token and counter keys from Redis");
         }
         // Without its Secret the Redis cannot be reached; the keys then only expire by TTL
         // (leases) or stay (counters). Do not block deletion forever on that.
-        Err(e) => warn!(qp = %key(qp), error = %e, "cannot reach Redis to clean up; leaving keys"),
+        Err(e) => warn!(error = %e, "cannot reach Redis to clean up; leaving keys"),
     }
     ctx.scalers.lock().expect("scalers lock").remove(&key(qp));
     ctx.last_error

@@ -48,10 +48,10 @@ impl Error {
     }
 }
 
-impl From<qp_worker::Error> for Error {
-    fn from(e: qp_worker::Error) -> Self {
+impl From<qp_protocol::Error> for Error {
+    fn from(e: qp_protocol::Error) -> Self {
         match e {
-            qp_worker::Error::Kafka(m) => Error::Source(m),
+            qp_protocol::Error::Kafka(m) => Error::Source(m),
             other => Error::Redis(other.to_string()),
         }
     }

@@ -4,7 +4,8 @@
 //! - [`crd`]: the `QueueProcessor` API
 //! - [`policy`], [`rates`]: pure decision code; [`health`]: why pods cannot run (pure)
 //! - [`workload`], [`builder`]: what a worker is told, and its Kubernetes objects (pure)
-//! - [`measure`], [`scaler`]: readings -> one decision, shared by both backends
+//! - [`measure`], [`scaler`]: readings -> one decision; [`tick`]: measure -> decide -> apply ->
+//!   tokens -> metrics, the one loop body both backends run
 //! - [`controller`], [`leader`], [`run`]: the cluster backend; [`local`]: the process backend
 
 pub mod builder;
@@ -21,4 +22,5 @@ pub mod policy;
 pub mod rates;
 pub mod run;
 pub mod scaler;
+pub mod tick;
 pub mod workload;

@@ -17,13 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
 use axum::routing::get;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use qp_worker::keys::Keys;
+use qp_protocol::observability;
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
@@ -31,16 +30,18 @@ use tracing::{info, warn};
 use crate::cli::LocalArgs;
 use crate::crd::{QueueProcessor, QueueProcessorStatus};
 use crate::error::{Error, Result};
+use crate::health::Problem;
 use crate::measure::Probes;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::scaler::{self, Scaler, SecretValues};
-use crate::workload::{self, Component, EnvValue, ProcessConfig};
+use crate::tick::{self, Replicas, Resolved};
+use crate::workload::{EnvValue, ProcessConfig};
 
 /// Crash-loop backoff: the delay before restarting a process that exited `crashes` times in a
 /// row. The first restart is immediate (a one-off crash, such as an OOM kill, comes back at
 /// once); then 1 s, 2 s, 4 s ... up to [`BACKOFF_MAX`], so a worker that cannot start (bad
 /// handler command, unreachable Redis) does not fork every poll and flood its log.
+/// Stays hand-written (not `backon`): a pure, tested function of the crash count, not a retry.
 pub fn restart_delay(crashes: u32) -> Duration {
     match crashes {
         0 | 1 => Duration::ZERO,
@@ -312,6 +313,27 @@ impl Local {
     }
 }
 
+/// Local processes as the place replicas run.
+impl Replicas for Local {
+    async fn current(&mut self) -> Result<Option<u32>> {
+        Ok(Some(self.replicas.len() as u32))
+    }
+
+    async fn ready(&mut self) -> Result<u32> {
+        Ok(Local::ready(self).await)
+    }
+
+    async fn apply(&mut self, replicas: u32) -> Result<()> {
+        self.scale_to(replicas)
+    }
+
+    /// Crashed processes restart with a backoff ([`Local::supervise`]); there is no pod status
+    /// to diagnose.
+    async fn health(&mut self) -> Option<Problem> {
+        None
+    }
+}
+
 fn write_targets(
     path: &Path,
     qp: &QueueProcessor,
@@ -347,18 +369,9 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     if qp.metadata.namespace.is_none() {
         qp.metadata.namespace = Some("default".into());
     }
-    let name = qp
-        .metadata
-        .name
-        .clone()
-        .ok_or_else(|| Error::InvalidSpec("metadata.name is required".into()))?;
-    let ns = qp.namespace_or_default();
     let secrets = read_secrets(&qp, args.secrets_dir.as_deref())?;
-    let redis = scaler::redis_settings(&qp.spec.redis, &secrets)?;
-    let target = scaler::source_target(&qp, &secrets)?;
-    let keys = Keys::new(&ns, &name);
-    let policy = Policy::from_spec(&qp.spec.scaling, &qp.spec.concurrency);
-    let poll = Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64);
+    let resolved = Resolved::new(&qp, &secrets)?;
+    let (ns, name) = (resolved.namespace.clone(), resolved.name.clone());
     std::fs::create_dir_all(&args.log_dir)
         .map_err(|e| Error::Local(format!("creating {}: {e}", args.log_dir.display())))?;
 
@@ -369,15 +382,13 @@ pub async fn run(args: LocalArgs) -> Result<()> {
     }));
     serve(args.listen, metrics.clone(), status.clone()).await?;
 
-    let worker_cfg = workload::process(&qp, Component::Worker)
-        .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
     let mut local = Local {
         bin: worker_binary(args.worker_bin.as_deref()),
         secrets,
         secrets_dir: args.secrets_dir.clone(),
         log_dir: args.log_dir.clone(),
         base_port: args.base_port,
-        worker_cfg,
+        worker_cfg: resolved.worker.clone(),
         replicas: Vec::new(),
         draining: Vec::new(),
         next_index: 0,
@@ -390,9 +401,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
 
     // The gateway, when enabled, is one process on the port below the workers'.
     let mut gateway: Option<(Replica, ProcessConfig)> = None;
-    if qp.spec.gateway.enabled {
-        let cfg = workload::process(&qp, Component::Gateway)
-            .ok_or_else(|| Error::InvalidSpec("gateway configuration is incomplete".into()))?;
+    if let Some(cfg) = resolved.gateway.clone() {
         let port = args.base_port.checked_sub(1).ok_or_else(|| {
             Error::Local("--base-port must leave room for the gateway below it".into())
         })?;
@@ -422,34 +431,21 @@ pub async fn run(args: LocalArgs) -> Result<()> {
                 .with_label_values(&labels)
                 .inc_by(restarted);
         }
-        let observed = scaler::observe(&probes, &target, &redis, &keys).await;
-        let current = local.replicas.len() as u32;
-        let ready = local.ready().await;
-        let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
-        let step = scaler.step(&policy, &observed, current, ready, qp.is_paused(), now_ms);
-        if step.decision.changed {
-            info!(from = current, to = step.decision.replicas, reason = %step.decision.reason, "scaling");
-        }
-        local.scale_to(step.decision.replicas)?;
-        if observed.workers.is_ok()
-            && let Err(e) =
-                scaler::set_token_limit(&probes, &redis, &keys, step.decision.token_limit).await
-        {
-            warn!(error = %e, "writing the token limit failed");
-        }
+        let tick = tick::run(&resolved, &probes, &mut scaler, &mut local, &metrics).await?;
         {
             let mut st = status.lock().expect("status lock");
-            scaler::fill_status(
+            scaler::fill_status_with_health(
                 &mut st.status,
-                &observed,
-                &step,
-                ready,
+                &tick.observed,
+                &tick.step,
+                tick.ready,
+                tick.problem.as_ref(),
                 Some(1),
                 Time(Timestamp::now()),
             );
             st.status.refresh_summary(&qp.spec);
             st.replicas = local.replicas.len() as u32;
-            st.ready_replicas = ready;
+            st.ready_replicas = tick.ready;
             st.restarts = restarts;
             st.worker_ports = local.replicas.iter().map(|r| r.port).collect();
             st.worker_pids = local
@@ -458,44 +454,6 @@ pub async fn run(args: LocalArgs) -> Result<()> {
                 .map(|r| r.child.id().unwrap_or(0))
                 .collect();
         }
-        metrics
-            .source_up
-            .with_label_values(&labels)
-            .set(i64::from(observed.source.is_ok()));
-        if let Ok(s) = &observed.source {
-            metrics
-                .backlog
-                .with_label_values(&labels)
-                .set(s.backlog as i64);
-            for p in &s.lags {
-                metrics
-                    .partition_lag
-                    .with_label_values(&[&ns, &name, &p.partition.to_string()])
-                    .set(p.lag as i64);
-            }
-        }
-        metrics
-            .desired_replicas
-            .with_label_values(&labels)
-            .set(i64::from(step.decision.replicas));
-        metrics
-            .ready_replicas
-            .with_label_values(&labels)
-            .set(i64::from(ready));
-        metrics
-            .tokens_limit
-            .with_label_values(&labels)
-            .set(i64::from(step.decision.token_limit));
-        if let Ok(w) = &observed.workers {
-            metrics
-                .tokens_in_use
-                .with_label_values(&labels)
-                .set(w.tokens_in_use as i64);
-        }
-        metrics
-            .throughput
-            .with_label_values(&labels)
-            .set(step.processed_rate.unwrap_or(0.0));
         if let Some(path) = &args.prometheus_targets {
             let ports: Vec<u16> = local.replicas.iter().map(|r| r.port).collect();
             write_targets(
@@ -506,6 +464,7 @@ pub async fn run(args: LocalArgs) -> Result<()> {
                 args.listen,
             );
         }
+        let poll = resolved.poll;
         let young =
             local.replicas.iter().any(|r| r.started.elapsed() < poll) || started.elapsed() < poll;
         // Poll faster while processes are starting, so readiness shows up promptly.
@@ -573,27 +532,14 @@ pub(crate) fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>>
     })
 }
 
-#[derive(Clone)]
-struct Shared {
-    metrics: Metrics,
-    status: Arc<Mutex<LocalStatus>>,
-}
-
+/// `/metrics` and `/healthz` (local mode has no `/readyz`), and the status as `/status.json`.
 async fn serve(addr: SocketAddr, metrics: Metrics, status: Arc<Mutex<LocalStatus>>) -> Result<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<Shared>| async move { s.metrics.render() }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/status.json",
-            get(|State(s): State<Shared>| async move {
-                let st = s.status.lock().expect("status lock").clone();
-                axum::Json(st)
-            }),
-        )
-        .with_state(Shared { metrics, status });
+    let status_json = get(move || {
+        let st = status.lock().expect("status lock").clone();
+        async move { axum::Json(st) }
+    });
+    let app = observability::router(move || metrics.render(), None)
+        .merge(Router::new().route("/status.json", status_json));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Local(format!("binding {addr}: {e}")))?;

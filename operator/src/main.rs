@@ -10,7 +10,11 @@ async fn main() -> std::process::ExitCode {
         Command::Run(a) => a.log_format,
         Command::Local(a) => a.log_format,
     };
-    init_tracing(format);
+    let format = match format {
+        LogFormat::Text => qp_protocol::settings::LogFormat::Text,
+        LogFormat::Json => qp_protocol::settings::LogFormat::Json,
+    };
+    qp_protocol::observability::init_tracing(format, "info,kube=warn");
     let res = match cli.command {
         Command::Run(args) => qp_operator::run::run(args).await,
         Command::Local(args) => qp_operator::local::run(args).await,
@@ -22,17 +26,5 @@ async fn main() -> std::process::ExitCode {
             eprintln!("qp-operator: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

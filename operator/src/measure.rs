@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use qp_worker::keys::Keys;
-use qp_worker::lag::{LagProbe, PartitionLag};
-use qp_worker::redis_conn::{Conn, RedisSettings};
-use qp_worker::tokens::{PoolOptions, TokenPool};
+use qp_protocol::keys::Keys;
+use qp_protocol::lag::{LagProbe, PartitionLag};
+use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::tokens::{PoolOptions, TokenPool};
 
 use crate::error::{Error, Result};
 
@@ -72,28 +72,6 @@ pub struct WorkerReading {
     pub tokens_in_use: u64,
     pub tokens_limit: u64,
 }
-
-/// Reads the workers' counters in one script call and prunes heartbeats of long-dead replicas.
-/// KEYS: processed, failed, heartbeats, rates, inflight. ARGV[1] = fresh window ms,
-/// ARGV[2] = prune after ms.
-const COUNTERS: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[2]))
-for _, w in ipairs(dead) do
-  redis.call('ZREM', KEYS[3], w)
-  redis.call('HDEL', KEYS[4], w)
-  redis.call('HDEL', KEYS[5], w)
-end
-local live = redis.call('ZRANGEBYSCORE', KEYS[3], now - tonumber(ARGV[1]), '+inf')
-local rate, inflight = 0, 0
-for _, w in ipairs(live) do
-  rate = rate + tonumber(redis.call('HGET', KEYS[4], w) or '0')
-  inflight = inflight + tonumber(redis.call('HGET', KEYS[5], w) or '0')
-end
-return {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2]) or '0', #live,
-        tostring(rate), inflight}
-"#;
 
 /// Shared measurement clients.
 #[derive(Default)]
@@ -211,7 +189,7 @@ impl Probes {
         let conn = self.redis(redis).await?;
         let read = async {
             let (processed, failed, live, rate, inflight): (String, String, u32, String, u64) =
-                redis::Script::new(COUNTERS)
+                qp_protocol::scripts::COUNTERS
                     .key(keys.processed())
                     .key(keys.failed())
                     .key(keys.heartbeats())

@@ -2,14 +2,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use kube::Client;
+use qp_protocol::observability::{self, Readiness};
 use tracing::{info, warn};
 
 use crate::builder::BuildOptions;
@@ -19,36 +15,10 @@ use crate::error::{Error, Result};
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 
-#[derive(Clone)]
-struct Probe {
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-}
-
 /// `/metrics`, `/healthz`, `/readyz` (ready once connected to the API server; a follower is
 /// ready too: it is healthy and waiting).
-pub async fn serve_probes(
-    addr: SocketAddr,
-    metrics: Metrics,
-    ready: Arc<AtomicBool>,
-) -> Result<()> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(p): State<Probe>| async move { p.metrics.render() }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(p): State<Probe>| async move {
-                if p.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .with_state(Probe { metrics, ready });
+pub async fn serve_probes(addr: SocketAddr, metrics: Metrics, ready: Readiness) -> Result<()> {
+    let app = observability::router(move || metrics.render(), Some(ready));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Local(format!("binding {addr}: {e}")))?;
@@ -61,11 +31,11 @@ pub async fn serve_probes(
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let metrics = Metrics::new();
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Readiness::default();
     serve_probes(args.listen, metrics.clone(), ready.clone()).await?;
     let client = Client::try_default().await?;
     client.apiserver_version().await?;
-    ready.store(true, Ordering::SeqCst);
+    ready.set(true);
 
     let identity = args
         .identity

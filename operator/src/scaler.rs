@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use qp_worker::config::KafkaArgs;
-use qp_worker::keys::Keys;
-use qp_worker::redis_conn::RedisSettings;
-use qp_worker::tokens::{PoolOptions, TokenPool};
+use qp_protocol::kafka::KafkaArgs;
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::RedisSettings;
+use qp_protocol::tokens::{PoolOptions, TokenPool};
 
 use crate::crd::{
     CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,
@@ -241,15 +241,7 @@ pub async fn set_token_limit(
 /// Remove the token and counter keys of a QueueProcessor (not its results: they expire).
 pub async fn delete_keys(probes: &Probes, redis: &RedisSettings, keys: &Keys) -> Result<()> {
     let mut conn = probes.redis(redis).await?;
-    let mut names: Vec<String> = keys.token_keys().to_vec();
-    names.extend([
-        keys.processed(),
-        keys.failed(),
-        keys.inflight(),
-        keys.heartbeats(),
-        keys.rates(),
-        format!("{}reaper-lock", keys.prefix()),
-    ]);
+    let names = keys.lifetime_keys();
     // One slot (the hash tag), so one DEL works on Redis Cluster too.
     let _: i64 = redis::cmd("DEL")
         .arg(&names)

@@ -3,7 +3,16 @@
 //! it into a pod spec (secrets as `secretKeyRef`, files as Secret volumes), local mode into a
 //! process environment (secrets read from a local directory).
 
-use crate::crd::{DeadLetter, Handler, QueueProcessor, RedisEndpoint, SecretKeyRef, Source};
+use std::net::SocketAddr;
+
+pub use qp_protocol::settings::Refs;
+use qp_protocol::settings::{
+    CommonArgs, GatewayArgs, HandlerSpec, KafkaArgs, LogFormat, RunArgs, Setting, SourceKind,
+};
+
+use crate::crd::{
+    BuiltinName, DeadLetter, Handler, QueueProcessor, RedisEndpoint, SecretKeyRef, Source,
+};
 
 /// Which `qp-worker` mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,18 +38,9 @@ impl Component {
     }
 }
 
-/// One environment value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnvValue {
-    /// A literal.
-    Value(String),
-    /// The value of a Secret key (never copied into the pod spec).
-    Secret(SecretKeyRef),
-    /// The path where a Secret key is mounted as a file (TLS material).
-    SecretFile(SecretKeyRef),
-    /// The pod's own name (downward API); the process id in local mode.
-    PodName,
-}
+/// One environment value: a literal, a Secret key by reference, a mounted Secret file, or the
+/// pod's name.
+pub type EnvValue = Setting<SecretKeyRef>;
 
 /// Arguments and environment of one `qp-worker` process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,140 +53,121 @@ pub struct ProcessConfig {
 /// Port of `/metrics`, the probes and (gateway) the API, inside the pod.
 pub const PORT: u16 = 9090;
 
-fn v(s: impl Into<String>) -> EnvValue {
-    EnvValue::Value(s.into())
-}
-
-/// The `--handler` value for a handler spec.
-pub fn handler_flag(qp: &QueueProcessor) -> Option<(String, u64)> {
+/// The worker's handler and its timeout in milliseconds.
+pub fn handler(qp: &QueueProcessor) -> Option<(HandlerSpec, u64)> {
+    let ms = |seconds: i32| u64::from(seconds.max(0).unsigned_abs()) * 1000;
     Some(match qp.spec.worker.handler.get()? {
-        Handler::Http(h) => (h.url.clone(), h.timeout_seconds as u64 * 1000),
+        Handler::Http(h) => (
+            HandlerSpec::Http { url: h.url.clone() },
+            ms(h.timeout_seconds),
+        ),
         Handler::Exec(e) => (
-            format!("exec:{}", e.command.join(" ")),
-            e.timeout_seconds as u64 * 1000,
+            HandlerSpec::Exec {
+                command: e.command.clone(),
+            },
+            ms(e.timeout_seconds),
         ),
         Handler::Builtin(b) => {
-            let spec = match b.name.as_str() {
-                "sleep" => format!("sleep:{}", b.sleep_millis()),
-                "fail" => format!("fail:{}", b.fail_pattern.as_deref().unwrap_or("fail")),
-                other => other.to_owned(),
+            let spec = match b.name {
+                BuiltinName::Sleep => HandlerSpec::Sleep {
+                    millis: b.sleep_millis().max(0) as u64,
+                },
+                BuiltinName::Fail => HandlerSpec::Fail {
+                    pattern: b.fail_pattern.clone().unwrap_or_else(|| "fail".into()),
+                },
+                BuiltinName::Echo => HandlerSpec::Echo,
             };
             (spec, 30_000)
         }
     })
 }
 
-/// The process configuration of a component. `None` when the spec is invalid (validation
-/// reports why before anything is built).
+fn non_negative(n: i64) -> u64 {
+    n.max(0) as u64
+}
+
+/// The process configuration of a component: the typed settings of `qp_protocol::settings`
+/// filled from the QueueProcessor and rendered to environment variables. `None` when the spec
+/// is invalid (validation reports why before anything is built).
 pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfig> {
     let spec = &qp.spec;
-    let name = qp.metadata.name.clone()?;
-    let namespace = qp.namespace_or_default();
-    let mut env: Vec<(String, EnvValue)> = vec![
-        ("QP_NAMESPACE".into(), v(namespace)),
-        ("QP_NAME".into(), v(name)),
-        ("QP_LISTEN".into(), v(format!("0.0.0.0:{PORT}"))),
-        ("QP_LOG_FORMAT".into(), v("json")),
-        (
-            "QP_RESULT_TTL_SECONDS".into(),
-            v(spec.results.ttl_seconds.to_string()),
-        ),
-    ];
+    let mut common = CommonArgs::new(&qp.namespace_or_default(), qp.metadata.name.as_deref()?);
+    common.listen = SocketAddr::from(([0, 0, 0, 0], PORT));
+    common.log_format = LogFormat::Json;
     match spec.redis.endpoint()? {
-        RedisEndpoint::Url(u) => env.push(("QP_REDIS_URL".into(), v(u))),
-        RedisEndpoint::Cluster(nodes) => {
-            env.push(("QP_REDIS_CLUSTER_NODES".into(), v(nodes.join(","))))
-        }
+        RedisEndpoint::Url(u) => common.redis_url = Some(u.to_owned()),
+        RedisEndpoint::Cluster(nodes) => common.redis_cluster_nodes = Some(nodes.join(",")),
     }
-    if spec.redis.uses_tls() {
-        env.push(("QP_REDIS_TLS".into(), v("true")));
-    }
-    if let Some(p) = &spec.redis.password_secret_ref {
-        env.push(("QP_REDIS_PASSWORD".into(), EnvValue::Secret(p.clone())));
-    }
-    if let Some(u) = &spec.redis.username_secret_ref {
-        env.push(("QP_REDIS_USERNAME".into(), EnvValue::Secret(u.clone())));
-    }
-    match spec.source.get()? {
+    common.redis_tls = spec.redis.uses_tls();
+    let mut refs = Refs {
+        redis_password: spec.redis.password_secret_ref.clone(),
+        redis_username: spec.redis.username_secret_ref.clone(),
+        ..Refs::default()
+    };
+    let mut kafka = KafkaArgs::default();
+    let source = spec.source.get()?;
+    let (kind, list_key) = match source {
         Source::Kafka(k) => {
-            env.push(("QP_SOURCE".into(), v("kafka")));
-            env.push(("QP_KAFKA_BOOTSTRAP".into(), v(&k.bootstrap_servers)));
-            env.push(("QP_KAFKA_TOPIC".into(), v(&k.topic)));
-            env.push(("QP_KAFKA_GROUP".into(), v(&k.consumer_group)));
+            kafka.kafka_bootstrap = Some(k.bootstrap_servers.clone());
+            kafka.kafka_topic = Some(k.topic.clone());
+            kafka.kafka_group = Some(k.consumer_group.clone());
             if let Some(sasl) = &k.sasl {
-                env.push(("QP_KAFKA_SASL_MECHANISM".into(), v(sasl.mechanism.as_str())));
-                env.push((
-                    "QP_KAFKA_USERNAME".into(),
-                    EnvValue::Secret(sasl.username_secret_ref.clone()),
-                ));
-                env.push((
-                    "QP_KAFKA_PASSWORD".into(),
-                    EnvValue::Secret(sasl.password_secret_ref.clone()),
-                ));
+                kafka.kafka_sasl_mechanism = Some(sasl.mechanism.as_str().to_owned());
+                refs.kafka_username = Some(sasl.username_secret_ref.clone());
+                refs.kafka_password = Some(sasl.password_secret_ref.clone());
             }
             if let Some(tls) = &k.tls {
-                env.push(("QP_KAFKA_TLS".into(), v("true")));
-                if let Some(ca) = &tls.ca_secret_ref {
-                    env.push(("QP_KAFKA_CA_FILE".into(), EnvValue::SecretFile(ca.clone())));
+                kafka.kafka_tls = true;
+                refs.kafka_ca_file = tls.ca_secret_ref.clone();
+                refs.kafka_cert_file = tls.client_cert_secret_ref.clone();
+                refs.kafka_key_file = tls.client_key_secret_ref.clone();
+            }
+            (SourceKind::Kafka, None)
+        }
+        Source::RedisList(r) => (SourceKind::RedisList, Some(r.key.clone())),
+    };
+    let result_ttl_seconds = non_negative(spec.results.ttl_seconds);
+    let env = match component {
+        Component::Worker => {
+            let (handler, timeout_ms) = handler(qp)?;
+            let c = &spec.concurrency;
+            let mut run = RunArgs::new(common, kafka, kind, handler);
+            run.list_key = list_key;
+            run.handler_timeout_ms = timeout_ms;
+            run.max_concurrency = non_negative(c.per_replica_tokens.into()) as usize;
+            run.lease_ttl_ms = non_negative(c.lease_seconds.into()) * 1000;
+            run.retries = spec.results.max_retries.max(0).unsigned_abs();
+            run.retry_backoff_ms = non_negative(spec.results.retry_backoff_millis);
+            run.result_ttl_seconds = result_ttl_seconds;
+            run.drain_timeout_seconds = non_negative(spec.worker.shutdown_timeout_seconds.into());
+            run.dead_letter = spec
+                .results
+                .dead_letter
+                .as_ref()
+                .and_then(|d| d.get())
+                .map(|dl| match dl {
+                    DeadLetter::KafkaTopic(t) => format!("kafka:{t}"),
+                    DeadLetter::RedisList(l) => format!("redis:{l}"),
+                });
+            match source {
+                Source::Kafka(k) => {
+                    run.max_pending_per_partition =
+                        non_negative(k.max_in_flight_per_partition.into()) as usize
                 }
-                if let Some(c) = &tls.client_cert_secret_ref {
-                    env.push(("QP_KAFKA_CERT_FILE".into(), EnvValue::SecretFile(c.clone())));
-                }
-                if let Some(c) = &tls.client_key_secret_ref {
-                    env.push(("QP_KAFKA_KEY_FILE".into(), EnvValue::SecretFile(c.clone())));
+                Source::RedisList(r) => {
+                    run.dead_after_ms = non_negative(r.reclaim_after_seconds.into()) * 1000
                 }
             }
-            if component == Component::Worker {
-                env.push((
-                    "QP_MAX_PENDING_PER_PARTITION".into(),
-                    v(k.max_in_flight_per_partition.to_string()),
-                ));
-            }
+            refs.worker_id_is_pod_name = true;
+            run.render(&refs)
         }
-        Source::RedisList(r) => {
-            env.push(("QP_SOURCE".into(), v("redis-list")));
-            env.push(("QP_LIST_KEY".into(), v(&r.key)));
-            if component == Component::Worker {
-                env.push((
-                    "QP_DEAD_AFTER_MS".into(),
-                    v((i64::from(r.reclaim_after_seconds) * 1000).to_string()),
-                ));
-            }
+        Component::Gateway => {
+            let mut gw = GatewayArgs::new(common, kafka, kind);
+            gw.list_key = list_key;
+            gw.result_ttl_seconds = result_ttl_seconds;
+            gw.render(&refs)
         }
-    }
-    if component == Component::Worker {
-        let (handler, timeout_ms) = handler_flag(qp)?;
-        let c = &spec.concurrency;
-        env.extend([
-            ("QP_WORKER_ID".into(), EnvValue::PodName),
-            ("QP_HANDLER".into(), v(handler)),
-            ("QP_HANDLER_TIMEOUT_MS".into(), v(timeout_ms.to_string())),
-            (
-                "QP_MAX_CONCURRENCY".into(),
-                v(c.per_replica_tokens.to_string()),
-            ),
-            (
-                "QP_LEASE_TTL_MS".into(),
-                v((i64::from(c.lease_seconds) * 1000).to_string()),
-            ),
-            ("QP_RETRIES".into(), v(spec.results.max_retries.to_string())),
-            (
-                "QP_RETRY_BACKOFF_MS".into(),
-                v(spec.results.retry_backoff_millis.to_string()),
-            ),
-            (
-                "QP_DRAIN_TIMEOUT_SECONDS".into(),
-                v(spec.worker.shutdown_timeout_seconds.to_string()),
-            ),
-        ]);
-        if let Some(dl) = spec.results.dead_letter.as_ref().and_then(|d| d.get()) {
-            let target = match dl {
-                DeadLetter::KafkaTopic(t) => format!("kafka:{t}"),
-                DeadLetter::RedisList(l) => format!("redis:{l}"),
-            };
-            env.push(("QP_DEAD_LETTER".into(), v(target)));
-        }
-    }
+    };
     Some(ProcessConfig {
         component,
         args: vec![component.subcommand().to_owned()],
@@ -225,6 +206,10 @@ spec:
   results:
     deadLetter: {kafkaTopic: orders-dlq}
 "#;
+
+    fn v(s: &str) -> EnvValue {
+        Setting::Value(s.to_owned())
+    }
 
     fn get<'a>(c: &'a ProcessConfig, k: &str) -> Option<&'a EnvValue> {
         c.env.iter().find(|(n, _)| n == k).map(|(_, v)| v)
@@ -267,8 +252,11 @@ spec:
         let mut q = qp(KAFKA);
         q.spec.worker.handler =
             serde_yaml::from_str("builtin: {name: sleep, sleepMillis: 25}").unwrap();
-        assert_eq!(handler_flag(&q).unwrap().0, "sleep:25");
+        assert_eq!(handler(&q).unwrap().0.to_string(), "sleep:25");
         q.spec.worker.handler = serde_yaml::from_str("exec: {command: [tr, a-z, A-Z]}").unwrap();
-        assert_eq!(handler_flag(&q).unwrap().0, "exec:tr a-z A-Z");
+        assert_eq!(
+            handler(&q).unwrap().0.to_string(),
+            r#"exec:["tr","a-z","A-Z"]"#
+        );
     }
 }

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qp_worker::keys::Keys;
-use qp_worker::redis_conn::{Conn, RedisSettings};
-use qp_worker::tokens::{PoolOptions, TokenPool};
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::tokens::{PoolOptions, TokenPool};
 
 use crate::env::{self, Env};
 use crate::procs::{self, Proc};

@@ -2,7 +2,9 @@
 //! processes, Kafka and Redis conveniences. Every test runs against real services.
 
 pub mod bench;
+pub mod chart;
 pub mod cluster;
+pub mod e2e;
 pub mod env;
 pub mod fixture;
 pub mod kafka;

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use qp_operator::crd::QueueProcessorStatus;
-use qp_worker::keys::Keys;
-use qp_worker::redis_conn::Conn;
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::Conn;
 use serde::Deserialize;
 
 /// What local mode serves on `/status.json`.
@@ -457,6 +457,20 @@ pub struct TestQp {
 /// the gateway on, fast polling and short scale-down windows, written to
 /// `target/test-logs/<name>/queueprocessor.yaml`; returns the path.
 pub fn manifest(fixture: &crate::fixture::Fixture, qp: &TestQp) -> PathBuf {
+    let handler = format!(
+        "builtin:\n        name: sleep\n        sleepMillis: {}",
+        qp.sleep_millis
+    );
+    manifest_with_handler(fixture, qp, &handler)
+}
+
+/// [`manifest`] with another handler: `handler` is the YAML under `spec.worker.handler`,
+/// indented for that place (8 spaces on continuation lines).
+pub fn manifest_with_handler(
+    fixture: &crate::fixture::Fixture,
+    qp: &TestQp,
+    handler: &str,
+) -> PathBuf {
     let dir = crate::env::workspace_root()
         .join("target/test-logs")
         .join(&fixture.name);
@@ -489,9 +503,7 @@ spec:
     cooldownSeconds: 3
   worker:
     handler:
-      builtin:
-        name: sleep
-        sleepMillis: {sleep}
+      {handler}
     shutdownTimeoutSeconds: 5
   results:
     ttlSeconds: 600
@@ -507,7 +519,6 @@ spec:
         tokens = qp.per_replica_tokens,
         global = qp.per_replica_tokens * qp.max_replicas,
         max = qp.max_replicas,
-        sleep = qp.sleep_millis,
     );
     let path = dir.join("queueprocessor.yaml");
     std::fs::write(&path, text).expect("write the manifest");

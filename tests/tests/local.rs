@@ -194,3 +194,58 @@ async fn burst_scales_out_and_back_without_loss_and_crashed_workers_restart() {
     }
     f.cleanup().await;
 }
+
+/// An exec handler's arguments reach the process as written, through the operator's rendering
+/// of the worker's settings and the worker's parsing of them: `["sh", "-c", "echo a b"]` runs
+/// `echo a b` in a shell. (Its command was once joined with spaces and split again, so the
+/// worker ran `sh -c echo a b` and answered "\n".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_handler_arguments_keep_their_spaces() {
+    let f = Fixture::new("local-exec", RedisKind::Single, 1).await;
+    let file = local::manifest_with_handler(
+        &f,
+        &TestQp {
+            sleep_millis: 0,
+            per_replica_tokens: 2,
+            max_replicas: 1,
+        },
+        "exec:\n        command: [sh, -c, echo a b]",
+    );
+    let mut lm = LocalMode::start(&f.name, &file, None);
+    let st = lm.wait_ready(Duration::from_secs(120)).await;
+    let gateway = st.gateway_url.expect("the gateway is enabled");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer: serde_json::Value = loop {
+        let submitted = http
+            .post(format!("{gateway}/v1/requests"))
+            .header("content-type", "text/plain")
+            .header("idempotency-key", "exec-1")
+            .body("ignored")
+            .send()
+            .await
+            .expect("gateway reachable");
+        if submitted.status().is_success() {
+            let id = submitted.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .expect("an id")
+                .to_owned();
+            let polled = http
+                .get(format!("{gateway}/v1/requests/{id}?wait=10"))
+                .send()
+                .await
+                .expect("gateway reachable")
+                .json::<serde_json::Value>()
+                .await
+                .unwrap();
+            if polled["status"] != "pending" && polled["status"] != "processing" {
+                break polled;
+            }
+        }
+        assert!(Instant::now() < deadline, "no result within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer["status"], "done", "{answer}");
+    assert_eq!(answer["result"], "a b\n", "{answer}");
+    assert!(lm.stop(Duration::from_secs(30)).await, "local mode stops");
+}

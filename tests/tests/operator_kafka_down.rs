@@ -15,12 +15,12 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use qp_operator::crd::QueueProcessor;
 use qp_operator::measure::{Probes, SourceTarget};
+use qp_protocol::lag::LagProbe;
+use qp_protocol::redis_conn::RedisSettings;
 use qp_tests::cluster::{self, MANAGER};
 use qp_tests::env;
 use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::kafka;
-use qp_worker::lag::LagProbe;
-use qp_worker::redis_conn::RedisSettings;
 use serde_json::json;
 
 /// One Kafka outage at a time: the tests of this binary run in parallel otherwise.

@@ -11,10 +11,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 
-use crate::redis_conn::Conn;
 use crate::source::Job;
 use crate::source::redis_list::Envelope;
 use crate::{Error, Result};
+use qp_protocol::redis_conn::Conn;
 
 #[derive(Clone)]
 pub enum DeadLetter {

@@ -17,21 +17,23 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::Retryable;
 use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::field::Empty;
+use tracing::{Span, debug, info, instrument, warn};
 
 use crate::deadletter::DeadLetter;
 use crate::handler::{Handler, HandlerError, Request};
+use crate::keeper::{LeaseKeeper, Permit};
 use crate::metrics::Metrics;
 use crate::results::{Outcome, ResultStore};
 use crate::source::kafka::KafkaAcker;
 use crate::source::redis_list::RedisListAcker;
 use crate::source::{Job, Origin};
-use crate::tokens::{LeaseKeeper, Permit};
 
 /// Admission control: the global token pool, or nothing (ungated benchmarks).
 #[derive(Clone)]
@@ -241,8 +243,15 @@ impl Engine {
         }
     }
 
-    /// One job, start to acknowledgement.
+    /// One job, start to acknowledgement. Its span carries the request id and, for Kafka, the
+    /// partition and offset, so every log line about the message says which one it is.
+    #[instrument(name = "message", skip_all, fields(id = %job.id, partition = Empty, offset = Empty))]
     async fn process(&self, job: &Job, permit: Option<Permit>, acker: &Acker) {
+        if let Origin::Kafka { partition, offset } = job.origin {
+            Span::current()
+                .record("partition", partition)
+                .record("offset", offset);
+        }
         self.metrics.in_flight.inc();
         let _gauge = scopeguard(|| self.metrics.in_flight.dec());
 
@@ -328,12 +337,16 @@ impl Engine {
     /// Dead-letter, then record the failure. The dead letter is retried until it is written:
     /// acknowledging without it would lose the message.
     async fn fail(&self, job: &Job, reason: &str, class: &str) {
-        let mut delay = Duration::from_millis(100);
-        while let Err(e) = self.dead_letter.send(job, reason).await {
-            warn!(error = %e, target = %self.dead_letter.describe(), "dead letter failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+        // Until it is sent: the message is acknowledged only after its dead letter exists.
+        let _never_fails = (|| self.dead_letter.send(job, reason))
+            .retry(crate::retry::forever(
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+            ))
+            .notify(|e, _| {
+                warn!(error = %e, target = %self.dead_letter.describe(), "dead letter failed; retrying")
+            })
+            .await;
         self.metrics.dead_letters.with_label_values(&[class]).inc();
         let _ = self
             .store
@@ -343,7 +356,8 @@ impl Engine {
     }
 }
 
-/// Exponential backoff with full jitter, capped at 30 s.
+/// Exponential backoff with full jitter, capped at 30 s. Hand-written on purpose: a pure
+/// function of the attempt that the retry loop around the handler calls and a test pins down.
 fn backoff(base: Duration, attempt: u32) -> Duration {
     let cap = Duration::from_secs(30);
     let exp = base.saturating_mul(1 << attempt.min(16)).min(cap);

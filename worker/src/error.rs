@@ -16,15 +16,10 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// A Lua script answered with something this version of the code does not understand,
-    /// for example because another version of the scripts wrote the keys.
-    #[error("unexpected reply from the {script} script: {detail}")]
-    Protocol {
-        /// Name of the script (`ACQUIRE`, `RENEW`, ...).
-        script: &'static str,
-        /// What was wrong with the reply.
-        detail: String,
-    },
+    /// A shared-protocol failure that has no meaning of its own here (an unexpected script
+    /// reply); Redis, configuration, Kafka and closed-pool errors keep their own variants.
+    #[error(transparent)]
+    Shared(qp_protocol::Error),
 
     /// A Kafka client operation failed (creating the consumer, producing, committing).
     #[error("kafka: {0}")]
@@ -50,5 +45,18 @@ impl Error {
     /// Shorthand for [`Error::Config`].
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())
+    }
+}
+
+/// The protocol crate's errors keep their meaning here (a Redis failure stays a Redis failure).
+impl From<qp_protocol::Error> for Error {
+    fn from(e: qp_protocol::Error) -> Self {
+        match e {
+            qp_protocol::Error::Redis(e) => Error::Redis(e),
+            qp_protocol::Error::Config(m) => Error::Config(m),
+            qp_protocol::Error::Kafka(m) => Error::Kafka(m),
+            qp_protocol::Error::Closed => Error::Closed,
+            other @ qp_protocol::Error::Protocol { .. } => Error::Shared(other),
+        }
     }
 }

@@ -34,6 +34,8 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::StreamExt;
 use prometheus::IntGauge;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -42,34 +44,25 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::field::Empty;
+use tracing::{Span, info, instrument, warn};
 
-use crate::config::{GatewayArgs, SourceKind};
-use crate::keys::Keys;
 use crate::metrics::Metrics;
-use crate::redis_conn::{Conn, RedisSettings};
 use crate::results::{RequestState, ResultStore};
 use crate::server::{self, Readiness};
-use crate::source::redis_list::{Envelope, base64_encode};
+use crate::source::redis_list::Envelope;
 use crate::source::valid_id;
 use crate::{Error, Result};
+use qp_protocol::keys::Keys;
+use qp_protocol::observability;
+use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::settings::{GatewayArgs, KafkaArgs, SourceKind};
 
 /// How long a `pending` state lives before the message is known to be queued.
 const RESERVATION: Duration = Duration::from_secs(30);
 
 /// Content types the gateway accepts.
 const ACCEPTED_TYPES: [&str; 3] = ["application/json", "text/plain", "application/octet-stream"];
-
-/// Claim `id` as pending unless a request with that id exists. KEYS[1] = result hash.
-/// ARGV[1] = reservation ttl ms. Returns the existing state, or "" when newly claimed.
-const CLAIM: &str = r#"
-local s = redis.call('HGET', KEYS[1], 'state')
-if s then return s end
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'state', 'pending', 'at', t[1] * 1000 + math.floor(t[2] / 1000))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return ''
-"#;
 
 /// Where submitted requests go.
 enum Queue {
@@ -226,7 +219,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         backlog: Mutex::new(None),
         waiters: Waiters::new(&metrics)?,
         metrics: metrics.clone(),
-        claim: redis::Script::new(CLAIM),
+        claim: qp_protocol::scripts::CLAIM.clone(),
         stop: stop.clone(),
     });
     tokio::spawn(listen_done(
@@ -239,7 +232,8 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         tokio::spawn(sample_backlog(gw.clone(), args.clone(), stop.clone()));
     }
 
-    let app = api(gw.clone(), args.max_request_bytes).merge(server::router(metrics, ready.clone()));
+    let probes = observability::router(move || metrics.render(), Some(ready.clone()));
+    let app = api(gw.clone(), args.max_request_bytes).merge(probes);
     let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
     // Ready once `listen_done` has subscribed (it sets the flag).
     info!(%addr, keys = %gw.keys.prefix(), "gateway serving");
@@ -249,18 +243,12 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
 
 /// The producer fails a send after 5 s without an acknowledgement, so a broker that is down
 /// turns into a 503 within seconds instead of a request that hangs.
-fn gateway_producer(kafka: &crate::config::KafkaArgs) -> Result<FutureProducer> {
-    let mut config = rdkafka::ClientConfig::new();
-    config
-        .set("bootstrap.servers", kafka.bootstrap()?)
-        .set("client.id", "qp-gateway")
+fn gateway_producer(kafka: &KafkaArgs) -> Result<FutureProducer> {
+    kafka
+        .client_config("qp-gateway")?
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .set("message.timeout.ms", "5000");
-    for (k, v) in kafka.security_properties() {
-        config.set(k, v);
-    }
-    config
+        .set("message.timeout.ms", "5000")
         .create()
         .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
 }
@@ -304,6 +292,8 @@ async fn submit(
     resp
 }
 
+/// Its span gets the request id once it is known (after the checks that need none).
+#[instrument(name = "request", skip_all, fields(id = Empty))]
 async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -338,6 +328,7 @@ async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Respons
         },
         None => uuid::Uuid::now_v7().to_string(),
     };
+    Span::current().record("id", id.as_str());
     if gw.max_backlog > 0 {
         let backlog = *gw.backlog.lock().expect("backlog lock");
         if let Some(b) = backlog.filter(|b| *b > gw.max_backlog) {
@@ -470,6 +461,7 @@ fn store_unavailable(e: &Error) -> Response {
     )
 }
 
+#[instrument(name = "request", skip_all, fields(id = %id))]
 async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     if !valid_id(id) {
         return problem(StatusCode::BAD_REQUEST, "invalid request id");
@@ -524,7 +516,7 @@ fn render(id: &str, state: Option<RequestState>) -> Response {
                 Err(_) => match std::str::from_utf8(&body) {
                     Ok(s) => json!({ "id": id, "status": "done", "result": s }),
                     Err(_) => {
-                        json!({ "id": id, "status": "done", "resultBase64": base64_encode(&body) })
+                        json!({ "id": id, "status": "done", "resultBase64": BASE64.encode(&body) })
                     }
                 },
             };
@@ -550,7 +542,8 @@ fn render(id: &str, state: Option<RequestState>) -> Response {
 
 /// One subscription to the `done` channel, fanning out to long-poll waiters. Reconnects with
 /// backoff; the gateway is not ready while disconnected, and after a reconnect every waiter
-/// re-reads its state once (a result may have been written in the gap).
+/// re-reads its state once (a result may have been written in the gap). The reconnect loop
+/// stays hand-written: it also waits after a clean disconnect, which is not a failed attempt.
 async fn listen_done(redis: RedisSettings, gw: Shared, ready: Readiness, stop: CancellationToken) {
     let channel = gw.keys.done_channel();
     let mut backoff = Duration::from_millis(100);
@@ -597,7 +590,7 @@ async fn listen_done(redis: RedisSettings, gw: Shared, ready: Readiness, stop: C
 async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) {
     let lag = match (&gw.queue, args.kafka.kafka_group.as_deref()) {
         (Queue::Kafka { topic, .. }, Some(group)) => {
-            crate::lag::LagProbe::from_args(&args.kafka, topic, group).ok()
+            qp_protocol::lag::LagProbe::from_args(&args.kafka, topic, group).ok()
         }
         _ => None,
     };

@@ -13,13 +13,13 @@
 //! a failure is worth retrying.
 
 use std::process::Stdio;
-use std::str::FromStr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::redis_conn::Conn;
+use qp_protocol::redis_conn::Conn;
+pub use qp_protocol::settings::HandlerSpec;
 
 /// Why a handler call failed, and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,70 +46,6 @@ pub struct Request<'a> {
     pub body: &'a Bytes,
 }
 
-/// The handler specification as given on the command line (`--handler`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HandlerSpec {
-    /// POST to this URL.
-    Http {
-        url: String,
-    },
-    /// Run this program with these arguments.
-    Exec {
-        command: Vec<String>,
-    },
-    Echo,
-    Sleep {
-        millis: u64,
-    },
-    Fail {
-        pattern: String,
-    },
-    Probe {
-        millis: u64,
-    },
-}
-
-impl FromStr for HandlerSpec {
-    type Err = String;
-
-    /// `http://...` / `https://...`, `exec:<program> [args...]` (whitespace separated),
-    /// `echo`, `sleep:<ms>`, `fail:<pattern>`, `probe:<ms>`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if s.starts_with("http://") || s.starts_with("https://") {
-            return Ok(HandlerSpec::Http { url: s.to_owned() });
-        }
-        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
-        let millis = |what: &str| {
-            arg.parse::<u64>()
-                .map_err(|_| format!("handler '{what}:<milliseconds>' needs a number, got '{arg}'"))
-        };
-        match kind {
-            "echo" if arg.is_empty() => Ok(HandlerSpec::Echo),
-            "sleep" => Ok(HandlerSpec::Sleep {
-                millis: millis("sleep")?,
-            }),
-            "probe" => Ok(HandlerSpec::Probe {
-                millis: millis("probe")?,
-            }),
-            "fail" if !arg.is_empty() => Ok(HandlerSpec::Fail {
-                pattern: arg.to_owned(),
-            }),
-            "exec" => {
-                let command: Vec<String> = arg.split_whitespace().map(str::to_owned).collect();
-                if command.is_empty() {
-                    return Err("handler 'exec:<command> [args]' needs a command".into());
-                }
-                Ok(HandlerSpec::Exec { command })
-            }
-            _ => Err(format!(
-                "unknown handler '{s}': expected an http(s):// URL, exec:<command>, echo, \
-                 sleep:<ms>, fail:<pattern> or probe:<ms>"
-            )),
-        }
-    }
-}
-
 /// A ready-to-call handler.
 #[derive(Clone)]
 pub struct Handler {
@@ -120,16 +56,6 @@ pub struct Handler {
     /// Redis connection and key prefix for the `probe` built-in.
     probe: Option<(Conn, String)>,
 }
-
-/// Records the running count in `<prefix>:probe:current`, its maximum in `<prefix>:probe:max`
-/// and how often each id ran in the hash `<prefix>:probe:runs` (to count duplicate processing).
-const PROBE_ENTER: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-local m = tonumber(redis.call('GET', KEYS[2]) or '0')
-if n > m then redis.call('SET', KEYS[2], n) end
-redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-return n
-"#;
 
 impl Handler {
     pub fn new(
@@ -196,7 +122,7 @@ impl Handler {
         let current = format!("{prefix}:probe:current");
         let max = format!("{prefix}:probe:max");
         let runs = format!("{prefix}:probe:runs");
-        let _: i64 = redis::Script::new(PROBE_ENTER)
+        let _: i64 = qp_protocol::scripts::PROBE_ENTER
             .key(&current)
             .key(&max)
             .key(&runs)

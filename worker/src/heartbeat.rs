@@ -10,25 +10,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::keys::Keys;
 use crate::metrics::Metrics;
-use crate::redis_conn::Conn;
-
-const BEAT: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-return now
-"#;
-
-const FORGET: &str = r#"
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-return 1
-"#;
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::Conn;
 
 /// Messages this process finished (any outcome), from its metrics.
 fn finished(metrics: &Metrics) -> u64 {
@@ -47,7 +31,7 @@ pub async fn run(
     every: Duration,
     stop: CancellationToken,
 ) {
-    let script = redis::Script::new(BEAT);
+    let script = qp_protocol::scripts::BEAT.clone();
     let mut last = (Instant::now(), finished(&metrics));
     loop {
         let now = Instant::now();
@@ -76,7 +60,7 @@ pub async fn run(
             _ = tokio::time::sleep(every) => {}
         }
     }
-    let _: redis::RedisResult<i64> = redis::Script::new(FORGET)
+    let _: redis::RedisResult<i64> = qp_protocol::scripts::FORGET
         .key(keys.heartbeats())
         .key(keys.rates())
         .key(keys.inflight())

@@ -1,7 +1,7 @@
 //! `qp-worker`: see `qp-worker --help`. All logic lives in the library.
 
 use clap::Parser;
-use qp_worker::config::{Cli, Command, LogFormat};
+use qp_worker::cli::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -10,7 +10,7 @@ async fn main() -> std::process::ExitCode {
         Command::Run(a) => &a.common,
         Command::Gateway(a) => &a.common,
     };
-    init_tracing(common.log_format);
+    qp_protocol::observability::init_tracing(common.log_format, "info");
     let stop = qp_worker::run::stop_on_signals();
     let res = match cli.command {
         Command::Run(args) => qp_worker::run::run(*args, stop).await,
@@ -23,17 +23,5 @@ async fn main() -> std::process::ExitCode {
             eprintln!("qp-worker: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

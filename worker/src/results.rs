@@ -19,71 +19,14 @@
 
 use std::time::Duration;
 
+use backon::Retryable;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::keys::Keys;
-use crate::redis_conn::Conn;
 use crate::{Error, Result};
-
-/// Mark each id `processing` unless it already finished. KEYS: the result hashes.
-/// ARGV[1] = ttl ms. Returns one entry per id: 1 = run it, 0 = already finished (skip).
-const BEGIN: &str = r#"
-local ttl = ARGV[1]
-local t = redis.call('TIME')
--- A string, formatted once: a number would be formatted again by every call it is passed to.
-local now = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
-local out = {}
-for i, key in ipairs(KEYS) do
-  local s = redis.call('HGET', key, 'state')
-  if s == 'done' or s == 'failed' then
-    out[i] = 0
-  else
-    redis.call('HSET', key, 'state', 'processing', 'at', now)
-    redis.call('PEXPIRE', key, ttl)
-    out[i] = 1
-  end
-end
-return out
-"#;
-
-/// Finish each id once. KEYS[1] = processed counter, KEYS[2] = failed counter,
-/// KEYS[3..] = result hashes. ARGV[1] = ttl ms, ARGV[2] = channel, then per id:
-/// outcome ('done'|'failed'), payload (body or error), id.
-/// Returns one entry per id: 1 = written, 0 = was already finished.
-const FINISH: &str = r#"
-local ttl = ARGV[1]
-local channel = ARGV[2]
-local t = redis.call('TIME')
-local now = string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000))
-local done, failed = 0, 0
-local out = {}
-for i = 3, #KEYS do
-  local key = KEYS[i]
-  local base = 3 + (i - 3) * 3
-  local outcome, payload, id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  local s = redis.call('HGET', key, 'state')
-  if s == 'done' or s == 'failed' then
-    out[i - 2] = 0
-  else
-    if outcome == 'done' then
-      -- No HDEL of 'error': only a finished (failed) request has one, and those are skipped.
-      redis.call('HSET', key, 'state', 'done', 'body', payload, 'at', now)
-      done = done + 1
-    else
-      redis.call('HSET', key, 'state', 'failed', 'error', payload, 'at', now)
-      failed = failed + 1
-    end
-    redis.call('PEXPIRE', key, ttl)
-    redis.call('PUBLISH', channel, id)
-    out[i - 2] = 1
-  end
-end
-if done > 0 then redis.call('INCRBY', KEYS[1], done) end
-if failed > 0 then redis.call('INCRBY', KEYS[2], failed) end
-return out
-"#;
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::Conn;
 
 /// What happened to a request, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,8 +165,8 @@ impl ResultStore {
 /// pipeline, answer every waiter, repeat. Redis errors are retried with backoff and never
 /// dropped: a waiter is answered with an error only when the store is shutting down.
 async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedReceiver<Op>) {
-    let begin = redis::Script::new(BEGIN);
-    let finish = redis::Script::new(FINISH);
+    let begin = qp_protocol::scripts::BEGIN.clone();
+    let finish = qp_protocol::scripts::FINISH.clone();
     let ttl_ms = ttl.as_millis() as u64;
     let channel = keys.done_channel();
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
@@ -239,32 +182,31 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
                 Op::Finish { id, outcome, reply } => finishes.push((id, outcome, reply)),
             }
         }
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            // Both calls go out together on the multiplexed connection: one round trip of latency.
+        // Both calls go out together on the multiplexed connection: one round trip of latency.
+        // Both scripts are idempotent for a given batch (write once), so re-running the half
+        // that succeeded is harmless.
+        let written = (|| async {
             let (mut c1, mut c2) = (conn.clone(), conn.clone());
             let (b, f) = tokio::join!(
                 run_begin(&keys, &mut c1, &begin, &begins, ttl_ms),
                 run_finish(&keys, &mut c2, &finish, &finishes, ttl_ms, &channel),
             );
-            match (b, f) {
-                (Ok(bflags), Ok(fflags)) => {
-                    for ((_, reply), flag) in begins.drain(..).zip(bflags) {
-                        let _ = reply.send(Ok(flag == 1));
-                    }
-                    for ((_, _, reply), flag) in finishes.drain(..).zip(fflags) {
-                        let _ = reply.send(Ok(flag == 1));
-                    }
-                    break;
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    // Both scripts are idempotent for a given batch (write once), so re-running
-                    // the half that succeeded is harmless.
-                    warn!(error = %e, retry_in = ?backoff, "result store write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
+            Ok::<_, Error>((b?, f?))
+        })
+        .retry(crate::retry::forever(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+        ))
+        .notify(|e, retry_in| warn!(error = %e, ?retry_in, "result store write failed; retrying"))
+        .await;
+        let Ok((bflags, fflags)) = written else {
+            unreachable!("retried without a limit")
+        };
+        for ((_, reply), flag) in begins.drain(..).zip(bflags) {
+            let _ = reply.send(Ok(flag == 1));
+        }
+        for ((_, _, reply), flag) in finishes.drain(..).zip(fflags) {
+            let _ = reply.send(Ok(flag == 1));
         }
     }
 }

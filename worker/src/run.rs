@@ -11,24 +11,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{KafkaArgs, RunArgs, SourceKind};
 use crate::deadletter::DeadLetter;
 use crate::engine::{Acker, Engine, Gate};
 use crate::handler::Handler;
-use crate::keys::Keys;
+use crate::keeper::{KeeperConfig, LeaseKeeper};
 use crate::metrics::Metrics;
-use crate::redis_conn::Conn;
 use crate::results::ResultStore;
 use crate::server::{self, Readiness};
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::redis_list::{self, RedisListSettings, RedisListSource};
-use crate::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, TokenPool};
 use crate::{Error, Result};
+use qp_protocol::kafka::KafkaArgs;
+use qp_protocol::keys::Keys;
+use qp_protocol::observability;
+use qp_protocol::redis_conn::Conn;
+use qp_protocol::settings::{RunArgs, SourceKind};
+use qp_protocol::tokens::{PoolOptions, TokenPool};
 
 /// A token cancelled by the first SIGTERM or SIGINT.
 pub fn stop_on_signals() -> CancellationToken {
@@ -48,17 +50,11 @@ pub fn stop_on_signals() -> CancellationToken {
 
 /// A Kafka producer with the same brokers and credentials as the consumer.
 pub fn kafka_producer(kafka: &KafkaArgs) -> Result<FutureProducer> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", kafka.bootstrap()?)
-        .set("client.id", "qp-worker")
+    kafka
+        .client_config("qp-worker")?
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .set("message.timeout.ms", "10000");
-    for (k, v) in kafka.security_properties() {
-        config.set(k, v);
-    }
-    config
+        .set("message.timeout.ms", "10000")
         .create()
         .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
 }
@@ -94,12 +90,11 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
     info!(worker = %worker_id, keys = %keys.prefix(), redis = ?redis, source = ?args.source, "starting");
 
     let http_stop = CancellationToken::new();
-    let (_, http) = server::serve(
-        args.common.listen,
-        server::router(metrics.clone(), ready.clone()),
-        http_stop.clone(),
-    )
-    .await?;
+    let probes = {
+        let metrics = metrics.clone();
+        observability::router(move || metrics.render(), Some(ready.clone()))
+    };
+    let (_, http) = server::serve(args.common.listen, probes, http_stop.clone()).await?;
 
     let conn = redis.connect().await?;
     let store = ResultStore::start(

@@ -17,7 +17,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use qp_operator::crd::QueueProcessor;
 use qp_operator::measure::{Probes, SourceTarget};
-use qp_worker::redis_conn::RedisSettings;
+use qp_protocol::redis_conn::RedisSettings;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;

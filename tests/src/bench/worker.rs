@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use qp_worker::keys::Keys;
-use qp_worker::redis_conn::{Conn, RedisSettings};
-use qp_worker::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, TokenPool};
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::tokens::{PoolOptions, TokenPool};
+use qp_worker::keeper::{KeeperConfig, LeaseKeeper};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 

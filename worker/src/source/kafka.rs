@@ -28,12 +28,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use qp_protocol::kafka::client_config;
+use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -297,11 +298,13 @@ impl KafkaSource {
             drain_timeout: settings.drain_timeout,
             metrics,
         });
-        let mut config = ClientConfig::new();
+        let mut config = client_config(
+            &settings.bootstrap_servers,
+            "qp-worker",
+            &settings.properties,
+        );
         config
-            .set("bootstrap.servers", &settings.bootstrap_servers)
             .set("group.id", &settings.group)
-            .set("client.id", "qp-worker")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set(
@@ -319,9 +322,6 @@ impl KafkaSource {
             )
             // Keep librdkafka's own prefetch modest; our back-pressure is per partition.
             .set("queued.max.messages.kbytes", "16384");
-        for (k, v) in &settings.properties {
-            config.set(k, v);
-        }
         let consumer: BaseConsumer<Context> = config
             .create_with_context(Context {
                 shared: shared.clone(),

@@ -18,6 +18,10 @@
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use backon::Retryable;
+use base64::Engine;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -26,8 +30,8 @@ use tracing::{debug, info, warn};
 
 use super::{Job, Origin, check_content, valid_id};
 use crate::Result;
-use crate::keys::Keys;
-use crate::redis_conn::{Conn, RedisSettings};
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::{Conn, RedisSettings};
 
 /// The wire format of a list item.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -47,7 +51,7 @@ impl Envelope {
     pub fn new(id: &str, content_type: Option<&str>, body: &[u8]) -> Self {
         let (text, b64) = match std::str::from_utf8(body) {
             Ok(s) => (Some(s.to_owned()), None),
-            Err(_) => (None, Some(base64_encode(body))),
+            Err(_) => (None, Some(BODY_BASE64.encode(body))),
         };
         Envelope {
             id: id.to_owned(),
@@ -72,27 +76,6 @@ pub struct RedisListSettings {
     /// A worker silent this long is dead and its messages are returned.
     pub dead_after: Duration,
 }
-
-/// Moves every message of a dead worker's processing list back onto the source's consuming end.
-/// KEYS[1] = processing list, KEYS[2] = source list. Returns how many were moved.
-const RECOVER: &str = r#"
-local n = 0
-while true do
-  local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not v then break end
-  n = n + 1
-end
-return n
-"#;
-
-/// Workers whose heartbeat is older than ARGV[1] ms (Redis server time), removed from the set.
-/// KEYS[1] = heartbeats.
-const STALE: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
-return dead
-"#;
 
 pub struct RedisListSource {
     pub jobs: mpsc::Receiver<Job>,
@@ -125,7 +108,7 @@ impl RedisListSource {
     ) -> Result<(Self, RedisListAcker)> {
         let processing = keys.processing_list(&settings.key, &settings.worker_id)?;
         // A restarted worker with the same id first returns what it held before.
-        let recovered: i64 = redis::Script::new(RECOVER)
+        let recovered: i64 = qp_protocol::scripts::RECOVER
             .key(&processing)
             .key(&settings.key)
             .invoke_async(&mut conn.clone())
@@ -157,7 +140,7 @@ pub async fn return_unfinished(
     settings: &RedisListSettings,
 ) -> Result<i64> {
     let processing = keys.processing_list(&settings.key, &settings.worker_id)?;
-    Ok(redis::Script::new(RECOVER)
+    Ok(qp_protocol::scripts::RECOVER
         .key(&processing)
         .key(&settings.key)
         .invoke_async(conn)
@@ -166,43 +149,37 @@ pub async fn return_unfinished(
 
 async fn intake(
     settings: RedisListSettings,
-    mut conn: Conn,
+    conn: Conn,
     processing: String,
     tx: mpsc::Sender<Job>,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut blmove = redis::cmd("BLMOVE");
+    blmove
+        .arg(&settings.key)
+        .arg(&processing)
+        .arg("RIGHT")
+        .arg("LEFT")
+        .arg(1.0);
+    let take = || {
+        let (blmove, mut conn) = (&blmove, conn.clone());
+        async move { blmove.query_async::<Option<Vec<u8>>>(&mut conn).await }
+    };
     loop {
         // Wait for room first, so we never take a message we cannot hand over.
         let permit = tokio::select! {
             p = tx.reserve() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.cancelled() => return,
         };
-        let mut blmove = redis::cmd("BLMOVE");
-        blmove
-            .arg(&settings.key)
-            .arg(&processing)
-            .arg("RIGHT")
-            .arg("LEFT")
-            .arg(1.0);
-        let moved: redis::RedisResult<Option<Vec<u8>>> = tokio::select! {
-            r = blmove.query_async(&mut conn) => r,
+        // Retried until Redis answers, so never `Err`; `Ok(None)` is a timeout: nothing queued.
+        let moved = tokio::select! {
+            r = take
+                .retry(crate::retry::forever(Duration::from_millis(100), Duration::from_secs(5)))
+                .notify(|e, retry_in| warn!(error = %e, ?retry_in, "BLMOVE failed")) => r,
             _ = stop.cancelled() => return,
         };
-        match moved {
-            Ok(Some(raw)) => {
-                backoff = Duration::from_millis(100);
-                permit.send(to_job(Bytes::from(raw), &settings));
-            }
-            Ok(None) => {} // timeout: nothing queued
-            Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "BLMOVE failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+        if let Ok(Some(raw)) = moved {
+            permit.send(to_job(Bytes::from(raw), &settings));
         }
     }
 }
@@ -210,31 +187,32 @@ async fn intake(
 /// Batches `LREM`s: everything acknowledged while the previous batch was in flight goes in one
 /// pipeline.
 async fn acker(
-    mut conn: Conn,
+    conn: Conn,
     processing: String,
     mut rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
 ) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let mut pipe = redis::pipe();
-            for (raw, _) in &batch {
-                pipe.cmd("LREM")
-                    .arg(&processing)
-                    .arg(1)
-                    .arg(raw.as_ref())
-                    .ignore();
-            }
-            match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(error = %e, "LREM from processing list failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-            }
+        let mut pipe = redis::pipe();
+        for (raw, _) in &batch {
+            pipe.cmd("LREM")
+                .arg(&processing)
+                .arg(1)
+                .arg(raw.as_ref())
+                .ignore();
         }
+        let lrem = || {
+            let (pipe, mut conn) = (&pipe, conn.clone());
+            async move { pipe.query_async::<()>(&mut conn).await }
+        };
+        // Retried until it succeeds: an acknowledgement is answered only once Redis has it.
+        let _ = lrem
+            .retry(crate::retry::forever(
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            ))
+            .notify(|e, _| warn!(error = %e, "LREM from processing list failed; retrying"))
+            .await;
         for (_, done) in batch.drain(..) {
             let _ = done.send(());
         }
@@ -245,7 +223,7 @@ async fn acker(
 /// them from doing it all at once (doing it twice would still be safe: LMOVE is atomic).
 async fn reaper(mut conn: Conn, keys: Keys, settings: RedisListSettings, stop: CancellationToken) {
     let every = (settings.dead_after / 2).max(Duration::from_millis(500));
-    let lock = format!("{}reaper-lock", keys.prefix());
+    let lock = keys.reaper_lock();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -275,14 +253,14 @@ async fn reap_once(
     if got.is_none() {
         return Ok(());
     }
-    let dead: Vec<String> = redis::Script::new(STALE)
+    let dead: Vec<String> = qp_protocol::scripts::STALE
         .key(keys.heartbeats())
         .arg(settings.dead_after.as_millis() as u64)
         .invoke_async(conn)
         .await?;
     for worker in dead {
         let processing = keys.processing_list(&settings.key, &worker)?;
-        let moved: i64 = redis::Script::new(RECOVER)
+        let moved: i64 = qp_protocol::scripts::RECOVER
             .key(&processing)
             .key(&settings.key)
             .invoke_async(conn)
@@ -338,7 +316,9 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
             let body = match (env.body, env.body_base64) {
                 (Some(t), None) => Bytes::from(t),
                 (None, Some(b)) => Bytes::from(
-                    base64_decode(&b).ok_or("malformed: bodyBase64 is not valid base64")?,
+                    BODY_BASE64
+                        .decode(&b)
+                        .map_err(|_| "malformed: bodyBase64 is not valid base64")?,
                 ),
                 (None, None) => Bytes::new(),
                 (Some(_), Some(_)) => {
@@ -367,45 +347,14 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
     }
 }
 
-// Base64 is needed only for binary payloads in envelopes; a 30-line codec beats a dependency.
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = B64.iter().position(|&x| x == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
+/// The base64 of `bodyBase64`: the standard alphabet, padded when written. Read leniently, as
+/// producers may strip the padding: missing `=` and non-zero unused trailing bits are accepted.
+pub const BODY_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
 
 #[cfg(test)]
 mod tests {
@@ -423,10 +372,14 @@ mod tests {
     #[test]
     fn base64_round_trips() {
         for data in [&b""[..], b"f", b"fo", b"foo", b"\xff\x00\x10binary"] {
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
+            assert_eq!(BODY_BASE64.decode(BODY_BASE64.encode(data)).unwrap(), data);
         }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert!(base64_decode("!!").is_none());
+        assert_eq!(BODY_BASE64.encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(BODY_BASE64.encode(b"fo"), "Zm8=");
+        assert!(BODY_BASE64.decode("!!").is_err());
+        // Unpadded and non-canonical input is read as the hand-written decoder read it.
+        assert_eq!(BODY_BASE64.decode("Zm8").unwrap(), b"fo");
+        assert_eq!(BODY_BASE64.decode("Zm9=").unwrap(), b"fo");
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! | `heartbeats`                 | zset   | worker     | replica -> last seen (ms)                 |
 //! | `rates`                      | hash   | worker     | replica -> measured messages per second   |
 //! | `dead-letter`                | list   | worker     | default dead-letter list                  |
+//! | `reaper-lock`                | string | worker     | who reaps dead Redis-list workers now     |
+//! | `done`                       | pubsub | worker     | ids of requests that just finished        |
 //!
 //! # The Redis list source is the exception
 //!
@@ -158,6 +160,28 @@ impl Keys {
         self.key("dead-letter")
     }
 
+    /// String with an expiry: held by the one worker that currently reaps dead workers'
+    /// processing lists of a Redis-list source (`SET NX PX`).
+    pub fn reaper_lock(&self) -> String {
+        self.key("reaper-lock")
+    }
+
+    /// Every key that lives as long as the QueueProcessor (removed when it is deleted):
+    /// the token pool, the counters, heartbeats and rates, the reaper lock. Results, request
+    /// states and dead letters are not among them: they expire or are the user's.
+    pub fn lifetime_keys(&self) -> Vec<String> {
+        let mut names = self.token_keys().to_vec();
+        names.extend([
+            self.processed(),
+            self.failed(),
+            self.inflight(),
+            self.heartbeats(),
+            self.rates(),
+            self.reaper_lock(),
+        ]);
+        names
+    }
+
     /// Pub/sub channel: the id of every request that just finished (done or failed). The
     /// gateway's long polls listen here instead of polling.
     pub fn done_channel(&self) -> String {
@@ -210,23 +234,8 @@ pub fn slot(key: &[u8]) -> u16 {
         Some(r) => &key[r],
         None => key,
     };
-    crc16_xmodem(hashed) % 16384
-}
-
-/// CRC16 with polynomial 0x1021 and initial value 0 (XMODEM), as Redis Cluster uses.
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    // CRC16 with polynomial 0x1021 and initial value 0 (XMODEM), as Redis Cluster uses.
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % 16384
 }
 
 #[cfg(test)]
@@ -236,7 +245,10 @@ mod tests {
     #[test]
     fn crc16_matches_redis_reference_values() {
         // The check value of CRC16-XMODEM, and slots given by `CLUSTER KEYSLOT`.
-        assert_eq!(crc16_xmodem(b"123456789"), 0x31C3);
+        assert_eq!(
+            crc16::State::<crc16::XMODEM>::calculate(b"123456789"),
+            0x31C3
+        );
         assert_eq!(slot(b"foo"), 12182);
         assert_eq!(slot(b"bar"), 5061);
         assert_eq!(slot(b"{user1000}.following"), slot(b"{user1000}.followers"));
@@ -257,6 +269,7 @@ mod tests {
             k.heartbeats(),
             k.rates(),
             k.dead_letter(),
+            k.reaper_lock(),
         ]);
         v
     }

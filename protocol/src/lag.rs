@@ -23,12 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, ClientContext};
 
-use crate::config::KafkaArgs;
+use crate::kafka::{KafkaArgs, client_config};
 use crate::{Error, Result};
 
 /// librdkafka's sentinel timestamps for ListOffsets.
@@ -77,17 +77,12 @@ impl GroupLag {
         topic: &str,
         group: &str,
     ) -> Result<Self> {
-        let mut config = ClientConfig::new();
+        let mut config = client_config(bootstrap, "qp-lag", properties);
         config
-            .set("bootstrap.servers", bootstrap)
             .set("group.id", group)
-            .set("client.id", "qp-lag")
             .set("enable.auto.commit", "false")
             .set("socket.timeout.ms", "5000")
             .set("statistics.interval.ms", "1000");
-        for (k, v) in properties {
-            config.set(k, v);
-        }
         let context = Counting::default();
         let tx = context.tx.clone();
         let consumer: BaseConsumer<Counting> = config

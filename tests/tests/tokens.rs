@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use qp_worker::keys::{self, Keys};
-use qp_worker::redis_conn::{Conn, RedisSettings};
-use qp_worker::tokens::{KeeperConfig, LeaseKeeper, PoolOptions, RoundTrips, TokenPool};
+use qp_protocol::keys::{self, Keys};
+use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::tokens::{PoolOptions, RoundTrips, TokenPool};
+use qp_worker::keeper::{KeeperConfig, LeaseKeeper};
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -117,7 +118,7 @@ impl Qp {
     }
 }
 
-fn ids(leases: &[qp_worker::tokens::Lease]) -> Vec<String> {
+fn ids(leases: &[qp_protocol::tokens::Lease]) -> Vec<String> {
     leases.iter().map(|l| l.id.clone()).collect()
 }
 

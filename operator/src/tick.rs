@@ -1,0 +1,202 @@
+//! One reconcile tick, shared by both backends: measure -> decide -> apply -> tokens ->
+//! metrics. The Kubernetes controller and local mode differ only in where replicas run
+//! ([`Replicas`]: a Deployment, or local processes) and in how they report the outcome (the
+//! status subresource and events, or `/status.json`); both fill the same status fields with
+//! [`crate::scaler::fill_status`].
+//!
+//! The input is a [`Resolved`] QueueProcessor: validated, its Secrets read and its endpoints and
+//! process configurations built, so nothing downstream re-checks an `Option`.
+
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use qp_protocol::keys::Keys;
+use qp_protocol::redis_conn::RedisSettings;
+use tracing::{info, warn};
+
+use crate::crd::QueueProcessor;
+use crate::error::{Error, Result};
+use crate::health::Problem;
+use crate::measure::{Probes, SourceTarget};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::scaler::{self, Observed, Scaler, SecretValues, Step};
+use crate::workload::{self, Component, ProcessConfig};
+
+/// Where a QueueProcessor's worker replicas run.
+pub(crate) trait Replicas {
+    /// The replica count the backend runs now (asked for, not ready); `None` before the first
+    /// apply.
+    async fn current(&mut self) -> Result<Option<u32>>;
+    /// Replicas ready to take work.
+    async fn ready(&mut self) -> Result<u32>;
+    /// Run this many replicas.
+    async fn apply(&mut self, replicas: u32) -> Result<()>;
+    /// Why replicas cannot run, if they cannot (after [`Replicas::apply`]).
+    async fn health(&mut self) -> Option<Problem>;
+}
+
+/// A QueueProcessor ready for the build and decide stages: validated, Secrets resolved.
+/// Not `Debug`: it holds credentials.
+#[derive(Clone)]
+pub struct Resolved {
+    pub namespace: String,
+    pub name: String,
+    pub keys: Keys,
+    pub redis: RedisSettings,
+    pub target: SourceTarget,
+    pub policy: Policy,
+    pub worker: ProcessConfig,
+    /// The gateway's process, when enabled.
+    pub gateway: Option<ProcessConfig>,
+    pub poll: Duration,
+    pub paused: bool,
+}
+
+impl Resolved {
+    /// Validate `qp` and resolve everything the stages need; `secrets` holds every value
+    /// `qp.spec.secret_refs()` names.
+    pub fn new(qp: &QueueProcessor, secrets: &SecretValues) -> Result<Self> {
+        qp.spec
+            .validate()
+            .map_err(|e| Error::InvalidSpec(e.to_string()))?;
+        let name = qp
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| Error::InvalidSpec("metadata.name is required".into()))?;
+        let namespace = qp
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let worker = workload::process(qp, Component::Worker)
+            .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
+        let gateway =
+            if qp.spec.gateway.enabled {
+                Some(workload::process(qp, Component::Gateway).ok_or_else(|| {
+                    Error::InvalidSpec("gateway configuration is incomplete".into())
+                })?)
+            } else {
+                None
+            };
+        Ok(Resolved {
+            keys: Keys::new(&namespace, &name),
+            redis: scaler::redis_settings(&qp.spec.redis, secrets)?,
+            target: scaler::source_target(qp, secrets)?,
+            policy: Policy::from_spec(&qp.spec.scaling, &qp.spec.concurrency),
+            worker,
+            gateway,
+            poll: Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64),
+            paused: qp.is_paused(),
+            namespace,
+            name,
+        })
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What one tick measured, decided and found.
+pub struct Tick {
+    pub observed: Observed,
+    pub step: Step,
+    /// Replicas before the decision.
+    pub current: u32,
+    pub ready: u32,
+    pub problem: Option<Problem>,
+    /// Writing the token limit, when the workers' Redis was readable (else nothing was
+    /// written: a limit must not be set blind).
+    pub tokens: Result<()>,
+}
+
+/// Measure, decide with `scaler`'s memory, apply the replica count, write the token limit,
+/// record metrics. Errors reading or applying replicas end the tick; a failed token write is
+/// reported in [`Tick::tokens`] for the caller to weigh.
+pub(crate) async fn run(
+    r: &Resolved,
+    probes: &Probes,
+    scaler: &mut Scaler,
+    replicas: &mut impl Replicas,
+    metrics: &Metrics,
+) -> Result<Tick> {
+    let measured_at = Instant::now();
+    let observed = scaler::observe(probes, &r.target, &r.redis, &r.keys).await;
+    let current = replicas.current().await?.unwrap_or(r.policy.min_replicas);
+    let ready = replicas.ready().await?;
+    let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
+    let step = scaler.step(&r.policy, &observed, current, ready, r.paused, now_ms);
+    if step.decision.changed {
+        info!(from = current, to = step.decision.replicas, reason = %step.decision.reason, "scaling");
+    }
+    replicas.apply(step.decision.replicas).await?;
+    if step.decision.changed {
+        metrics
+            .decision_latency
+            .observe(measured_at.elapsed().as_secs_f64());
+    }
+    let problem = replicas.health().await;
+    let tokens = if observed.workers.is_ok() {
+        scaler::set_token_limit(probes, &r.redis, &r.keys, step.decision.token_limit).await
+    } else {
+        Ok(())
+    };
+    if let Err(e) = &tokens {
+        warn!(error = %e, "writing the token limit failed");
+    }
+    let tick = Tick {
+        observed,
+        step,
+        current,
+        ready,
+        problem,
+        tokens,
+    };
+    record(
+        metrics,
+        &r.namespace,
+        &r.name,
+        &tick,
+        probes.kafka_requests(),
+    );
+    Ok(tick)
+}
+
+/// Record what one tick measured and decided (both backends).
+fn record(m: &Metrics, namespace: &str, name: &str, tick: &Tick, kafka_requests: u64) {
+    let l = [namespace, name];
+    let (observed, step) = (&tick.observed, &tick.step);
+    m.source_up
+        .with_label_values(&l)
+        .set(i64::from(observed.source.is_ok()));
+    if let Ok(s) = &observed.source {
+        m.backlog.with_label_values(&l).set(s.backlog as i64);
+        for p in &s.lags {
+            m.partition_lag
+                .with_label_values(&[namespace, name, &p.partition.to_string()])
+                .set(p.lag as i64);
+        }
+    }
+    m.desired_replicas
+        .with_label_values(&l)
+        .set(i64::from(step.decision.replicas));
+    m.ready_replicas
+        .with_label_values(&l)
+        .set(i64::from(tick.ready));
+    m.tokens_limit
+        .with_label_values(&l)
+        .set(i64::from(step.decision.token_limit));
+    if let Ok(w) = &observed.workers {
+        m.tokens_in_use
+            .with_label_values(&l)
+            .set(w.tokens_in_use as i64);
+    }
+    if let Some(r) = step.processed_rate {
+        m.throughput.with_label_values(&l).set(r);
+    }
+    m.kafka_requests.reset();
+    m.kafka_requests.inc_by(kafka_requests);
+}

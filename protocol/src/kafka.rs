@@ -1,0 +1,139 @@
+//! Kafka connection settings and the one place a librdkafka `ClientConfig` is built: every
+//! client of the project (worker consumer, producers, the gateway's producer, the lag probe)
+//! starts from [`KafkaArgs::client_config`], so brokers and security settings are applied alike.
+
+use clap::Args;
+use rdkafka::ClientConfig;
+
+use crate::{Error, Result};
+
+/// Kafka connection settings (worker and gateway).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma separated host:port.
+    #[arg(long, env = "QP_KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: Option<String>,
+    /// Topic to consume (worker) or produce to (gateway).
+    #[arg(long, env = "QP_KAFKA_TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// Consumer group.
+    #[arg(long, env = "QP_KAFKA_GROUP")]
+    pub kafka_group: Option<String>,
+    /// SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512); enables SASL.
+    #[arg(long, env = "QP_KAFKA_SASL_MECHANISM")]
+    pub kafka_sasl_mechanism: Option<String>,
+    /// SASL username (from a Secret).
+    #[arg(long, env = "QP_KAFKA_USERNAME", hide_env_values = true)]
+    pub kafka_username: Option<String>,
+    /// SASL password (from a Secret).
+    #[arg(long, env = "QP_KAFKA_PASSWORD", hide_env_values = true)]
+    pub kafka_password: Option<String>,
+    /// Use TLS to talk to the brokers.
+    #[arg(long, env = "QP_KAFKA_TLS")]
+    pub kafka_tls: bool,
+    /// CA bundle (PEM file) for broker certificates.
+    #[arg(long, env = "QP_KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<String>,
+    /// Client certificate (PEM file) for mutual TLS.
+    #[arg(long, env = "QP_KAFKA_CERT_FILE")]
+    pub kafka_cert_file: Option<String>,
+    /// Client private key (PEM file) for mutual TLS.
+    #[arg(long, env = "QP_KAFKA_KEY_FILE")]
+    pub kafka_key_file: Option<String>,
+}
+
+impl KafkaArgs {
+    /// librdkafka security properties derived from the flags.
+    pub fn security_properties(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let protocol = match (self.kafka_sasl_mechanism.is_some(), self.kafka_tls) {
+            (true, true) => "SASL_SSL",
+            (true, false) => "SASL_PLAINTEXT",
+            (false, true) => "SSL",
+            (false, false) => "PLAINTEXT",
+        };
+        p.push(("security.protocol".into(), protocol.into()));
+        if let Some(m) = &self.kafka_sasl_mechanism {
+            p.push(("sasl.mechanism".into(), m.clone()));
+            if let Some(u) = &self.kafka_username {
+                p.push(("sasl.username".into(), u.clone()));
+            }
+            if let Some(pw) = &self.kafka_password {
+                p.push(("sasl.password".into(), pw.clone()));
+            }
+        }
+        if let Some(ca) = &self.kafka_ca_file {
+            p.push(("ssl.ca.location".into(), ca.clone()));
+        }
+        if let Some(cert) = &self.kafka_cert_file {
+            p.push(("ssl.certificate.location".into(), cert.clone()));
+        }
+        if let Some(key) = &self.kafka_key_file {
+            p.push(("ssl.key.location".into(), key.clone()));
+        }
+        p
+    }
+
+    pub fn bootstrap(&self) -> Result<&str> {
+        self.kafka_bootstrap
+            .as_deref()
+            .ok_or_else(|| Error::config("--kafka-bootstrap (QP_KAFKA_BOOTSTRAP) is required"))
+    }
+
+    pub fn topic(&self) -> Result<&str> {
+        self.kafka_topic
+            .as_deref()
+            .ok_or_else(|| Error::config("--kafka-topic (QP_KAFKA_TOPIC) is required"))
+    }
+
+    /// A client configuration with the bootstrap servers, a client id and every security
+    /// property; callers add what is specific to their client.
+    pub fn client_config(&self, client_id: &str) -> Result<ClientConfig> {
+        Ok(client_config(
+            self.bootstrap()?,
+            client_id,
+            &self.security_properties(),
+        ))
+    }
+}
+
+/// A client configuration from parts: bootstrap servers, client id and librdkafka properties
+/// (security settings first, so a caller's own `.set` calls come after them).
+pub fn client_config(
+    bootstrap: &str,
+    client_id: &str,
+    properties: &[(String, String)],
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", client_id);
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_properties_follow_flags() {
+        let k = KafkaArgs {
+            kafka_bootstrap: None,
+            kafka_topic: None,
+            kafka_group: None,
+            kafka_sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            kafka_username: Some("u".into()),
+            kafka_password: Some("p".into()),
+            kafka_tls: true,
+            kafka_ca_file: None,
+            kafka_cert_file: None,
+            kafka_key_file: None,
+        };
+        let p = k.security_properties();
+        assert!(p.contains(&("security.protocol".into(), "SASL_SSL".into())));
+        assert!(p.contains(&("sasl.mechanism".into(), "SCRAM-SHA-512".into())));
+    }
+}

@@ -1,0 +1,604 @@
+//! The global token pool: a lease semaphore in Redis. The scripts are in `lua/token_*.lua`; the
+//! worker's per-process lease keeper (`qp-worker`'s `keeper` module) builds on [`TokenPool`].
+//!
+//! # Why leases, not a list of tokens
+//!
+//! The obvious design keeps N tokens in a Redis list: `BLPOP` one before a message, `RPUSH` it
+//! back afterwards. A worker killed between the two loses the token for good, and every message
+//! costs two extra round trips. Here a permit is a *lease*: an id in the sorted set `leases`,
+//! scored by the moment it expires (Redis server time, read with `TIME` inside the scripts, so
+//! client clocks do not matter). A holder renews its leases; a dead holder stops renewing and
+//! its leases fall out of the set on the next script run. The number of leases is capped by
+//! `limit`, which the operator writes.
+//!
+//! # The scripts
+//!
+//! All state changes are Lua scripts (sent as `EVALSHA`, falling back to loading the script), so
+//! each is atomic and costs one round trip. Every key lives under one hash tag (see
+//! [`crate::keys`]), so the scripts work on Redis Cluster. They take the six keys of
+//! [`Keys::token_keys`] in order. Each first drops expired leases (and expired `owners` /
+//! `starving` marks) and, if that freed capacity, pushes wake-ups.
+//!
+//! * ACQUIRE `(owner, k, ttl_ms, held)`: grants `g = min(k, limit - in_use)` new lease
+//!   ids `owner:<n>`; while another owner is starving, no more than `fair share - held`.
+//!   Reply `[wait, limit, in_use, owners, starving_others, id...]` where `wait` is 0 when
+//!   something was granted, else the milliseconds until the earliest lease expires, -1 when no
+//!   lease exists (the limit itself is the obstacle), or -2 when the fair share held the
+//!   caller back. A `k` the caller could not get marks it *starving* for two seconds.
+//! * RENEW `(owner, ttl_ms, id...)`: extends the ids that still exist. Reply
+//!   `[limit, in_use, owners, starving_others, lost_id...]`.
+//! * RELEASE `(id...)`: removes the ids and pushes one wake-up per freed slot, but never
+//!   more than the free capacity (after a shrink, releases free nothing). Reply
+//!   `[removed, woken]`.
+//! * SETLIMIT `(n)`: sets `limit`; growth pushes `new - old` wake-ups, a shrink touches
+//!   no lease (running work drains). Reply `[old_limit, woken]`.
+//! * SNAPSHOT `(owner or "")`: reply `[limit, in_use, owners, starving, wake_len,
+//!   next_expiry_ms or -1]`.
+//!
+//! `wake` is a list used only to wake blocked acquirers. It is trimmed to the free capacity
+//! (at most [`MAX_WAKE`]) by every ACQUIRE and whenever wake-ups are pushed, so stale wake-ups
+//! never pile up and a waiter's `BLPOP` really blocks when nothing is free.
+//!
+//! # Waiting without polling
+//!
+//! When ACQUIRE grants nothing, [`TokenPool::acquire`] blocks in `BLPOP wake` on a dedicated
+//! connection (see [`crate::redis_conn`]) with a timeout of min(time until the earliest lease
+//! expires, [`WAKE_CHECK`], time left). A release or a limit increase wakes it at once; a dead
+//! holder's lease is reclaimed when it expires, because that is exactly when the waiter's
+//! timeout ends. The one-second cap only bounds the damage of a lost wake-up (a waiter cancelled
+//! after popping one). Wake-ups are hints: a woken waiter simply retries ACQUIRE.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::{Script, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+use crate::redis_conn::{Conn, MAX_BLOCK, RedisSettings};
+
+/// The longest a waiter blocks before it retries ACQUIRE even without a wake-up.
+pub const WAKE_CHECK: Duration = Duration::from_secs(1);
+
+/// Default lease time to live.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+
+/// The most wake-ups kept in the `wake` list (and pushed by one script run).
+pub const MAX_WAKE: u64 = 1024;
+
+/// Idle dedicated `BLPOP` connections a pool keeps for reuse; more are closed after use.
+const MAX_IDLE_BLOCKING: usize = 8;
+
+/// How long an owner's "starving" mark lasts after its last unsatisfied ACQUIRE. Waiters retry
+/// at least every [`WAKE_CHECK`], so an owner that still waits keeps its mark.
+pub const STARVING_MARK: Duration = Duration::from_secs(2);
+
+/// A token script: the constants the Rust side owns, the shared prelude
+/// (`lua/token_prelude.lua`), then the script's own body. Built once per process.
+fn token_script(body: &str) -> Script {
+    Script::new(&format!(
+        "local MAX_WAKE = {MAX_WAKE}\nlocal STARVING_MS = {}\n{}{body}",
+        STARVING_MARK.as_millis(),
+        include_str!("lua/token_prelude.lua"),
+    ))
+}
+
+struct Scripts {
+    acquire: Script,
+    renew: Script,
+    release: Script,
+    set_limit: Script,
+    snapshot: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    acquire: token_script(include_str!("lua/token_acquire.lua")),
+    renew: token_script(include_str!("lua/token_renew.lua")),
+    release: token_script(include_str!("lua/token_release.lua")),
+    set_limit: token_script(include_str!("lua/token_set_limit.lua")),
+    snapshot: token_script(include_str!("lua/token_snapshot.lua")),
+});
+
+/// One granted permit: a lease id, valid until `valid_until` unless renewed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The id in the `leases` sorted set, `<owner>:<n>`.
+    pub id: String,
+    /// When the lease expires at the latest, on this machine's clock: the moment the request
+    /// was sent plus the TTL (the server's expiry is never earlier).
+    pub valid_until: Instant,
+}
+
+/// The pool's state as seen by one script run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// The current limit (0 when unset).
+    pub limit: u64,
+    /// Leases that exist right now.
+    pub in_use: u64,
+    /// Owners that recently asked for or renewed leases.
+    pub owners: u64,
+    /// Owners, other than the caller, whose last ACQUIRE was not fully granted.
+    pub starving_others: u64,
+}
+
+impl PoolStatus {
+    /// `ceil(limit / owners)`: what each interested owner would hold if shared evenly.
+    pub fn fair_share(&self) -> u64 {
+        self.limit.div_ceil(self.owners.max(1))
+    }
+}
+
+/// The answer to one ACQUIRE.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    /// The granted leases (possibly none).
+    pub leases: Vec<Lease>,
+    /// When nothing was granted: how long until the earliest lease expires, or `None` when no
+    /// lease exists at all (only a release or a higher limit can help).
+    pub retry_after: Option<Duration>,
+    /// Nothing was granted because the caller holds its fair share while another owner
+    /// starves: waiting for a wake-up would take it from that owner, so don't; ask again
+    /// after the next status refresh.
+    pub held_back: bool,
+    /// The pool after the grant.
+    pub status: PoolStatus,
+}
+
+/// The answer to one RENEW.
+#[derive(Clone, Debug)]
+pub struct Renewal {
+    /// Ids that no longer existed (expired or released by someone else).
+    pub lost: Vec<String>,
+    /// The renewed leases are valid until at least this moment.
+    pub valid_until: Instant,
+    /// The pool after the renewal.
+    pub status: PoolStatus,
+}
+
+/// The pool's state, for the operator, metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The current limit (0 when unset).
+    pub limit: u64,
+    /// Leases that exist right now.
+    pub in_use: u64,
+    /// Owners that recently asked for or renewed leases.
+    pub owners: u64,
+    /// Owners whose last ACQUIRE was not fully granted: demand beyond the limit.
+    pub starving: u64,
+    /// Wake-ups waiting in the `wake` list.
+    pub wake_len: u64,
+    /// Time until the earliest lease expires, if any lease exists.
+    pub next_expiry: Option<Duration>,
+}
+
+/// Redis calls made through one [`TokenPool`] (and its clones), for benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundTrips {
+    /// ACQUIRE script runs.
+    pub acquire: u64,
+    /// RENEW script runs.
+    pub renew: u64,
+    /// RELEASE script runs.
+    pub release: u64,
+    /// `BLPOP` calls on `wake`.
+    pub blpop: u64,
+    /// SETLIMIT, SNAPSHOT and `GET limit` calls.
+    pub other: u64,
+}
+
+impl RoundTrips {
+    /// All calls together.
+    pub fn total(&self) -> u64 {
+        self.acquire + self.renew + self.release + self.blpop + self.other
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    acquire: AtomicU64,
+    renew: AtomicU64,
+    release: AtomicU64,
+    blpop: AtomicU64,
+    other: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Options of a [`TokenPool`].
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Who holds the leases: unique per worker process (lease ids start with it). Empty means
+    /// a random id.
+    pub owner: String,
+    /// Lease time to live: how long the permits of a killed worker stay taken.
+    pub lease_ttl: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            owner: String::new(),
+            lease_ttl: DEFAULT_LEASE_TTL,
+        }
+    }
+}
+
+/// The token pool of one QueueProcessor: a handle to the lease semaphore in Redis. Cheap to
+/// clone; clones share the connection, the idle blocking connections and the counters.
+#[derive(Clone)]
+pub struct TokenPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    conn: Conn,
+    settings: RedisSettings,
+    keys: Keys,
+    token_keys: [String; 6],
+    owner: String,
+    lease_ttl: Duration,
+    /// Idle dedicated connections for `BLPOP`, reused by the next waiter.
+    blocking: Mutex<Vec<Conn>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for TokenPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenPool")
+            .field("keys", &self.inner.keys.prefix())
+            .field("owner", &self.inner.owner)
+            .field("lease_ttl", &self.inner.lease_ttl)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data behind (every critical
+    // section is a few plain updates), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TokenPool {
+    /// A pool on an existing shared connection. `settings` is used to open the dedicated
+    /// connections that waiting needs.
+    pub fn new(conn: Conn, settings: RedisSettings, keys: Keys, options: PoolOptions) -> Self {
+        let owner = if options.owner.is_empty() {
+            format!("w-{}", uuid::Uuid::new_v4().simple())
+        } else {
+            options.owner
+        };
+        TokenPool {
+            inner: Arc::new(PoolInner {
+                conn,
+                settings,
+                token_keys: keys.token_keys(),
+                keys,
+                owner,
+                lease_ttl: options.lease_ttl.max(Duration::from_millis(1)),
+                blocking: Mutex::new(Vec::new()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Connects and returns a pool with its own shared connection.
+    pub async fn connect(
+        settings: RedisSettings,
+        keys: Keys,
+        options: PoolOptions,
+    ) -> Result<Self> {
+        let conn = settings.connect().await?;
+        Ok(Self::new(conn, settings, keys, options))
+    }
+
+    /// The keys of this pool.
+    pub fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// The owner name leases are granted to.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// The lease time to live.
+    pub fn lease_ttl(&self) -> Duration {
+        self.inner.lease_ttl
+    }
+
+    /// The shared connection.
+    pub fn conn(&self) -> &Conn {
+        &self.inner.conn
+    }
+
+    /// Redis calls made so far through this pool and its clones.
+    pub fn round_trips(&self) -> RoundTrips {
+        let c = &self.inner.counters;
+        RoundTrips {
+            acquire: c.acquire.load(Ordering::Relaxed),
+            renew: c.renew.load(Ordering::Relaxed),
+            release: c.release.load(Ordering::Relaxed),
+            blpop: c.blpop.load(Ordering::Relaxed),
+            other: c.other.load(Ordering::Relaxed),
+        }
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.inner.lease_ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        name: &'static str,
+        args: &[&str],
+        extra: &[String],
+    ) -> Result<Vec<Value>> {
+        let mut invocation = script.prepare_invoke();
+        for key in &self.inner.token_keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        for arg in extra {
+            invocation.arg(arg);
+        }
+        let mut conn = self.inner.conn.clone();
+        match invocation.invoke_async::<Value>(&mut conn).await? {
+            Value::Array(items) => Ok(items),
+            other => Err(protocol(name, format!("expected an array, got {other:?}"))),
+        }
+    }
+
+    /// One ACQUIRE: up to `k` leases, without waiting.
+    pub async fn try_acquire(&self, k: usize) -> Result<Grant> {
+        self.try_acquire_holding(k, 0).await
+    }
+
+    /// One ACQUIRE by an owner that already holds `held` leases: while another owner is
+    /// starving, the grant stops at the fair share (see [`Grant::held_back`]).
+    pub async fn try_acquire_holding(&self, k: usize, held: usize) -> Result<Grant> {
+        let k = k.max(1);
+        let sent = Instant::now();
+        bump(&self.inner.counters.acquire);
+        let reply = self
+            .run(
+                &SCRIPTS.acquire,
+                "ACQUIRE",
+                &[
+                    &self.inner.owner,
+                    &k.to_string(),
+                    &self.ttl_ms().to_string(),
+                    &held.to_string(),
+                ],
+                &[],
+            )
+            .await?;
+        let wait = int_at(&reply, 0, "ACQUIRE")?;
+        let status = status_at(&reply, 1, "ACQUIRE")?;
+        let valid_until = sent + self.inner.lease_ttl;
+        let leases = reply[5..]
+            .iter()
+            .map(|v| {
+                Ok(Lease {
+                    id: string(v, "ACQUIRE")?,
+                    valid_until,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let retry_after =
+            (leases.is_empty() && wait > 0).then(|| Duration::from_millis(wait as u64));
+        Ok(Grant {
+            leases,
+            retry_after,
+            held_back: wait == -2,
+            status,
+        })
+    }
+
+    /// Acquires between 1 and `k` leases, waiting until `deadline` if none is free. Returns
+    /// an empty vector only when the deadline passed.
+    ///
+    /// Not cancel-safe in one respect: dropping the future while the ACQUIRE script runs may
+    /// leave granted leases that nobody holds; they expire after the TTL.
+    pub async fn acquire(&self, k: usize, deadline: Instant) -> Result<Vec<Lease>> {
+        Ok(self.acquire_until(k, deadline, None).await?.leases)
+    }
+
+    /// Like [`TokenPool::acquire`], returning the whole last [`Grant`], and giving up with
+    /// [`Error::Closed`] when `cancel` fires. Also returns early, empty-handed, when the grant
+    /// was [held back](Grant::held_back) for fairness (only possible when `k` exceeds the fair
+    /// share). Cancellation is only observed while blocked in
+    /// `BLPOP`, never in the middle of ACQUIRE, so no lease is lost to it.
+    pub async fn acquire_until(
+        &self,
+        k: usize,
+        deadline: Instant,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Grant> {
+        loop {
+            let grant = self.try_acquire(k).await?;
+            let now = Instant::now();
+            if !grant.leases.is_empty() || grant.held_back || now >= deadline {
+                return Ok(grant);
+            }
+            let mut wait = (deadline - now).min(WAKE_CHECK);
+            if let Some(expiry) = grant.retry_after {
+                wait = wait.min(expiry);
+            }
+            self.wait_for_wake(wait.max(Duration::from_millis(1)), cancel)
+                .await?;
+        }
+    }
+
+    /// Blocks in `BLPOP wake` for at most `wait` on a dedicated connection. Returns whether a
+    /// wake-up was popped.
+    pub async fn wait_for_wake(
+        &self,
+        wait: Duration,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<bool> {
+        let wait = wait.min(MAX_BLOCK);
+        let mut conn = self.blocking_conn().await?;
+        // BLPOP takes seconds as a decimal number (Redis >= 6); 0 would mean "forever".
+        let timeout = format!("{:.3}", wait.as_secs_f64().max(0.001));
+        let mut cmd = redis::cmd("BLPOP");
+        cmd.arg(self.inner.keys.wake()).arg(timeout);
+        bump(&self.inner.counters.blpop);
+        let popped: Option<(String, String)> = match cancel {
+            None => cmd.query_async(&mut conn).await?,
+            Some(cancel) => tokio::select! {
+                // The connection is dropped with the cancelled future; its reply would
+                // otherwise arrive ahead of the next caller's.
+                _ = cancel.cancelled() => return Err(Error::Closed),
+                r = cmd.query_async(&mut conn) => r?,
+            },
+        };
+        let mut idle = lock(&self.inner.blocking);
+        if idle.len() < MAX_IDLE_BLOCKING {
+            idle.push(conn);
+        }
+        Ok(popped.is_some())
+    }
+
+    async fn blocking_conn(&self) -> Result<Conn> {
+        let idle = lock(&self.inner.blocking).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.inner.settings.connect_blocking().await,
+        }
+    }
+
+    /// Renews the given leases for another TTL. Returns the ids that were lost.
+    pub async fn renew(&self, ids: &[String]) -> Result<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.renew_with_status(ids).await?.lost)
+    }
+
+    /// Renews the given leases (possibly none, to just read the status) in one call.
+    pub async fn renew_with_status(&self, ids: &[String]) -> Result<Renewal> {
+        let sent = Instant::now();
+        bump(&self.inner.counters.renew);
+        let reply = self
+            .run(
+                &SCRIPTS.renew,
+                "RENEW",
+                &[&self.inner.owner, &self.ttl_ms().to_string()],
+                ids,
+            )
+            .await?;
+        let status = status_at(&reply, 0, "RENEW")?;
+        let lost = reply[4..]
+            .iter()
+            .map(|v| string(v, "RENEW"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Renewal {
+            lost,
+            valid_until: sent + self.inner.lease_ttl,
+            status,
+        })
+    }
+
+    /// Gives leases back and wakes as many waiters as slots were freed. Returns how many of
+    /// the ids still existed.
+    pub async fn release(&self, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        bump(&self.inner.counters.release);
+        let reply = self.run(&SCRIPTS.release, "RELEASE", &[], ids).await?;
+        Ok(int_at(&reply, 0, "RELEASE")?.max(0) as u64)
+    }
+
+    /// Sets the limit. Growth wakes waiters; a shrink lets existing leases drain. Returns the
+    /// previous limit.
+    pub async fn set_limit(&self, limit: u64) -> Result<u64> {
+        bump(&self.inner.counters.other);
+        let reply = self
+            .run(&SCRIPTS.set_limit, "SETLIMIT", &[&limit.to_string()], &[])
+            .await?;
+        Ok(int_at(&reply, 0, "SETLIMIT")?.max(0) as u64)
+    }
+
+    /// The current limit (0 when unset).
+    pub async fn limit(&self) -> Result<u64> {
+        bump(&self.inner.counters.other);
+        let mut conn = self.inner.conn.clone();
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(self.inner.keys.limit())
+            .query_async(&mut conn)
+            .await?;
+        Ok(raw.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0))
+    }
+
+    /// Leases that exist right now, after dropping expired ones.
+    pub async fn in_use(&self) -> Result<u64> {
+        Ok(self.snapshot().await?.in_use)
+    }
+
+    /// The pool's state, after dropping expired leases.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        bump(&self.inner.counters.other);
+        let reply = self.run(&SCRIPTS.snapshot, "SNAPSHOT", &[""], &[]).await?;
+        let status = status_at(&reply, 0, "SNAPSHOT")?;
+        let next = int_at(&reply, 5, "SNAPSHOT")?;
+        Ok(Snapshot {
+            limit: status.limit,
+            in_use: status.in_use,
+            owners: status.owners,
+            starving: status.starving_others,
+            wake_len: int_at(&reply, 4, "SNAPSHOT")?.max(0) as u64,
+            next_expiry: (next >= 0).then(|| Duration::from_millis(next as u64)),
+        })
+    }
+}
+
+fn protocol(script: &'static str, detail: impl Into<String>) -> Error {
+    Error::Protocol {
+        script,
+        detail: detail.into(),
+    }
+}
+
+fn int_at(reply: &[Value], i: usize, script: &'static str) -> Result<i64> {
+    match reply.get(i) {
+        Some(Value::Int(n)) => Ok(*n),
+        other => Err(protocol(
+            script,
+            format!("expected an integer at {i}, got {other:?}"),
+        )),
+    }
+}
+
+fn status_at(reply: &[Value], i: usize, script: &'static str) -> Result<PoolStatus> {
+    let n = |j| int_at(reply, i + j, script).map(|v| v.max(0) as u64);
+    Ok(PoolStatus {
+        limit: n(0)?,
+        in_use: n(1)?,
+        owners: n(2)?,
+        starving_others: n(3)?,
+    })
+}
+
+fn string(v: &Value, script: &'static str) -> Result<String> {
+    match v {
+        Value::BulkString(b) => {
+            String::from_utf8(b.clone()).map_err(|_| protocol(script, "lease id is not UTF-8"))
+        }
+        Value::SimpleString(s) => Ok(s.clone()),
+        other => Err(protocol(
+            script,
+            format!("expected a lease id, got {other:?}"),
+        )),
+    }
+}
