@@ -126,7 +126,8 @@ fn key(qp: &QueueProcessor) -> String {
 }
 
 /// One reconcile; its span names the QueueProcessor, so every log line under it does too.
-#[instrument(skip_all, fields(namespace = %qp.namespace_or_default(), name = %qp.name_any()))]
+/// (The field is `qp`, not `name`: JSON logs put the span's own `name` beside its fields.)
+#[instrument(skip_all, fields(qp = %key(&qp)))]
 async fn reconcile(qp: Arc<QueueProcessor>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
@@ -218,8 +219,6 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
         Err(e) => return Err(e),
     };
 
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let gateway = apply_gateway(qp, ctx, &resolved, &pp).await?;
     let mut deployment = DeploymentReplicas {
         qp,
         ctx,
@@ -228,7 +227,7 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
         name: builder::object_name(qp, Component::Worker),
         existing: None,
         applied: None,
-        gateway,
+        gateway: None,
     };
     // The decision memory leaves the map for the tick (no lock across awaits); kube-runtime
     // never reconciles one object twice at once, so nobody else wants it meanwhile.
@@ -276,7 +275,7 @@ async fn resolve(qp: &QueueProcessor, ctx: &Context) -> Result<Resolved> {
 }
 
 /// The worker Deployment as the place replicas run: read once per tick, server-side applied
-/// with the decided count, and diagnosed when short of ready pods.
+/// with the decided count (then the gateway's objects), and diagnosed when short of ready pods.
 struct DeploymentReplicas<'a> {
     qp: &'a QueueProcessor,
     ctx: &'a Context,
@@ -316,6 +315,9 @@ impl Replicas for DeploymentReplicas<'_> {
         );
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         self.applied = Some(self.api.patch(&self.name, &pp, &Patch::Apply(&dep)).await?);
+        // The gateway after the workers: a gateway that cannot be applied must not stop the
+        // workers from scaling.
+        self.gateway = apply_gateway(self.qp, self.ctx, self.resolved, &pp).await?;
         Ok(())
     }
 

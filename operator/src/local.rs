@@ -432,6 +432,10 @@ pub async fn run(args: LocalArgs) -> Result<()> {
                 .inc_by(restarted);
         }
         let tick = tick::run(&resolved, &probes, &mut scaler, &mut local, &metrics).await?;
+        if tick.step.decision.changed {
+            info!(from = tick.current, to = tick.step.decision.replicas,
+                reason = %tick.step.decision.reason, "scaling");
+        }
         {
             let mut st = status.lock().expect("status lock");
             scaler::fill_status_with_health(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use qp_protocol::keys::Keys;
 use qp_protocol::redis_conn::RedisSettings;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::crd::QueueProcessor;
 use crate::error::{Error, Result};
@@ -129,9 +129,6 @@ pub(crate) async fn run(
     let ready = replicas.ready().await?;
     let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
     let step = scaler.step(&r.policy, &observed, current, ready, r.paused, now_ms);
-    if step.decision.changed {
-        info!(from = current, to = step.decision.replicas, reason = %step.decision.reason, "scaling");
-    }
     replicas.apply(step.decision.replicas).await?;
     if step.decision.changed {
         metrics

@@ -388,6 +388,15 @@ impl<R: Clone> Renderer<R> {
         self.put(id, Setting::Value(value.to_string()));
     }
 
+    /// A tuning setting: rendered only when it differs from the worker's default, so a pod's
+    /// environment shows what was chosen (and a user's own variable of that name in
+    /// `spec.worker.env` does not collide with a default we would otherwise write).
+    fn tuned<T: PartialEq + ToString>(&mut self, id: &str, value: T, default: T) {
+        if value != default {
+            self.value(id, value);
+        }
+    }
+
     fn opt(&mut self, id: &str, value: &Option<impl ToString>) {
         if let Some(v) = value {
             self.value(id, v.to_string());
@@ -538,7 +547,8 @@ impl RunArgs {
         }
     }
 
-    /// The process environment that makes `qp-worker run` parse exactly these settings.
+    /// The process environment that makes `qp-worker run` parse exactly these settings. Tuning
+    /// settings at their defaults are left out (see `Renderer::tuned`).
     pub fn render<R: Clone>(&self, refs: &Refs<R>) -> Env<R> {
         let mut r = Renderer::<R>::new(<Self as Args>::augment_args(clap::Command::new("run")));
         r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
@@ -551,8 +561,16 @@ impl RunArgs {
         r.value("retry_backoff_ms", self.retry_backoff_ms);
         r.value("result_ttl_seconds", self.result_ttl_seconds);
         r.opt("dead_letter", &self.dead_letter);
-        r.value("max_message_bytes", self.max_message_bytes);
-        r.value("max_result_bytes", self.max_result_bytes);
+        r.tuned(
+            "max_message_bytes",
+            self.max_message_bytes,
+            defaults::MAX_MESSAGE_BYTES,
+        );
+        r.tuned(
+            "max_result_bytes",
+            self.max_result_bytes,
+            defaults::MAX_RESULT_BYTES,
+        );
         r.flag("ordered_by_key", self.ordered_by_key);
         r.value("drain_timeout_seconds", self.drain_timeout_seconds);
         if refs.worker_id_is_pod_name {
@@ -560,10 +578,18 @@ impl RunArgs {
         } else {
             r.opt("worker_id", &self.worker_id);
         }
-        r.value("max_pending_per_partition", self.max_pending_per_partition);
-        r.value("commit_interval_ms", self.commit_interval_ms);
-        r.value("heartbeat_ms", self.heartbeat_ms);
-        r.value("dead_after_ms", self.dead_after_ms);
+        r.tuned(
+            "max_pending_per_partition",
+            self.max_pending_per_partition,
+            defaults::MAX_PENDING_PER_PARTITION,
+        );
+        r.tuned(
+            "commit_interval_ms",
+            self.commit_interval_ms,
+            defaults::COMMIT_INTERVAL_MS,
+        );
+        r.tuned("heartbeat_ms", self.heartbeat_ms, defaults::HEARTBEAT_MS);
+        r.tuned("dead_after_ms", self.dead_after_ms, defaults::DEAD_AFTER_MS);
         r.out
     }
 }
@@ -584,13 +610,22 @@ impl GatewayArgs {
     }
 
     /// The process environment that makes `qp-worker gateway` parse exactly these settings.
+    /// Tuning settings at their defaults are left out.
     pub fn render<R: Clone>(&self, refs: &Refs<R>) -> Env<R> {
         let mut r = Renderer::<R>::new(<Self as Args>::augment_args(clap::Command::new("gateway")));
         r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
-        r.value("max_request_bytes", self.max_request_bytes);
-        r.value("max_backlog", self.max_backlog);
+        r.tuned(
+            "max_request_bytes",
+            self.max_request_bytes,
+            defaults::MAX_REQUEST_BYTES,
+        );
+        r.tuned("max_backlog", self.max_backlog, defaults::MAX_BACKLOG);
         r.value("result_ttl_seconds", self.result_ttl_seconds);
-        r.value("max_wait_seconds", self.max_wait_seconds);
+        r.tuned(
+            "max_wait_seconds",
+            self.max_wait_seconds,
+            defaults::MAX_WAIT_SECONDS,
+        );
         r.out
     }
 }
@@ -617,6 +652,32 @@ mod tests {
             Only::try_parse_from(["run", "--name=orders", "--source=kafka", "--handler=echo"])
                 .unwrap();
         assert_eq!(parsed.run, run);
+    }
+
+    #[test]
+    fn tuning_settings_at_their_defaults_are_not_rendered() {
+        let run = RunArgs::new(
+            CommonArgs::new("default", "orders"),
+            KafkaArgs::default(),
+            SourceKind::Kafka,
+            HandlerSpec::Echo,
+        );
+        let names: Vec<String> = run
+            .render::<String>(&Refs::default())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        for tuning in [
+            "QP_MAX_MESSAGE_BYTES",
+            "QP_MAX_RESULT_BYTES",
+            "QP_MAX_PENDING_PER_PARTITION",
+            "QP_COMMIT_INTERVAL_MS",
+            "QP_HEARTBEAT_MS",
+            "QP_DEAD_AFTER_MS",
+        ] {
+            assert!(!names.iter().any(|n| n == tuning), "{tuning} in {names:?}");
+        }
+        assert!(names.iter().any(|n| n == "QP_HANDLER"));
     }
 
     #[test]

@@ -317,7 +317,8 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
                 (Some(t), None) => Bytes::from(t),
                 (None, Some(b)) => Bytes::from(
                     BODY_BASE64
-                        .decode(&b)
+                        // Any run of `=` at the end is accepted, as before the crate was used.
+                        .decode(b.trim_end_matches('='))
                         .map_err(|_| "malformed: bodyBase64 is not valid base64")?,
                 ),
                 (None, None) => Bytes::new(),
@@ -379,6 +380,10 @@ mod tests {
         assert!(BODY_BASE64.decode("!!").is_err());
         // Unpadded and non-canonical input is read as the hand-written decoder read it.
         assert_eq!(BODY_BASE64.decode("Zm8").unwrap(), b"fo");
+        assert_eq!(
+            BODY_BASE64.decode("Zm8==".trim_end_matches('=')).unwrap(),
+            b"fo"
+        );
         assert_eq!(BODY_BASE64.decode("Zm9=").unwrap(), b"fo");
     }
 
