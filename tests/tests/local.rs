@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use qp_tests::fixture::{Fixture, RedisKind};
+use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::local::{self, LocalMode, LocalStatus, ResultTracker, TestQp};
 
 const REQUESTS: usize = 1200;
@@ -215,36 +215,37 @@ async fn exec_handler_arguments_keep_their_spaces() {
     let st = lm.wait_ready(Duration::from_secs(120)).await;
     let gateway = st.gateway_url.expect("the gateway is enabled");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let answer: serde_json::Value = loop {
-        let submitted = http
-            .post(format!("{gateway}/v1/requests"))
-            .header("content-type", "text/plain")
-            .header("idempotency-key", "exec-1")
-            .body("ignored")
-            .send()
-            .await
-            .expect("gateway reachable");
-        if submitted.status().is_success() {
-            let id = submitted.json::<serde_json::Value>().await.unwrap()["id"]
-                .as_str()
-                .expect("an id")
+    // Submit (retried while the gateway answers 503 at start), then long-poll the result.
+    let answer: serde_json::Value = eventually(
+        Duration::from_secs(60),
+        "the exec handler's result",
+        || async {
+            let submitted = http
+                .post(format!("{gateway}/v1/requests"))
+                .header("content-type", "text/plain")
+                .header("idempotency-key", "exec-1")
+                .body("ignored")
+                .send()
+                .await
+                .ok()?;
+            if !submitted.status().is_success() {
+                return None;
+            }
+            let id = submitted.json::<serde_json::Value>().await.ok()?["id"]
+                .as_str()?
                 .to_owned();
             let polled = http
                 .get(format!("{gateway}/v1/requests/{id}?wait=10"))
                 .send()
                 .await
-                .expect("gateway reachable")
+                .ok()?
                 .json::<serde_json::Value>()
                 .await
-                .unwrap();
-            if polled["status"] != "pending" && polled["status"] != "processing" {
-                break polled;
-            }
-        }
-        assert!(Instant::now() < deadline, "no result within 60 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+                .ok()?;
+            (polled["status"] != "pending" && polled["status"] != "processing").then_some(polled)
+        },
+    )
+    .await;
     assert_eq!(answer["status"], "done", "{answer}");
     assert_eq!(answer["result"], "a b\n", "{answer}");
     assert!(lm.stop(Duration::from_secs(30)).await, "local mode stops");
