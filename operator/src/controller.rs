@@ -250,13 +250,15 @@ async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
         .expect("scalers lock")
         .insert(key(qp), scaler);
     let mut tick = tick?;
+    // The replica count is applied: say so before anything else can fail. The next tick sees
+    // the new count as current and would never announce this change.
+    publish_events(qp, ctx, &tick.observed, &tick.step, tick.current).await;
+    publish_health_events(qp, ctx, tick.problem.as_ref()).await;
     // A token limit that could not be written fails the reconcile (retried in 5 s), as before
     // the status is written.
     std::mem::replace(&mut tick.tokens, Ok(()))?;
 
     write_status(qp, ctx, &tick).await?;
-    publish_events(qp, ctx, &tick.observed, &tick.step, tick.current).await;
-    publish_health_events(qp, ctx, tick.problem.as_ref()).await;
     Ok(Action::requeue(resolved.poll))
 }
 

@@ -46,6 +46,7 @@ pub fn free_port() -> u16 {
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
+    log: PathBuf,
 }
 
 impl Proc {
@@ -53,7 +54,8 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Proc {
         let logs = crate::env::workspace_root().join("target/test-logs");
         std::fs::create_dir_all(&logs).expect("create log dir");
-        let log = std::fs::File::create(logs.join(format!("{name}.log"))).expect("log file");
+        let path = logs.join(format!("{name}.log"));
+        let log = std::fs::File::create(&path).expect("log file");
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
@@ -63,6 +65,7 @@ impl Proc {
         Proc {
             name: name.to_owned(),
             child: Some(child),
+            log: path,
         }
     }
 
@@ -98,8 +101,25 @@ impl Proc {
     }
 }
 
+/// Lines of a process's log printed when a test fails while it runs: CI keeps the test's
+/// output, not `target/test-logs/`, so a failure must carry its own evidence.
+const LOG_TAIL_ON_FAILURE: usize = 60;
+
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- last {} lines of {} ({}) ---\n{}\n--- end of {} ---",
+                tail.len(),
+                self.name,
+                self.log.display(),
+                tail.join("\n"),
+                self.name
+            );
+        }
     }
 }
