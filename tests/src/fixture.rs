@@ -303,3 +303,33 @@ impl Fixture {
         crate::kafka::delete_topic(&self.bootstrap, &self.topic).await;
     }
 }
+
+/// A TCP endpoint that accepts connections and never answers: a broker or Redis that hangs
+/// rather than refuses (a stopped VM, a dropped route), the worst case for a client's timeouts.
+/// Dropping it closes the listener and every connection it held.
+pub struct Silent {
+    pub addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Silent {
+    pub async fn start() -> Silent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a silent listener");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Silent { addr, task }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -9,5 +9,6 @@ pub mod env;
 pub mod fixture;
 pub mod kafka;
 pub mod local;
+pub mod operator;
 pub mod procs;
 pub mod tools;

@@ -4,157 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use qp_operator::crd::QueueProcessor;
 use qp_protocol::keys::Keys;
-use qp_protocol::redis_conn::{Conn, RedisSettings};
 use qp_tests::cluster::{self, MANAGER};
-use qp_tests::env::{self, Env};
-use qp_tests::fixture::eventually;
+use qp_tests::fixture::{Silent, eventually};
 use qp_tests::kafka;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use qp_tests::operator::*;
 use serde_json::json;
-
-struct Setup {
-    env: Env,
-    client: Client,
-    ns: String,
-    redis: Conn,
-}
-
-async fn setup(prefix: &str) -> Setup {
-    let env = env::load();
-    let client = env::kube_client().await;
-    cluster::install_crd(&client).await;
-    let ns = cluster::create_namespace(&client, prefix).await;
-    let redis = RedisSettings::single(env.get("QP_REDIS_URL"))
-        .connect()
-        .await
-        .unwrap();
-    Setup {
-        env,
-        client,
-        ns,
-        redis,
-    }
-}
-
-/// A Kafka QueueProcessor with fast polling and short windows, for tests.
-fn kafka_qp(
-    s: &Setup,
-    name: &str,
-    topic: &str,
-    min: i32,
-    extra_redis: serde_json::Value,
-) -> serde_json::Value {
-    let mut redis = json!({"url": s.env.get("QP_REDIS_URL")});
-    if let (Some(r), Some(e)) = (redis.as_object_mut(), extra_redis.as_object()) {
-        r.extend(e.clone());
-    }
-    json!({
-        "apiVersion": "queueprocessing.dev/v1alpha1",
-        "kind": "QueueProcessor",
-        "metadata": {"name": name, "namespace": s.ns},
-        "spec": {
-            "source": {"kafka": {
-                "bootstrapServers": s.env.get("QP_KAFKA_BOOTSTRAP"),
-                "topic": topic,
-                "consumerGroup": format!("{topic}-group"),
-            }},
-            "redis": redis,
-            "concurrency": {"perReplicaTokens": 4, "globalMaxTokens": 100},
-            "scaling": {
-                "minReplicas": min, "maxReplicas": 8, "targetBacklogPerReplica": 10,
-                "pollIntervalSeconds": 1, "scaleDownStabilizationSeconds": 3,
-                "cooldownSeconds": 3, "activationBacklog": 0
-            },
-            "worker": {"handler": {"builtin": {"name": "echo"}}}
-        }
-    })
-}
-
-async fn apply_qp(s: &Setup, qp: &serde_json::Value) {
-    let api: Api<QueueProcessor> = Api::namespaced(s.client.clone(), &s.ns);
-    let name = qp["metadata"]["name"].as_str().unwrap();
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(qp),
-    )
-    .await
-    .expect("apply the QueueProcessor");
-}
-
-async fn deployment(s: &Setup, name: &str) -> Option<Deployment> {
-    Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
-        .get_opt(name)
-        .await
-        .unwrap()
-}
-
-async fn replicas(s: &Setup, name: &str) -> Option<i32> {
-    deployment(s, name).await.and_then(|d| d.spec?.replicas)
-}
-
-async fn qp_status(s: &Setup, name: &str) -> QueueProcessor {
-    Api::<QueueProcessor>::namespaced(s.client.clone(), &s.ns)
-        .get(name)
-        .await
-        .unwrap()
-}
-
-fn condition(qp: &QueueProcessor, type_: &str) -> Option<(String, String, String)> {
-    qp.status
-        .as_ref()?
-        .condition(type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
-async fn events(s: &Setup, reason: &str) -> Vec<Event> {
-    Api::<Event>::namespaced(s.client.clone(), &s.ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect()
-}
-
-async fn token_limit(s: &Setup, name: &str) -> Option<u64> {
-    redis::cmd("GET")
-        .arg(Keys::new(&s.ns, name).limit())
-        .query_async(&mut s.redis.clone())
-        .await
-        .unwrap()
-}
-
-/// Commit the group's offsets at the log end, as if workers had processed everything.
-fn commit_all(bootstrap: &str, topic: &str, group: &str, partitions: i32) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(5))
-            .unwrap();
-        tpl.add_partition_offset(topic, p, Offset::Offset(high))
-            .unwrap();
-    }
-    consumer
-        .commit(&tpl, CommitMode::Sync)
-        .expect("commit offsets");
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scales_with_backlog_and_cleans_up_on_delete() {
@@ -164,8 +24,9 @@ async fn scales_with_backlog_and_cleans_up_on_delete() {
     kafka::create_topic(&bootstrap, &topic, 8).await;
     let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
     // A neighbour whose broker does not answer must not slow this one down.
+    let silent = Silent::start().await;
     let mut broken = kafka_qp(&s, "broken", "nowhere", 1, json!({}));
-    broken["spec"]["source"]["kafka"]["bootstrapServers"] = json!("192.0.2.1:9092");
+    broken["spec"]["source"]["kafka"]["bootstrapServers"] = json!(silent.addr.to_string());
     apply_qp(&s, &broken).await;
     apply_qp(&s, &kafka_qp(&s, "orders", &topic, 1, json!({}))).await;
 

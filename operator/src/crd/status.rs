@@ -208,6 +208,41 @@ impl QueueProcessorStatus {
         }
     }
 
+    /// Whether this newly computed status is worth a write, given the status on the object
+    /// (`old`) and how long ago this process last wrote it (`since_written`, `None` if never).
+    /// A change to anything but the live numbers is written at once; a change only to those
+    /// (backlog, rates, tokens in use, the messages that quote them, the summary) waits until
+    /// `refresh` has passed since the last write, so a busy workload costs at most one write per
+    /// `refresh` rather than one per poll.
+    pub fn write_due(
+        &self,
+        old: Option<&Self>,
+        since_written: Option<std::time::Duration>,
+        refresh: std::time::Duration,
+    ) -> bool {
+        match old {
+            None => true,
+            Some(old) if old == self => false,
+            Some(old) if old.settled() != self.settled() => true,
+            Some(_) => since_written.is_none_or(|d| d >= refresh),
+        }
+    }
+
+    /// This status without the numbers that move every poll under traffic.
+    fn settled(&self) -> Self {
+        let mut s = self.clone();
+        s.backlog = None;
+        s.throughput = None;
+        s.summary = None;
+        if let Some(t) = &mut s.tokens {
+            t.in_use = 0;
+        }
+        for c in &mut s.conditions {
+            c.message.clear();
+        }
+        s
+    }
+
     /// Recompute [`StatusSummary`] (the `kubectl get` columns) from the structured fields and
     /// the spec.
     pub fn refresh_summary(&mut self, spec: &QueueProcessorSpec) {

@@ -650,3 +650,71 @@ fn repository_manifests() {
     }
     assert!(invalid >= 14, "only {invalid} invalid manifests");
 }
+
+#[test]
+fn status_writes_wait_for_live_numbers_but_not_for_changes() {
+    use std::time::Duration;
+    let refresh = Duration::from_secs(30);
+    let t0 = Time("2025-01-01T00:00:00Z".parse().unwrap());
+    let mut old = QueueProcessorStatus {
+        replicas: Some(3),
+        backlog: Some(100),
+        tokens: Some(TokenStatus {
+            limit: 12,
+            in_use: 4,
+        }),
+        ..Default::default()
+    };
+    old.set_condition(
+        CONDITION_READY,
+        true.into(),
+        "Processing",
+        "backlog 100",
+        Some(1),
+        t0.clone(),
+    );
+    let soon = Some(Duration::from_secs(2));
+    let later = Some(Duration::from_secs(31));
+
+    // Never written by this process, or nothing on the object yet: write.
+    assert!(old.write_due(None, soon, refresh));
+    assert!(!old.write_due(Some(&old.clone()), None, refresh));
+    let mut numbers = old.clone();
+    numbers.backlog = Some(250);
+    numbers.tokens.as_mut().unwrap().in_use = 12;
+    numbers.set_condition(
+        CONDITION_READY,
+        true.into(),
+        "Processing",
+        "backlog 250",
+        Some(1),
+        t0.clone(),
+    );
+    assert!(numbers.write_due(Some(&old), None, refresh));
+    // Only live numbers moved: wait for the refresh period.
+    assert!(!numbers.write_due(Some(&old), soon, refresh));
+    assert!(numbers.write_due(Some(&old), later, refresh));
+    // Anything else is written at once: replicas, a condition's status or reason, the
+    // observed generation, the token limit.
+    let mut scaled = numbers.clone();
+    scaled.replicas = Some(5);
+    assert!(scaled.write_due(Some(&old), soon, refresh));
+    let mut failing = numbers.clone();
+    failing.set_condition(
+        CONDITION_READY,
+        false.into(),
+        "SourceUnreachable",
+        "down",
+        Some(1),
+        t0.clone(),
+    );
+    assert!(failing.write_due(Some(&old), soon, refresh));
+    let mut edited = numbers.clone();
+    edited.observed_generation = Some(2);
+    assert!(edited.write_due(Some(&old), soon, refresh));
+    let mut limit = numbers.clone();
+    limit.tokens.as_mut().unwrap().limit = 20;
+    assert!(limit.write_due(Some(&old), soon, refresh));
+    // Unchanged: never written, however long ago.
+    assert!(!old.write_due(Some(&old.clone()), later, refresh));
+}
