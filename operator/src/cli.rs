@@ -72,6 +72,11 @@ pub struct RunArgs {
         default_value = "ghcr.io/queue-processor/queue-processor:0.1.0"
     )]
     pub worker_image: String,
+    /// Seconds after a QueueProcessor's deletion during which the operator keeps trying to
+    /// remove its Redis keys; then it lets the deletion finish and a Warning event names the
+    /// keys left behind (a Redis that is gone for good must not block `kubectl delete`).
+    #[arg(long, env = "QP_CLEANUP_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub cleanup_timeout_seconds: u64,
     #[arg(long, env = "QP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }

@@ -4,7 +4,8 @@
 //! - [`crd`]: the `QueueProcessor` API
 //! - [`policy`], [`rates`]: pure decision code; [`health`]: why pods cannot run (pure)
 //! - [`workload`], [`builder`]: what a worker is told, and its Kubernetes objects (pure)
-//! - [`measure`], [`scaler`]: readings -> one decision; [`tick`]: measure -> decide -> apply ->
+//! - [`measure`] (with [`kafka`], lag of every group in one round per cluster), [`scaler`]:
+//!   readings -> one decision; [`tick`]: measure -> decide -> apply ->
 //!   tokens -> metrics, the one loop body both backends run
 //! - [`controller`], [`leader`], [`run`]: the cluster backend; [`local`]: the process backend
 
@@ -12,8 +13,10 @@ pub mod builder;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod kafka;
 pub mod leader;
 pub mod local;
 pub mod measure;

@@ -2,11 +2,11 @@
 //! consumer group is rebalancing, and what the workers report in Redis (throughput, work in
 //! flight, live replicas, tokens in use).
 //!
-//! Clients are cached: one Kafka lag probe per (brokers, group, topic) — an offset fetch is
-//! always made on behalf of one group id, so a group needs its own consumer handle; a probe
-//! replaces its client after a failure (see [`LagProbe`]) — and one multiplexed Redis
-//! connection per Redis endpoint. Every probe runs with a timeout on its own
-//! task, so one unreachable source never delays the measurement of another.
+//! Clients are shared: Kafka lag of every group on a plaintext cluster comes from one
+//! [`Fleet`] round per cluster (a few requests for all its groups); a cluster with SASL or TLS
+//! settings still gets one librdkafka probe per (brokers, group, topic) (see [`LagProbe`]); and
+//! one multiplexed Redis connection per Redis endpoint. Every measurement runs with a timeout,
+//! so one unreachable source never delays the measurement of another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,9 +17,11 @@ use qp_protocol::lag::{LagProbe, PartitionLag};
 use qp_protocol::redis_conn::{Conn, RedisSettings};
 use qp_protocol::tokens::{PoolOptions, TokenPool};
 
+use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
+use crate::kafka::{self, Fleet};
 
-/// How long one probe may take before it counts as unreachable.
+/// How long one measurement may take before it counts as unreachable.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the work comes from, with resolved credentials.
@@ -37,6 +39,21 @@ pub enum SourceTarget {
     },
 }
 
+impl SourceTarget {
+    /// Where the backlog is measured, without credentials: a change means a different log.
+    pub fn identity(&self) -> String {
+        match self {
+            SourceTarget::Kafka {
+                bootstrap,
+                topic,
+                group,
+                ..
+            } => format!("kafka|{bootstrap}|{topic}|{group}"),
+            SourceTarget::RedisList { key } => format!("redis|{key}"),
+        }
+    }
+}
+
 /// What the source says.
 #[derive(Debug, Clone, Default)]
 pub struct SourceReading {
@@ -49,6 +66,16 @@ pub struct SourceReading {
 }
 
 impl SourceReading {
+    fn from_lags(lags: Vec<PartitionLag>, group_state: Option<String>) -> Self {
+        SourceReading {
+            backlog: lags.iter().map(|l| l.lag).sum(),
+            partitions: Some(lags.len() as u32),
+            produced_total: Some(lags.iter().map(|l| l.log_end.max(0) as u64).sum()),
+            lags,
+            group_state,
+        }
+    }
+
     /// A group between generations: replicas must not change now (every change is another
     /// rebalance).
     pub fn rebalancing(&self) -> bool {
@@ -76,53 +103,69 @@ pub struct WorkerReading {
 /// Shared measurement clients.
 #[derive(Default)]
 pub struct Probes {
-    kafka: Mutex<HashMap<String, Arc<LagProbe>>>,
-    redis: tokio::sync::Mutex<Vec<(RedisSettings, Conn)>>,
+    fleet: Fleet,
+    /// Per QueueProcessor: what its probe measures, and the probe.
+    kafka: Mutex<HashMap<String, (String, Arc<LagProbe>)>>,
+    redis: Endpoints,
 }
 
 impl Probes {
+    /// The librdkafka probe of QueueProcessor `qp` (secured clusters): replaced when what it
+    /// measures or its credentials change, dropped by [`Probes::forget`].
     fn kafka_probe(
         &self,
+        qp: &str,
         bootstrap: &str,
         topic: &str,
         group: &str,
         properties: &[(String, String)],
     ) -> Arc<LagProbe> {
         // Credentials are part of the identity (a rotated password needs a new client) but
-        // must not sit in a map key in clear: use a hash of them.
+        // must not sit in memory twice in clear: compare a hash of them.
         let mut h = std::hash::DefaultHasher::new();
         std::hash::Hash::hash(properties, &mut h);
-        let key = format!(
+        let id = format!(
             "{bootstrap}|{topic}|{group}|{:x}",
             std::hash::Hasher::finish(&h)
         );
         let mut map = self.kafka.lock().expect("probe map lock");
-        map.entry(key)
-            .or_insert_with(|| Arc::new(LagProbe::new(bootstrap, properties, topic, group)))
-            .clone()
-    }
-
-    /// The shared connection to a Redis endpoint.
-    pub async fn redis(&self, settings: &RedisSettings) -> Result<Conn> {
-        let mut conns = self.redis.lock().await;
-        if let Some((_, c)) = conns.iter().find(|(s, _)| s == settings) {
-            return Ok(c.clone());
+        match map.get(qp) {
+            Some((known, probe)) if *known == id => probe.clone(),
+            _ => {
+                let probe = Arc::new(LagProbe::new(bootstrap, properties, topic, group));
+                map.insert(qp.to_owned(), (id, probe.clone()));
+                probe
+            }
         }
-        let conn = tokio::time::timeout(PROBE_TIMEOUT, settings.connect())
-            .await
-            .map_err(|_| Error::Redis("connecting timed out".into()))??;
-        conns.push((settings.clone(), conn.clone()));
-        Ok(conn)
     }
 
-    /// Requests sent by every Kafka probe so far (for the benchmark and a metric).
+    /// The shared connection to a Redis endpoint ([`Endpoints`]).
+    pub async fn redis(&self, settings: &RedisSettings) -> Result<Conn> {
+        self.redis.get(settings).await
+    }
+
+    /// Record which Redis QueueProcessor `qp` uses, so an endpoint nobody uses is dropped.
+    pub fn use_redis(&self, qp: &str, settings: &RedisSettings) {
+        self.redis.use_for(qp, settings);
+    }
+
+    /// Requests sent to Kafka brokers by the shared measuring clients so far (for the
+    /// benchmark and a metric; one atomic read). librdkafka probes of secured clusters are not
+    /// counted: reading their statistics means polling every client.
     pub fn kafka_requests(&self) -> u64 {
-        self.kafka
-            .lock()
-            .expect("probe map lock")
-            .values()
-            .map(|p| p.requests_sent())
-            .sum()
+        self.fleet.requests_sent()
+    }
+
+    /// Kafka clusters measured through the shared clients.
+    pub fn kafka_clusters(&self) -> usize {
+        self.fleet.clusters()
+    }
+
+    /// A QueueProcessor is gone: stop measuring for it.
+    pub fn forget(&self, qp: &str) {
+        self.fleet.forget(qp);
+        self.redis.forget(qp);
+        self.kafka.lock().expect("probe map lock").remove(qp);
     }
 
     /// How many failed Kafka clients were replaced (see [`LagProbe`]).
@@ -131,13 +174,14 @@ impl Probes {
             .lock()
             .expect("probe map lock")
             .values()
-            .map(|p| p.clients_replaced())
+            .map(|(_, p)| p.clients_replaced())
             .sum()
     }
 
-    /// Measure the source.
+    /// Measure the source of QueueProcessor `qp` (`namespace/name`).
     pub async fn source(
         &self,
+        qp: &str,
         target: &SourceTarget,
         redis: &RedisSettings,
     ) -> Result<SourceReading> {
@@ -147,20 +191,29 @@ impl Probes {
                 topic,
                 group,
                 properties,
+            } if kafka::is_plaintext(properties) => {
+                let (lags, group_state) = tokio::time::timeout(
+                    kafka::ROUND_TIMEOUT + PROBE_TIMEOUT,
+                    self.fleet.lag(qp, bootstrap, topic, group),
+                )
+                .await
+                .map_err(|_| Error::Source("measuring Kafka lag timed out".into()))?
+                .map_err(Error::Source)?;
+                Ok(SourceReading::from_lags(lags, group_state))
+            }
+            SourceTarget::Kafka {
+                bootstrap,
+                topic,
+                group,
+                properties,
             } => {
-                let probe = self.kafka_probe(bootstrap, topic, group, properties);
+                let probe = self.kafka_probe(qp, bootstrap, topic, group, properties);
                 let task = tokio::task::spawn_blocking(move || probe.measure_with_state());
                 let (lags, group_state) = tokio::time::timeout(PROBE_TIMEOUT * 3, task)
                     .await
                     .map_err(|_| Error::Source("measuring Kafka lag timed out".into()))?
                     .map_err(|e| Error::Source(format!("lag task: {e}")))??;
-                Ok(SourceReading {
-                    backlog: lags.iter().map(|l| l.lag).sum(),
-                    partitions: Some(lags.len() as u32),
-                    produced_total: Some(lags.iter().map(|l| l.log_end.max(0) as u64).sum()),
-                    lags,
-                    group_state,
-                })
+                Ok(SourceReading::from_lags(lags, group_state))
             }
             SourceTarget::RedisList { key } => {
                 let mut conn = self.redis(redis).await?;

@@ -48,6 +48,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             default_image: args.worker_image.clone(),
         },
         &identity,
+        Duration::from_secs(args.cleanup_timeout_seconds),
     ));
 
     if !args.leader_election {

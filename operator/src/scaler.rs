@@ -114,12 +114,13 @@ pub const HEARTBEAT_FRESH: Duration = Duration::from_secs(5);
 /// Measure the source and the workers concurrently: a slow source does not delay the other.
 pub async fn observe(
     probes: &Probes,
+    qp: &str,
     target: &SourceTarget,
     redis: &RedisSettings,
     keys: &Keys,
 ) -> Observed {
     let (source, workers) = tokio::join!(
-        probes.source(target, redis),
+        probes.source(qp, target, redis),
         probes.workers(redis, keys, HEARTBEAT_FRESH)
     );
     Observed { source, workers }
@@ -132,6 +133,8 @@ pub struct Scaler {
     processed: RateEstimator,
     failed: RateEstimator,
     capacity: PerReplicaCapacity,
+    /// What the arrival rate was measured on ([`SourceTarget::identity`]).
+    source: Option<String>,
 }
 
 /// The result of one step.
@@ -159,11 +162,23 @@ impl Default for Scaler {
             failed: rate(),
             // Three time constants, as the capacity estimator asks.
             capacity: PerReplicaCapacity::new(3 * RATE_TIME_CONSTANT_MS),
+            source: None,
         }
     }
 }
 
 impl Scaler {
+    /// Say what the source is before a step. Another topic, group or cluster has other log
+    /// ends: their difference to the old ones is no arrival rate, so the history is dropped
+    /// (it once read as a million messages a second).
+    pub fn measure_on(&mut self, target: &SourceTarget) {
+        let id = target.identity();
+        if self.source.as_deref() != Some(id.as_str()) {
+            self.arrival.reset();
+            self.source = Some(id);
+        }
+    }
+
     pub fn step(
         &mut self,
         policy: &Policy,
@@ -504,5 +519,45 @@ mod tests {
         // Pods recovered: Ready is what measurement says again.
         fill_status_with_health(&mut st, &obs, &step, 3, None, Some(1), at(4));
         assert_eq!(ready(&st), ("True".into(), "Processing".into(), at(4)));
+    }
+
+    #[test]
+    fn a_new_source_starts_a_new_arrival_history() {
+        use crate::crd::{ConcurrencySpec, ScalingSpec};
+        let policy = Policy::from_spec(&ScalingSpec::default(), &ConcurrencySpec::default());
+        let kafka = |topic: &str| SourceTarget::Kafka {
+            bootstrap: "k:9092".into(),
+            topic: topic.into(),
+            group: "g".into(),
+            properties: Vec::new(),
+        };
+        let at = |total: u64| {
+            let mut o = observed(true);
+            if let Ok(s) = &mut o.source {
+                s.produced_total = Some(total);
+            }
+            o
+        };
+        let mut scaler = Scaler::default();
+        scaler.measure_on(&kafka("orders"));
+        scaler.step(&policy, &at(10_000), 1, 1, false, 0);
+        let rate = scaler
+            .step(&policy, &at(11_000), 1, 1, false, 1_000)
+            .arrival_rate;
+        assert!(rate.is_some_and(|r| r > 0.0 && r <= 1_000.0), "{rate:?}");
+        // Same source: the history goes on.
+        scaler.measure_on(&kafka("orders"));
+        assert!(
+            scaler
+                .step(&policy, &at(12_000), 1, 1, false, 2_000)
+                .arrival_rate
+                .is_some()
+        );
+        // Edited to another topic whose log ends sum to far more: no rate from the jump.
+        scaler.measure_on(&kafka("payments"));
+        let jump = scaler
+            .step(&policy, &at(5_000_000), 1, 1, false, 3_000)
+            .arrival_rate;
+        assert_eq!(jump, None);
     }
 }

@@ -124,12 +124,21 @@ pub(crate) async fn run(
     metrics: &Metrics,
 ) -> Result<Tick> {
     let measured_at = Instant::now();
-    let observed = scaler::observe(probes, &r.target, &r.redis, &r.keys).await;
+    scaler.measure_on(&r.target);
+    probes.use_redis(&r.key(), &r.redis);
+    tracing::debug!("measuring");
+    let observed = scaler::observe(probes, &r.key(), &r.target, &r.redis, &r.keys).await;
+    tracing::debug!(
+        source_ok = observed.source.is_ok(),
+        workers_ok = observed.workers.is_ok(),
+        "measured"
+    );
     let current = replicas.current().await?.unwrap_or(r.policy.min_replicas);
     let ready = replicas.ready().await?;
     let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
     let step = scaler.step(&r.policy, &observed, current, ready, r.paused, now_ms);
     replicas.apply(step.decision.replicas).await?;
+    tracing::debug!(replicas = step.decision.replicas, "applied");
     if step.decision.changed {
         metrics
             .decision_latency

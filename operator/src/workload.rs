@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 
 pub use qp_protocol::settings::Refs;
 use qp_protocol::settings::{
-    CommonArgs, GatewayArgs, HandlerSpec, KafkaArgs, LogFormat, RunArgs, Setting, SourceKind,
+    CommonArgs, GatewayArgs, HandlerSpec, KafkaArgs, LogFormat, OffsetReset, RunArgs, Setting,
+    SourceKind,
 };
 
 use crate::crd::{
@@ -152,7 +153,11 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             match source {
                 Source::Kafka(k) => {
                     run.max_pending_per_partition =
-                        non_negative(k.max_in_flight_per_partition.into()) as usize
+                        non_negative(k.max_in_flight_per_partition.into()) as usize;
+                    run.kafka_auto_offset_reset = match k.auto_offset_reset {
+                        crate::crd::OffsetReset::Earliest => OffsetReset::Earliest,
+                        crate::crd::OffsetReset::Latest => OffsetReset::Latest,
+                    };
                 }
                 Source::RedisList(r) => {
                     run.dead_after_ms = non_negative(r.reclaim_after_seconds.into()) * 1000

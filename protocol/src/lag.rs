@@ -191,7 +191,7 @@ impl GroupLag {
             }
         }
         // Log starts matter only where nothing was committed: fetch them only then.
-        if lags.iter().any(|l| l.committed.is_none()) {
+        if lags.iter().any(|l| needs_log_start(l.log_end, l.committed)) {
             let starts = self.list_offsets(n, EARLIEST)?;
             for l in &mut lags {
                 l.log_start = starts[l.partition as usize];
@@ -314,16 +314,26 @@ impl LagProbe {
     }
 }
 
-/// The lag rule, pure: from the committed offset, or from the log start when nothing (or
-/// something older than the log start) was committed.
+/// The lag rule, pure: from the committed offset, or from the log start when nothing was
+/// committed, something older than the log start was (retention deleted it), or something
+/// beyond the log end was (the topic was deleted and made again: the group's offsets belong to
+/// the old log, and its consumers will reset to the start).
 pub fn partition_lag(log_start: i64, log_end: i64, committed: Option<i64>) -> u64 {
-    let from = committed.map_or(log_start, |c| c.max(log_start));
+    let from = match committed {
+        Some(c) if c <= log_end => c.max(log_start),
+        _ => log_start,
+    };
     (log_end - from).max(0) as u64
+}
+
+/// Whether [`partition_lag`] needs the log start for this partition.
+pub fn needs_log_start(log_end: i64, committed: Option<i64>) -> bool {
+    committed.is_none_or(|c| c > log_end)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::partition_lag;
+    use super::{needs_log_start, partition_lag};
 
     #[test]
     fn lag_rules() {
@@ -333,6 +343,10 @@ mod tests {
         assert_eq!(partition_lag(90, 100, None), 10);
         assert_eq!(partition_lag(90, 100, Some(5)), 10);
         assert_eq!(partition_lag(0, 100, Some(100)), 0);
-        assert_eq!(partition_lag(0, 100, Some(120)), 0);
+        // Committed beyond the log end: the topic was made again; count from its start.
+        assert_eq!(partition_lag(0, 100, Some(120)), 100);
+        assert_eq!(partition_lag(40, 100, Some(120)), 60);
+        assert!(needs_log_start(100, None) && needs_log_start(100, Some(101)));
+        assert!(!needs_log_start(100, Some(100)));
     }
 }

@@ -175,6 +175,26 @@ pub enum SourceKind {
     RedisList,
 }
 
+/// Where a consumer group without committed offsets starts reading (librdkafka's
+/// `auto.offset.reset`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum OffsetReset {
+    /// The oldest message still in the topic.
+    #[default]
+    Earliest,
+    /// The end of the topic: only messages produced from now on.
+    Latest,
+}
+
+impl OffsetReset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -237,6 +257,10 @@ pub struct RunArgs {
     /// Pause a Kafka partition with this many fetched but unfinished messages.
     #[arg(long, env = "QP_MAX_PENDING_PER_PARTITION", default_value_t = defaults::MAX_PENDING_PER_PARTITION)]
     pub max_pending_per_partition: usize,
+    /// Where a consumer group without committed offsets starts: at the oldest message still in
+    /// the topic, or only at messages produced from now on.
+    #[arg(long, env = "QP_KAFKA_AUTO_OFFSET_RESET", value_enum, default_value_t = OffsetReset::Earliest)]
+    pub kafka_auto_offset_reset: OffsetReset,
     /// How often stored Kafka offsets are committed.
     #[arg(long, env = "QP_COMMIT_INTERVAL_MS", default_value_t = defaults::COMMIT_INTERVAL_MS)]
     pub commit_interval_ms: u64,
@@ -541,6 +565,7 @@ impl RunArgs {
             drain_timeout_seconds: defaults::DRAIN_TIMEOUT_SECONDS,
             worker_id: None,
             max_pending_per_partition: defaults::MAX_PENDING_PER_PARTITION,
+            kafka_auto_offset_reset: OffsetReset::Earliest,
             commit_interval_ms: defaults::COMMIT_INTERVAL_MS,
             heartbeat_ms: defaults::HEARTBEAT_MS,
             dead_after_ms: defaults::DEAD_AFTER_MS,
@@ -572,6 +597,9 @@ impl RunArgs {
             defaults::MAX_RESULT_BYTES,
         );
         r.flag("ordered_by_key", self.ordered_by_key);
+        if self.kafka_auto_offset_reset != OffsetReset::default() {
+            r.enumerated("kafka_auto_offset_reset", self.kafka_auto_offset_reset);
+        }
         r.value("drain_timeout_seconds", self.drain_timeout_seconds);
         if refs.worker_id_is_pod_name {
             r.put("worker_id", Setting::PodName);

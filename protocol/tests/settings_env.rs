@@ -84,6 +84,7 @@ fn every_run_setting_survives_render_and_parse() {
     run.drain_timeout_seconds += 1;
     run.worker_id = Some("w-1".into());
     run.max_pending_per_partition += 1;
+    run.kafka_auto_offset_reset = qp_protocol::settings::OffsetReset::Latest;
     run.commit_interval_ms += 1;
     run.heartbeat_ms += 1;
     run.dead_after_ms += 1;

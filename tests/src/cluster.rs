@@ -90,6 +90,18 @@ pub fn start_operator(
     identity: &str,
     lease_seconds: u64,
 ) -> (Proc, u16) {
+    start_operator_with(env, ns, identity, lease_seconds, &[])
+}
+
+/// [`start_operator`] with more environment variables (settings the operator reads from its
+/// environment, as in the chart).
+pub fn start_operator_with(
+    env: &crate::env::Env,
+    ns: &str,
+    identity: &str,
+    lease_seconds: u64,
+    vars: &[(&str, &str)],
+) -> (Proc, u16) {
     let port = procs::free_port();
     let mut cmd = Command::new(procs::binary("qp-operator"));
     cmd.arg("run")
@@ -98,8 +110,14 @@ pub fn start_operator(
         .args(["--lease-name", "qp-operator", "--identity", identity])
         .args(["--lease-duration-seconds", &lease_seconds.to_string()])
         .args(["--lease-renew-seconds", "1"])
+        .envs(vars.iter().copied())
         .env("KUBECONFIG", env.get("KUBECONFIG"))
-        .env("RUST_LOG", "info,kube=warn,librdkafka=warn");
+        // QP_TEST_OPERATOR_LOG overrides the filter when a test needs to be looked into.
+        .env(
+            "RUST_LOG",
+            std::env::var("QP_TEST_OPERATOR_LOG")
+                .unwrap_or_else(|_| "info,kube=warn,librdkafka=warn".into()),
+        );
     (Proc::spawn(&format!("operator-{ns}-{identity}"), cmd), port)
 }
 

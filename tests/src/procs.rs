@@ -41,6 +41,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How long [`Proc::terminate`] waits for a process to exit.
+pub const TERMINATE_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// A child process that is killed (SIGKILL) when dropped, so a failing test leaves nothing
 /// running. Use [`Proc::terminate`] for a graceful SIGTERM stop.
 pub struct Proc {
@@ -69,6 +72,11 @@ impl Proc {
         }
     }
 
+    /// What the process has written to its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -81,15 +89,40 @@ impl Proc {
         }
     }
 
-    /// SIGTERM and wait for a graceful exit; returns whether it exited successfully.
+    /// SIGTERM and wait for a graceful exit; returns whether it exited successfully. A process
+    /// still running [`TERMINATE_WITHIN`] later is killed and the test fails: a stop that
+    /// hangs is a bug to report, not a CI run to stall.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
-            return false;
-        };
+        match self.terminate_within(TERMINATE_WITHIN) {
+            Some(ok) => ok,
+            None => panic!(
+                "{} still running {TERMINATE_WITHIN:?} after SIGTERM (killed)",
+                self.name
+            ),
+        }
+    }
+
+    /// SIGTERM and wait up to `limit`: `Some(success)` when it exited, `None` when it was
+    /// still running (it is then killed).
+    pub fn terminate_within(&mut self, limit: std::time::Duration) -> Option<bool> {
+        let mut c = self.child.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
-        c.wait().map(|s| s.success()).unwrap_or(false)
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match c.try_wait() {
+                Ok(Some(status)) => return Some(status.success()),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return None;
+                }
+            }
+        }
     }
 
     /// Still running?
@@ -122,4 +155,41 @@ impl Drop for Proc {
             );
         }
     }
+}
+
+/// Established TCP connections of process `pid` to remote port `port`, from `/proc` (the
+/// process's socket inodes matched against the kernel's connection table): what a client
+/// really holds open, whatever it says about itself.
+pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut n = 0;
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(rem), Some(st), Some(inode)) = (cols.get(2), cols.get(3), cols.get(9)) else {
+                continue;
+            };
+            let remote_port = rem
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *st == "01" && remote_port == Some(port) && inodes.contains(*inode) {
+                n += 1;
+            }
+        }
+    }
+    n
 }

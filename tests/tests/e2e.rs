@@ -137,20 +137,49 @@ fn install_chart(e: &E2e) -> Release {
     let values = std::env::temp_dir().join(format!("{}-values.yaml", e.ns));
     std::fs::write(&values, chart_values()).unwrap();
     let t = Instant::now();
-    let out = run_ok(
-        helm()
-            .args(["install", RELEASE])
-            .arg(chart_dir())
-            .args([
-                "--namespace",
-                &e.ns,
-                "--take-ownership",
-                "--force-conflicts",
-            ])
-            .args(["--wait", "--timeout", "180s", "-f"])
-            .arg(&values),
-        None,
-    );
+    let mut install = helm();
+    install
+        .args(["install", RELEASE])
+        .arg(chart_dir())
+        .args([
+            "--namespace",
+            &e.ns,
+            "--take-ownership",
+            "--force-conflicts",
+        ])
+        .args(["--wait", "--timeout", "180s", "-f"])
+        .arg(&values);
+    let done = run(&mut install, None);
+    let out = String::from_utf8_lossy(&done.stdout).into_owned();
+    if !done.status.success() {
+        // Say why the operator pod is not ready: its state, events and logs.
+        let mut why = String::new();
+        for args in [
+            vec!["get", "pods", "-o", "wide"],
+            vec!["describe", "pods"],
+            vec![
+                "logs",
+                "--all-containers",
+                "--tail",
+                "80",
+                "-l",
+                "app.kubernetes.io/name=queue-processor",
+            ],
+        ] {
+            let o = run(kubectl().args(&args).args(["--namespace", &e.ns]), None);
+            why.push_str(&format!(
+                "--- kubectl {}\n{}{}\n",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        panic!(
+            "helm install failed: {}\n{out}\n{}\n{why}",
+            done.status,
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
     assert!(out.contains("STATUS: deployed"), "{out}");
     e.time("helm install --wait to operator Ready", t.elapsed());
     let _ = std::fs::remove_file(&values);

@@ -28,6 +28,12 @@ async fn scales_with_backlog_and_cleans_up_on_delete() {
     let mut broken = kafka_qp(&s, "broken", "nowhere", 1, json!({}));
     broken["spec"]["source"]["kafka"]["bootstrapServers"] = json!(silent.addr.to_string());
     apply_qp(&s, &broken).await;
+    // Nor one whose Redis hangs: its connects must not hold up this one's Redis calls.
+    let silent_redis = Silent::start().await;
+    let mut hung = kafka_qp(&s, "hung-redis", &topic, 1, json!({}));
+    hung["spec"]["redis"]["url"] = json!(format!("redis://{}", silent_redis.addr));
+    hung["spec"]["source"]["kafka"]["consumerGroup"] = json!(format!("{topic}-hung"));
+    apply_qp(&s, &hung).await;
     apply_qp(&s, &kafka_qp(&s, "orders", &topic, 1, json!({}))).await;
 
     // The worker Deployment appears with the expected spec and owner reference.

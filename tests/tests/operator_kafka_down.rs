@@ -199,7 +199,7 @@ async fn lag_probes_answer_again_after_every_kafka_restart() {
         let (probes, latest, stop) = (probes.clone(), latest.clone(), stop.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                let r = probes.source(&target, &redis).await;
+                let r = probes.source("kafka-down/probe", &target, &redis).await;
                 let r = r.map(|s| s.backlog).map_err(|e| e.to_string());
                 *latest.lock().unwrap() = Some((Instant::now(), r));
                 tokio::time::sleep(Duration::from_millis(200)).await;

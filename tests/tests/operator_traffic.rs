@@ -13,10 +13,10 @@ use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::watcher;
 use qp_operator::crd::QueueProcessor;
-use qp_tests::cluster;
 use qp_tests::fixture::eventually;
 use qp_tests::kafka;
 use qp_tests::operator::*;
+use qp_tests::{cluster, procs};
 use serde_json::json;
 
 async fn reconciles(port: u16) -> f64 {
@@ -185,4 +185,102 @@ async fn leaves_gateway_objects_it_does_not_own_alone() {
         services.get_opt("orders-gateway").await.unwrap().is_some(),
         "the user's Service orders-gateway was deleted"
     );
+}
+
+/// Many QueueProcessors on one Kafka cluster share one connection per broker and one round of
+/// requests: it used to be a librdkafka client per consumer group (several connections each),
+/// each sending its own metadata, ListOffsets, OffsetFetch and group listing every poll, and
+/// never closed. Now a round serves every group, and the connections go when the last
+/// QueueProcessor using the cluster does.
+#[tokio::test(flavor = "multi_thread")]
+async fn groups_on_one_cluster_share_connections_and_requests_and_release_them() {
+    const QPS: usize = 20;
+    let s = setup("op-fleet").await;
+    let bootstrap = s.env.get("QP_KAFKA_BOOTSTRAP");
+    let kafka_port: u16 = bootstrap.rsplit(':').next().unwrap().parse().unwrap();
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&bootstrap, &topic, 4).await;
+    let (op, port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    for i in 0..QPS {
+        let mut qp = kafka_qp(&s, &format!("qp{i:02}"), &topic, 1, json!({}));
+        qp["spec"]["source"]["kafka"]["consumerGroup"] = json!(format!("{topic}-g{i:02}"));
+        apply_qp(&s, &qp).await;
+    }
+    let api: Api<QueueProcessor> = Api::namespaced(s.client.clone(), &s.ns);
+    eventually(
+        Duration::from_secs(60),
+        "every QueueProcessor measured",
+        || async {
+            let list = api.list(&Default::default()).await.ok()?;
+            let measured = list
+                .items
+                .iter()
+                .filter(|q| q.status.as_ref().and_then(|s| s.backlog).is_some())
+                .count();
+            (measured == QPS).then_some(())
+        },
+    )
+    .await;
+
+    let requests = || async {
+        cluster::metric_sum(port, "qp_operator_kafka_requests_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let (r0, t0) = (requests().await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(5)).await; // the measurement window
+    let (r1, took) = (requests().await, t0.elapsed());
+    let per_poll = (r1 - r0) / took.as_secs_f64(); // pollIntervalSeconds is 1
+    let connections = procs::tcp_connections_to(op.pid(), kafka_port);
+    println!(
+        "{QPS} QueueProcessors, 20 groups: {per_poll:.1} Kafka requests per poll, \
+         {connections} connections to the broker"
+    );
+    assert!(
+        per_poll <= 12.0,
+        "{per_poll:.1} Kafka requests per poll for {QPS} groups on one broker"
+    );
+    assert!(
+        (1..=2).contains(&connections),
+        "{connections} connections to one broker"
+    );
+
+    // Every QueueProcessor deleted: nothing measures the cluster, its connections close.
+    api.delete_collection(&Default::default(), &Default::default())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "no connection to the broker",
+        || async { (procs::tcp_connections_to(op.pid(), kafka_port) == 0).then_some(()) },
+    )
+    .await;
+}
+
+/// `spec.source.kafka.autoOffsetReset` reaches the workers' environment (it used to be
+/// accepted and ignored: the worker always started new groups at the earliest offset). What
+/// the worker does with it is `tests/tests/worker.rs`'s
+/// `a_new_group_with_latest_reset_skips_what_came_before`.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_offset_reset_reaches_the_worker_deployment() {
+    let s = setup("op-reset").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    let mut qp = kafka_qp(&s, "orders", &topic, 1, json!({}));
+    qp["spec"]["source"]["kafka"]["autoOffsetReset"] = json!("latest");
+    apply_qp(&s, &qp).await;
+    let dep = eventually(Duration::from_secs(30), "the worker Deployment", || async {
+        deployment(&s, "orders-worker").await
+    })
+    .await;
+    let env = dep.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    let reset = env
+        .iter()
+        .find(|e| e.name == "QP_KAFKA_AUTO_OFFSET_RESET")
+        .and_then(|e| e.value.clone());
+    assert_eq!(reset.as_deref(), Some("latest"), "{env:?}");
 }

@@ -597,3 +597,41 @@ async fn a_slow_handler_pauses_full_partitions_and_loses_nothing() {
     assert!(worker.terminate());
     fx.cleanup().await;
 }
+
+/// `autoOffsetReset: latest` reaches the consumer: a new group skips what the topic held
+/// before it joined and processes only what comes after. The worker used to start every new
+/// group at the earliest offset whatever the QueueProcessor said.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_group_with_latest_reset_skips_what_came_before() {
+    let fx = Fixture::new("reset", RedisKind::Single, 2).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let producer = kafka::producer(&fx.bootstrap);
+    let old = ids("old", 20);
+    kafka::send_many(&producer, &fx.topic, &old).await;
+    let _w = fx.kafka_worker("w0", "echo", &["--kafka-auto-offset-reset", "latest"]);
+    // Until the group has joined, a new message may fall before its starting point: send one
+    // at a time until one is processed.
+    let mut sent = Vec::new();
+    let first = eventually(Duration::from_secs(40), "a new message processed", || {
+        let id = format!("new-{}", sent.len());
+        sent.push(id.clone());
+        let (fx, producer) = (&fx, &producer);
+        async move {
+            kafka::send_many(producer, &fx.topic, std::slice::from_ref(&id)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let states = fx.states(std::slice::from_ref(&id)).await;
+            (states.get(&id).map(String::as_str) == Some("done")).then_some(id)
+        }
+    })
+    .await;
+    // From here on, every message is processed, and none of those sent before.
+    let after = ids("after", 10);
+    kafka::send_many(&producer, &fx.topic, &after).await;
+    fx.wait_finished(&after, Duration::from_secs(30)).await;
+    let states = fx.states(&old).await;
+    assert!(
+        states.is_empty(),
+        "messages sent before the group joined were processed: {states:?} (first new: {first})"
+    );
+    fx.cleanup().await;
+}

@@ -166,6 +166,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                     })?,
                     properties: args.kafka.security_properties(),
                     max_pending_per_partition: args.max_pending_per_partition.max(1),
+                    auto_offset_reset: args.kafka_auto_offset_reset,
                     commit_interval: Duration::from_millis(args.commit_interval_ms),
                     drain_timeout: args.drain_timeout(),
                     max_message_bytes: args.max_message_bytes,
@@ -186,9 +187,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                 .await;
             ready.set(false);
             stopper.abort();
-            tokio::task::spawn_blocking(move || source.close())
-                .await
-                .map_err(|e| Error::Kafka(format!("closing consumer: {e}")))?;
+            close_bounded(source, args.drain_timeout() + CLOSE_GRACE).await;
         }
         SourceKind::RedisList => {
             let settings = RedisListSettings {
@@ -238,6 +237,32 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
     let _ = http.await;
     info!("stopped");
     Ok(())
+}
+
+/// How long closing the Kafka consumer may take beyond the drain timeout.
+const CLOSE_GRACE: Duration = Duration::from_secs(15);
+
+/// Close the consumer (final commit, leave the group), but do not wait longer than `within`.
+///
+/// librdkafka's close can block for good: a consumer that lived through a broker restart can
+/// keep waiting for a group coordinator it never finds again, and a worker asked to stop then
+/// never exited (seen in `tests/tests/operator_kafka_down.rs`). The close runs on a thread of
+/// its own, not a runtime blocking task (the runtime waits for those when it shuts down); past
+/// `within` the worker exits without its final commit, and the uncommitted messages are
+/// delivered again: at least once still holds.
+async fn close_bounded(source: KafkaSource, within: Duration) {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        source.close();
+        let _ = done.send(());
+    });
+    if tokio::time::timeout(within, closed).await.is_err() {
+        warn!(
+            ?within,
+            "closing the Kafka consumer did not finish; exiting without the final commit \
+             (uncommitted messages will be redelivered)"
+        );
+    }
 }
 
 /// Mirror the keeper's state into the metrics.

@@ -16,7 +16,7 @@ use super::events::publish;
 use super::{Context, secrets};
 use crate::builder;
 use crate::crd::QueueProcessor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::scaler;
 use crate::workload::Component;
 
@@ -88,6 +88,15 @@ pub(super) async fn stop_pods(qp: &QueueProcessor, ctx: &Context) -> Result<Opti
     Ok(None)
 }
 
+/// How long ago the QueueProcessor was deleted (zero if it is not being deleted).
+fn since_deletion(qp: &QueueProcessor) -> Duration {
+    qp.metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Duration::from_secs(Timestamp::now().duration_since(t.0).as_secs().max(0) as u64))
+        .unwrap_or_default()
+}
+
 /// How long past the pods' grace period deletion waits for them before removing keys anyway.
 pub(super) const STOP_MARGIN_SECONDS: u64 = 30;
 
@@ -97,26 +106,52 @@ pub(super) async fn cleanup(qp: &QueueProcessor, ctx: &Context) -> Result<Action
     let ns = qp.namespace_or_default();
     let name = qp.name_any();
     let secrets = secrets::read(&ctx.client, &ns, &qp.spec.secret_refs()).await;
-    match secrets.and_then(|s| scaler::redis_settings(&qp.spec.redis, &s)) {
-        Ok(redis) => {
-            let keys = Keys::new(&ns, &name);
-            scaler::delete_keys(&ctx.probes, &redis, &keys).await?;
+    let keys = Keys::new(&ns, &name);
+    let removed = match secrets.and_then(|s| scaler::redis_settings(&qp.spec.redis, &s)) {
+        Ok(redis) => scaler::delete_keys(&ctx.probes, &redis, &keys).await,
+        Err(e) => Err(e),
+    };
+    match removed {
+        Ok(()) => {
             info!("removed token and counter keys from Redis");
+            publish(
+                ctx,
+                qp,
+                EventType::Normal,
+                "Deleted",
+                "Cleanup",
+                "Redis keys removed".into(),
+            )
+            .await;
         }
-        // Without its Secret the Redis cannot be reached; the keys then only expire by TTL
-        // (leases) or stay (counters). Do not block deletion forever on that.
-        Err(e) => warn!(error = %e, "cannot reach Redis to clean up; leaving keys"),
+        // Redis may come back: try again until the timeout. Without its Secret (deleted
+        // first, say) it cannot be reached at all: give up at once.
+        Err(e)
+            if !matches!(e, Error::SecretRef(_) | Error::InvalidSpec(_))
+                && since_deletion(qp) < ctx.cleanup_timeout =>
+        {
+            warn!(error = %e, "cannot remove Redis keys yet; trying again");
+            return Err(e);
+        }
+        // Give up: the keys stay (leases expire by TTL, counters stay), deletion finishes.
+        Err(e) => {
+            let left = keys.lifetime_keys().join(", ");
+            warn!(error = %e, keys = %left, "giving up on removing Redis keys");
+            publish(
+                ctx,
+                qp,
+                EventType::Warning,
+                "KeysLeftBehind",
+                "Cleanup",
+                format!(
+                    "could not remove Redis keys within {}s of deletion ({e}); left behind: {left}",
+                    ctx.cleanup_timeout.as_secs()
+                ),
+            )
+            .await;
+        }
     }
     ctx.forget(qp);
     ctx.metrics.forget(&ns, &name);
-    publish(
-        ctx,
-        qp,
-        EventType::Normal,
-        "Deleted",
-        "Cleanup",
-        "Redis keys removed".into(),
-    )
-    .await;
     Ok(Action::await_change())
 }

@@ -67,11 +67,15 @@ pub struct Context {
     pub metrics: Metrics,
     pub probes: Probes,
     pub build: BuildOptions,
+    /// How long after deletion the finalizer tries to remove Redis keys ([`cleanup`]).
+    cleanup_timeout: Duration,
     /// The Deployments and Services this operator manages, as its watches last saw them: a
     /// tick reads these instead of asking the API server, so a steady workload costs no
     /// request per poll.
     deployments: Store<Deployment>,
     services: Store<Service>,
+    /// Set once both stores have listed ([`Context::caches_ready`]).
+    caches_ready: tokio::sync::OnceCell<()>,
     /// The writers of those stores, taken by [`run`].
     writers: Mutex<Option<(Writer<Deployment>, Writer<Service>)>>,
     /// What one QueueProcessor's ticks remember (`namespace/name`).
@@ -100,7 +104,13 @@ pub(super) struct Memory {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Metrics, build: BuildOptions, identity: &str) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Metrics,
+        build: BuildOptions,
+        identity: &str,
+        cleanup_timeout: Duration,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -116,8 +126,10 @@ impl Context {
             metrics,
             probes: Probes::default(),
             build,
+            cleanup_timeout,
             deployments,
             services,
+            caches_ready: tokio::sync::OnceCell::new(),
             writers: Mutex::new(Some((deployment_writer, service_writer))),
             memory: Mutex::default(),
             last_error: Mutex::default(),
@@ -143,9 +155,24 @@ impl Context {
             .insert(key(qp), memory);
     }
 
+    /// Wait until the watch caches have listed once, or a missing Deployment would read as
+    /// "none yet". Only one task waits on the stores themselves: kube's `Store::wait_until_ready`
+    /// keeps the waker of one waiter only, and the first reconciles, started together, hung
+    /// there for good. The others wait on this `OnceCell`. (A store's wait fails only when its
+    /// writer is gone, that is when the controller is stopping.)
+    async fn caches_ready(&self) {
+        self.caches_ready
+            .get_or_init(|| async {
+                let _ = self.deployments.wait_until_ready().await;
+                let _ = self.services.wait_until_ready().await;
+            })
+            .await;
+    }
+
     /// Forget a deleted QueueProcessor.
     fn forget(&self, qp: &QueueProcessor) {
         let k = key(qp);
+        self.probes.forget(&k);
         self.memory.lock().expect("memory lock").remove(&k);
         self.last_error.lock().expect("last_error lock").remove(&k);
         self.last_health
@@ -224,6 +251,7 @@ pub(super) fn key(qp: &QueueProcessor) -> String {
 #[instrument(skip_all, fields(qp = %key(&qp)))]
 async fn reconcile(qp: Arc<QueueProcessor>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    tracing::debug!("reconcile starts");
     let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
     if qp.metadata.deletion_timestamp.is_some()
         && qp.finalizers().iter().any(|f| f == FINALIZER)
@@ -262,10 +290,7 @@ fn error_policy(_qp: Arc<QueueProcessor>, err: &Error, ctx: Arc<Context>) -> Act
 }
 
 async fn apply(qp: &QueueProcessor, ctx: &Context) -> Result<Action> {
-    // The watch caches must have listed once, or a missing Deployment would read as "none yet".
-    // (They fail only when their writer is gone, that is when the controller is stopping.)
-    let _ = ctx.deployments.wait_until_ready().await;
-    let _ = ctx.services.wait_until_ready().await;
+    ctx.caches_ready().await;
     let mut memory = ctx.take_memory(qp);
     let res = apply_with(qp, ctx, &mut memory).await;
     ctx.put_memory(qp, memory);

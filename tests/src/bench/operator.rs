@@ -229,7 +229,7 @@ async fn kafka_requests_per_poll(env: &Env) -> Figure {
     let redis = RedisSettings::single(env.get("QP_REDIS_URL"));
     // Warm up: connections, API versions, metadata; a new topic's leaders take a moment.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while let Err(e) = probes.source(&target, &redis).await {
+    while let Err(e) = probes.source("bench/lag", &target, &redis).await {
         assert!(Instant::now() < deadline, "measuring the new topic: {e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -241,7 +241,10 @@ async fn kafka_requests_per_poll(env: &Env) -> Figure {
     let before = settle().await;
     let polls = 20;
     for _ in 0..polls {
-        let r = probes.source(&target, &redis).await.expect("measure");
+        let r = probes
+            .source("bench/lag", &target, &redis)
+            .await
+            .expect("measure");
         assert_eq!(r.partitions, Some(100));
     }
     let after = settle().await;

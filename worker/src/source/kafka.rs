@@ -54,6 +54,8 @@ pub struct KafkaSettings {
     pub properties: Vec<(String, String)>,
     /// Pause a partition when this many of its messages are fetched but unfinished.
     pub max_pending_per_partition: usize,
+    /// Where the group starts on a partition it never committed.
+    pub auto_offset_reset: qp_protocol::settings::OffsetReset,
     pub commit_interval: Duration,
     /// How long a revocation or shutdown waits for running messages before committing anyway.
     pub drain_timeout: Duration,
@@ -311,7 +313,7 @@ impl KafkaSource {
                 "auto.commit.interval.ms",
                 settings.commit_interval.as_millis().to_string(),
             )
-            .set("auto.offset.reset", "earliest")
+            .set("auto.offset.reset", settings.auto_offset_reset.as_str())
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
             .set("session.timeout.ms", "10000")
