@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use jiff::Timestamp;
 use qp_protocol::keys::Keys;
 use qp_protocol::redis_conn::RedisSettings;
 use tracing::warn;
@@ -135,7 +134,7 @@ pub(crate) async fn run(
     );
     let current = replicas.current().await?.unwrap_or(r.policy.min_replicas);
     let ready = replicas.ready().await?;
-    let now_ms = Timestamp::now().as_millisecond().max(0) as u64;
+    let now_ms = monotonic_ms();
     let step = scaler.step(&r.policy, &observed, current, ready, r.paused, now_ms);
     replicas.apply(step.decision.replicas).await?;
     tracing::debug!(replicas = step.decision.replicas, "applied");
@@ -169,6 +168,14 @@ pub(crate) async fn run(
         probes.kafka_requests(),
     );
     Ok(tick)
+}
+
+/// Milliseconds since this process first asked: the clock of the decision windows (cooldown,
+/// stabilization, rate intervals). Monotonic, unlike the wall clock, which an NTP step can move
+/// back (a stabilization window that never ends) or forward (a cooldown cut short).
+pub fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// Record what one tick measured and decided (both backends).

@@ -103,8 +103,9 @@ pub struct ScalingSpec {
     pub scale_down_stabilization_seconds: i32,
 
     /// Largest change in replicas one decision may make, up or down. Each change of a Kafka
-    /// consumer group causes a rebalance, so the default lets the operator go straight to the
-    /// computed count rather than climbing one step per poll.
+    /// consumer group causes a rebalance, so the default (the most replicas a QueueProcessor
+    /// may have) lets the operator go straight to the computed count rather than climbing one
+    /// step per poll.
     #[schemars(range(min = 1, max = MAX_REPLICAS))]
     pub max_step: i32,
 }
@@ -120,7 +121,7 @@ impl Default for ScalingSpec {
             poll_interval_seconds: 2,
             cooldown_seconds: 300,
             scale_down_stabilization_seconds: 60,
-            max_step: 10,
+            max_step: MAX_REPLICAS,
         }
     }
 }

@@ -79,7 +79,7 @@ fn minimal_spec_gets_every_default() {
             poll_interval_seconds: 2,
             cooldown_seconds: 300,
             scale_down_stabilization_seconds: 60,
-            max_step: 10,
+            max_step: 1000,
         }
     );
     assert_eq!(s.worker.shutdown_timeout_seconds, 30);

@@ -18,7 +18,8 @@
 //!    broker is unreachable, which turns an outage of the broker into an outage of the consumers
 //!    and a slow recovery. We keep the current replicas (a workload at zero stays at zero) and
 //!    the reason carries the error text. During a rebalance the lag and the member count are in
-//!    flux, and changing the replica count would only start another rebalance.
+//!    flux, and changing the replica count would only start another rebalance; but only for
+//!    [`REBALANCE_HOLD_MS`]: a group that never settles must not freeze scaling for good.
 //! 2. **Sizing.** Once both the arrival rate and the throughput of one busy replica are known,
 //!    the workload needs `ceil((arrival_rate + backlog / target_drain_seconds) /
 //!    per_replica_rate)` replicas: enough to keep up with what arrives, plus enough to work off
@@ -38,9 +39,11 @@
 //! 5. **Minimum**: at least `min_replicas`. The minimum wins over every cap: a minimum above the
 //!    partition count or the token budget is the user's explicit choice (spare consumers for
 //!    fast failover, say), whereas the caps are the operator's own inferences.
-//! 6. **Activation** (only with `min_replicas` = 0): a workload at zero replicas gets its first
-//!    replica only when the backlog exceeds `activation_backlog` (with the default 0, any
-//!    message activates it). This keeps a trickle of messages from waking the workload.
+//! 6. **Activation** (only with `min_replicas` = 0): a workload needs a replica only when the
+//!    backlog exceeds `activation_backlog` (with the default 0, any message activates it) or
+//!    work is in flight. This keeps a trickle of messages from waking the workload, and from
+//!    keeping it awake: at or below the threshold the recommendation is zero, and the backlog
+//!    does not count as activity for the cooldown.
 //! 7. **Scale-down stabilization** (as the HPA does it): every recommendation from steps 2 to 6
 //!    is remembered for `stabilization_ms`, and a scale-down goes only as far down as the
 //!    highest recommendation in that window, so a momentary dip in the backlog does not remove
@@ -207,7 +210,15 @@ pub struct PolicyState {
     recent: VecDeque<(u64, u32)>,
     /// When the workload was last seen active.
     last_active_ms: Option<u64>,
+    /// Since when the consumer group has been rebalancing without a pause.
+    rebalancing_since: Option<u64>,
 }
+
+/// The longest decisions hold for a rebalance. A rebalance takes seconds; a group that never
+/// becomes stable (a member that crash-loops, or stops polling and is waited for until its
+/// rebalance timeout) must not block scaling for good, so after this long the policy decides
+/// on the lag it sees.
+pub const REBALANCE_HOLD_MS: u64 = 30_000;
 
 impl PolicyState {
     /// When the workload was last seen active (a backlog, work in flight or an unmeasurable
@@ -326,8 +337,15 @@ pub fn decide(
 
     // Activity for the cooldown. A failed measurement counts as activity: the backlog it could
     // not see may be there, and the cooldown restarts once the source is back.
+    // With `min_replicas` = 0, a backlog at or below the activation threshold is no activity
+    // either: it does not wake the workload, so it must not keep it awake.
+    let threshold = if policy.min_replicas == 0 {
+        policy.activation_backlog
+    } else {
+        0
+    };
     let active = match &obs.backlog {
-        Ok(backlog) => *backlog > 0 || obs.in_flight > 0,
+        Ok(backlog) => *backlog > threshold || obs.in_flight > 0,
         Err(_) => true,
     };
     if active || state.last_active_ms.is_none() {
@@ -336,13 +354,21 @@ pub fn decide(
 
     // 1. Holds. The held count is remembered as a recommendation, so that a scale-down after
     //    the hold still waits for a full window of fresh measurements.
+    if !obs.rebalancing {
+        state.rebalancing_since = None;
+    }
     let measured = match (&obs.backlog, obs.paused, obs.rebalancing) {
         (_, true, _) => Err(Reason::Paused { replicas: current }),
         (Err(error), _, _) => Err(Reason::SourceError {
             error: error.clone(),
             replicas: current,
         }),
-        (Ok(_), _, true) => Err(Reason::Rebalancing { replicas: current }),
+        (Ok(_), _, true)
+            if now_ms.saturating_sub(*state.rebalancing_since.get_or_insert(now_ms))
+                < REBALANCE_HOLD_MS =>
+        {
+            Err(Reason::Rebalancing { replicas: current })
+        }
         (Ok(backlog), _, _) => Ok(*backlog),
     };
     let backlog = match measured {
@@ -393,8 +419,14 @@ pub fn decide(
         bounds.push(Bound::MinReplicas(min));
     }
 
-    // 6. Activation from zero.
-    if current == 0 && min == 0 && replicas > 0 && backlog <= policy.activation_backlog {
+    // 6. Activation: at or below the threshold, nothing needs a replica (the cooldown decides
+    //    when a running one goes).
+    //    At zero replicas, in-flight counters are stale (nothing runs) and do not count.
+    if min == 0
+        && replicas > 0
+        && backlog <= policy.activation_backlog
+        && (current == 0 || obs.in_flight == 0)
+    {
         replicas = 0;
         bounds.push(Bound::BelowActivation {
             backlog,

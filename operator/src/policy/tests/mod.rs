@@ -424,10 +424,11 @@ fn activation_from_zero() {
             "backlog {backlog}"
         );
     }
-    // The threshold only gates the first replica: once running, a small backlog is
-    // worked off rather than left waiting.
+    // The threshold gates deactivation too (as in KEDA): once running, a backlog at or below
+    // it recommends zero, and only the cooldown keeps the last replica for a while (see
+    // `windows::a_trickle_below_activation_lets_the_workload_sleep`).
     let d = once(&p, &obs(10, 1));
-    assert_eq!((d.replicas, d.reason.rule()), (1, Rule::Backlog));
+    assert_eq!((d.replicas, d.reason.rule()), (1, Rule::Cooldown));
 
     // With activation 0, any message activates; stale in-flight counters at zero do not.
     let p = Policy {

@@ -252,3 +252,63 @@ fn token_limit_follows_ready_replicas() {
         9
     );
 }
+
+#[test]
+fn a_trickle_below_activation_lets_the_workload_sleep() {
+    let p = Policy {
+        min_replicas: 0,
+        activation_backlog: 50,
+        cooldown_ms: 60 * SEC,
+        stabilization_ms: 0,
+        ..policy()
+    };
+    run(
+        &p,
+        &[
+            (0, obs(200, 0), 2, Rule::Backlog),
+            // Worked down to a trickle below the threshold: no longer active.
+            (10 * SEC, obs(8, 2), 1, Rule::Cooldown),
+            (40 * SEC, obs(12, 1), 1, Rule::Cooldown),
+            // A minute after the backlog was last above the threshold, the replica goes,
+            // although messages trickle in.
+            (70 * SEC, obs(5, 1), 0, Rule::BelowActivation),
+            (80 * SEC, obs(9, 0), 0, Rule::BelowActivation),
+            // Above the threshold it wakes again.
+            (90 * SEC, obs(51, 0), 1, Rule::Backlog),
+        ],
+    );
+}
+
+#[test]
+fn a_rebalance_holds_decisions_for_a_bounded_time() {
+    let p = Policy {
+        stabilization_ms: 0,
+        ..policy()
+    };
+    let rebalancing = |backlog| Observation {
+        rebalancing: true,
+        ..obs(backlog, 1)
+    };
+    run(
+        &p,
+        &[
+            (0, rebalancing(500), 1, Rule::Rebalancing),
+            (
+                REBALANCE_HOLD_MS - 1,
+                rebalancing(500),
+                1,
+                Rule::Rebalancing,
+            ),
+            // A group that never settles: decide on the lag after all.
+            (REBALANCE_HOLD_MS, rebalancing(500), 5, Rule::Backlog),
+            // Stable, then a new rebalance: held again, from its own start.
+            (REBALANCE_HOLD_MS + SEC, obs(500, 5), 5, Rule::Backlog),
+            (
+                REBALANCE_HOLD_MS + 2 * SEC,
+                rebalancing(900),
+                5,
+                Rule::Rebalancing,
+            ),
+        ],
+    );
+}
