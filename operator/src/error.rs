@@ -15,6 +15,10 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// The API server refused an object the operator applies (a quota, an admission webhook,
+    /// a field another manager owns).
+    #[error("{0}")]
+    Apply(String),
     /// Measuring the source (Kafka lag, Redis list length) failed.
     #[error("source unreachable: {0}")]
     Source(String),
@@ -39,6 +43,7 @@ impl Error {
             Error::InvalidSpec(_) => "InvalidSpec",
             Error::SecretRef(_) => "InvalidSecretRef",
             Error::Kube(_) => "KubeApi",
+            Error::Apply(_) => "ApplyFailed",
             Error::Source(_) => "SourceUnreachable",
             Error::Redis(_) => "RedisUnavailable",
             Error::Serialization(_) => "Serialization",

@@ -71,6 +71,7 @@ impl Resolved {
             .unwrap_or_else(|| "default".into());
         let worker = workload::process(qp, Component::Worker)
             .ok_or_else(|| Error::InvalidSpec("source, redis or handler is incomplete".into()))?;
+        reject_env_collisions(qp, &worker)?;
         let gateway =
             if qp.spec.gateway.enabled {
                 Some(workload::process(qp, Component::Gateway).ok_or_else(|| {
@@ -96,6 +97,32 @@ impl Resolved {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A variable of `spec.worker.env` that the operator sets itself (from another field of the
+/// spec) is an invalid spec: the pod would get two values for one name, and which one the
+/// worker reads is not the user's to guess. Said before anything is applied, not discovered
+/// as a failed apply. Variables the operator leaves at their defaults (tuning settings) stay
+/// the user's to set.
+fn reject_env_collisions(qp: &QueueProcessor, worker: &ProcessConfig) -> Result<()> {
+    let ours: Vec<&str> = worker.env.iter().map(|(name, _)| name.as_str()).collect();
+    let clashes: Vec<String> = qp
+        .spec
+        .worker
+        .env
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| ours.contains(&e.name.as_str()))
+        .map(|(i, e)| format!("spec.worker.env[{i}]: {} is set by the operator", e.name))
+        .collect();
+    if clashes.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InvalidSpec(format!(
+            "{}; set it through its field of the QueueProcessor instead",
+            clashes.join(", ")
+        )))
     }
 }
 

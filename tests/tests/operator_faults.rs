@@ -3,9 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use qp_operator::crd::QueueProcessor;
 use qp_protocol::keys::Keys;
 use qp_tests::cluster;
@@ -70,4 +74,152 @@ async fn deletion_finishes_when_redis_is_unreachable_and_names_the_keys_left() {
     for k in &keys {
         assert!(note.contains(k.as_str()), "{note:?} does not name {k}");
     }
+}
+
+/// A worker Deployment the API server refuses (here an admission policy) is reported where
+/// users look: `Ready` False with reason `ApplyFailed` and a Warning event. The error used to
+/// end the reconcile before the status was written, so `kubectl get qp` showed nothing wrong.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_apply_is_reported_in_status_and_an_event() {
+    let s = setup("op-refused").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let policy_name = format!("deny-{}", s.ns);
+    let policies: Api<ValidatingAdmissionPolicy> = Api::all(s.client.clone());
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(s.client.clone());
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": policy_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": ["apps"], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]
+            }]},
+            "validations": [{
+                "expression": "object.metadata.name != 'orders-worker'",
+                "message": "orders-worker is not allowed in this namespace"
+            }]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": policy_name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": s.ns
+            }}}
+        }
+    }))
+    .unwrap();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    // Policies take effect a moment after they are created: wait until a dry run is denied.
+    let probe: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "orders-worker"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {"metadata": {"labels": {"app": "probe"}},
+                         "spec": {"containers": [{"name": "c", "image": "example.invalid/p:1"}]}}
+        }
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    eventually(Duration::from_secs(30), "the policy in force", || async {
+        deployments
+            .create(&dry_run, &probe)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+
+    let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    apply_qp(&s, &kafka_qp(&s, "orders", &topic, 1, json!({}))).await;
+    let (_, reason, message) = eventually(
+        Duration::from_secs(30),
+        "Ready False because the apply failed",
+        || async {
+            let c = condition(&qp_status(&s, "orders").await, "Ready")?;
+            (c.0 == "False").then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(reason, "ApplyFailed", "{message}");
+    assert!(
+        message.contains("not allowed in this namespace"),
+        "{message}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "an ApplyFailed Warning",
+        || async {
+            let warned = Api::<Event>::namespaced(s.client.clone(), &s.ns)
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("ApplyFailed")
+                        && e.type_.as_deref() == Some("Warning")
+                });
+            warned.then_some(())
+        },
+    )
+    .await;
+    let _ = bindings
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+    let _ = policies
+        .delete(&policy_name, &DeleteParams::default())
+        .await;
+}
+
+/// A variable in `spec.worker.env` that the operator sets itself is an invalid spec, said
+/// before anything is applied. It used to be applied next to the operator's own value (two
+/// values for one name in the pod) and Ready said nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_env_var_the_operator_sets_is_rejected() {
+    let s = setup("op-env").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let (op, port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    let mut qp = kafka_qp(&s, "orders", &topic, 1, json!({}));
+    qp["spec"]["worker"]["env"] = json!([
+        {"name": "GREETING", "value": "hello"},
+        {"name": "QP_HANDLER", "value": "fail:*"}
+    ]);
+    apply_qp(&s, &qp).await;
+    let (_, reason, message) = eventually(Duration::from_secs(30), "Ready False", || async {
+        let c = condition(&qp_status(&s, "orders").await, "Ready")?;
+        (c.0 == "False").then_some(c)
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec", "{message}");
+    assert!(
+        message.contains("spec.worker.env[1]: QP_HANDLER"),
+        "{message}"
+    );
+    // Nothing applied, even after more reconciles.
+    let start = cluster::metric_sum(port, "qp_operator_reconciles_total")
+        .await
+        .unwrap_or(0.0);
+    eventually(Duration::from_secs(60), "another reconcile", || async {
+        (cluster::metric_sum(port, "qp_operator_reconciles_total").await? > start).then_some(())
+    })
+    .await;
+    assert!(deployment(&s, "orders-worker").await.is_none());
+    drop(op);
 }

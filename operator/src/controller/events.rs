@@ -30,6 +30,16 @@ pub(super) fn remember<T: Copy + PartialEq>(
     (prev != value).then_some(prev)
 }
 
+/// Record the current failure to validate, apply or write the token limit (`None` once all
+/// went well); true when it changed (worth an event, when there is a failure).
+pub(super) fn remember_failure(
+    ctx: &Context,
+    qp: &QueueProcessor,
+    kind: Option<&'static str>,
+) -> bool {
+    remember(&ctx.last_failure, qp, kind).is_some()
+}
+
 /// Record the current error class; true when it changed (worth an event).
 pub(super) fn remember_error(
     ctx: &Context,

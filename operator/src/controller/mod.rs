@@ -28,7 +28,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
@@ -53,10 +53,10 @@ mod secrets;
 mod status;
 
 use cleanup::{cleanup, stop_pods};
-use events::{publish_events, publish_health_events};
+use events::{publish, publish_events, publish_health_events, remember_failure};
 use objects::DeploymentReplicas;
 use recorder::Recorder;
-use status::{report_invalid, write_status};
+use status::{report_failure, write_status};
 
 pub const FINALIZER: &str = "queueprocessing.dev/cleanup";
 
@@ -83,6 +83,9 @@ pub struct Context {
     /// Last error class reported per QueueProcessor, so an event is emitted per transition
     /// rather than per poll.
     last_error: Mutex<HashMap<String, &'static str>>,
+    /// Last failure to validate, apply or write the token limit per QueueProcessor, kept apart
+    /// from measurement errors so the two do not take turns emitting events.
+    last_failure: Mutex<HashMap<String, &'static str>>,
     /// Last pod problem reported per QueueProcessor (component and reason), for the same
     /// reason. Kept apart from `last_error` so a source error and a pod problem at the same
     /// time do not take turns emitting events.
@@ -99,6 +102,8 @@ pub(super) struct Memory {
     applied: objects::Applied,
     /// The status as last written.
     status: status::Written,
+    /// Failures to apply or write the token limit in a row (for the retry backoff).
+    failures: u32,
     /// Secret values, re-read once they are [`secrets::MAX_AGE`] old or the spec changed.
     secrets: Option<secrets::Cached>,
 }
@@ -133,6 +138,7 @@ impl Context {
             writers: Mutex::new(Some((deployment_writer, service_writer))),
             memory: Mutex::default(),
             last_error: Mutex::default(),
+            last_failure: Mutex::default(),
             last_health: Mutex::default(),
         }
     }
@@ -175,6 +181,10 @@ impl Context {
         self.probes.forget(&k);
         self.memory.lock().expect("memory lock").remove(&k);
         self.last_error.lock().expect("last_error lock").remove(&k);
+        self.last_failure
+            .lock()
+            .expect("last_failure lock")
+            .remove(&k);
         self.last_health
             .lock()
             .expect("last_health lock")
@@ -302,7 +312,7 @@ async fn apply_with(qp: &QueueProcessor, ctx: &Context, memory: &mut Memory) -> 
     let resolved = match resolve(qp, ctx, &mut memory.secrets).await {
         Ok(r) => r,
         Err(e @ (Error::InvalidSpec(_) | Error::SecretRef(_))) => {
-            report_invalid(qp, ctx, &e, &mut memory.status).await?;
+            report_failure(qp, ctx, &e, "Validate", &mut memory.status).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         Err(e) => return Err(e),
@@ -316,17 +326,49 @@ async fn apply_with(qp: &QueueProcessor, ctx: &Context, memory: &mut Memory) -> 
         &ctx.metrics,
     )
     .await;
-    let mut tick = tick?;
+    let tick = match tick {
+        Ok(t) => t,
+        // The replica count could not be applied: say so where `kubectl get qp` shows it, and
+        // try again later and later rather than every few seconds.
+        Err(e) => {
+            report_failure(qp, ctx, &e, "Apply", &mut memory.status).await?;
+            memory.failures += 1;
+            return Ok(Action::requeue(failure_backoff(memory.failures)));
+        }
+    };
     // The replica count is applied: say so before anything else can fail. The next tick sees
     // the new count as current and would never announce this change.
     publish_events(qp, ctx, &tick.observed, &tick.step, tick.current).await;
     publish_health_events(qp, ctx, tick.problem.as_ref()).await;
-    // A token limit that could not be written fails the reconcile (retried in 5 s), as before
-    // the status is written.
-    std::mem::replace(&mut tick.tokens, Ok(()))?;
-
-    write_status(qp, ctx, &tick, &mut memory.status).await?;
+    // A token limit that could not be written makes Ready False with its own Warning: the
+    // workers keep the old limit, which no longer matches the replicas.
+    let failure = tick.tokens.as_ref().err();
+    write_status(qp, ctx, &tick, failure, &mut memory.status).await?;
+    if remember_failure(ctx, qp, failure.map(Error::kind))
+        && let Some(e) = failure
+    {
+        publish(
+            ctx,
+            qp,
+            EventType::Warning,
+            e.kind(),
+            "SetTokenLimit",
+            format!("writing the token limit failed: {e}"),
+        )
+        .await;
+    }
+    memory.failures = 0;
     Ok(Action::requeue(resolved.poll))
+}
+
+/// The first retry after a failure to apply; doubled per failure in a row, up to
+/// [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+fn failure_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (FIRST_RETRY * 2u32.pow(doublings)).min(MAX_RETRY)
 }
 
 /// Validate the spec and resolve every Secret it references (from `cache` while fresh).

@@ -21,7 +21,7 @@ use tracing::warn;
 use super::Context;
 use crate::builder::{self, FIELD_MANAGER};
 use crate::crd::QueueProcessor;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::health::{self, Problem};
 use crate::tick::{Replicas, Resolved};
 use crate::workload::Component;
@@ -92,7 +92,9 @@ where
     }
     let name = desired.name_any();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Ok(api.patch(&name, &pp, &Patch::Apply(&desired)).await?)
+    api.patch(&name, &pp, &Patch::Apply(&desired))
+        .await
+        .map_err(|e| Error::Apply(format!("applying {name}: {e}")))
 }
 
 /// The newer of two copies of one object (by generation; the cache's copy wins a tie, as its

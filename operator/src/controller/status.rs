@@ -7,7 +7,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tracing::warn;
 
-use super::events::{publish, remember_error};
+use super::events::{publish, remember_failure};
 use super::{Context, now_time};
 use crate::builder::FIELD_MANAGER;
 use crate::crd::{
@@ -66,14 +66,37 @@ impl Written {
     }
 }
 
-pub(super) async fn report_invalid(
+/// Say that something stops this QueueProcessor from being applied or scaled: `Ready` False
+/// with the error's kind as reason, and a Warning event when the kind changes. `action` names
+/// the step in the event (`Validate`, `Apply`).
+pub(super) async fn report_failure(
     qp: &QueueProcessor,
     ctx: &Context,
     err: &Error,
+    action: &str,
     written: &mut Written,
 ) -> Result<()> {
     let mut status = written.base(qp).unwrap_or_default();
     status.observed_generation = qp.metadata.generation;
+    set_failed(&mut status, qp, err);
+    status.refresh_summary(&qp.spec);
+    written.write(qp, ctx, status).await?;
+    if remember_failure(ctx, qp, Some(err.kind())) {
+        publish(
+            ctx,
+            qp,
+            EventType::Warning,
+            err.kind(),
+            action,
+            err.to_string(),
+        )
+        .await;
+    }
+    warn!(error = %err, action, "QueueProcessor not applied");
+    Ok(())
+}
+
+fn set_failed(status: &mut QueueProcessorStatus, qp: &QueueProcessor, err: &Error) {
     status.set_condition(
         CONDITION_READY,
         ConditionStatus::False,
@@ -82,21 +105,6 @@ pub(super) async fn report_invalid(
         qp.metadata.generation,
         now_time(),
     );
-    status.refresh_summary(&qp.spec);
-    written.write(qp, ctx, status).await?;
-    if remember_error(ctx, qp, Some(err.kind())) {
-        publish(
-            ctx,
-            qp,
-            EventType::Warning,
-            err.kind(),
-            "Validate",
-            err.to_string(),
-        )
-        .await;
-    }
-    warn!(error = %err, "not applying an invalid QueueProcessor");
-    Ok(())
 }
 
 /// Live numbers (backlog, rates, tokens in use, condition messages quoting them) are
@@ -105,10 +113,13 @@ pub(super) async fn report_invalid(
 pub(super) const LIVE_NUMBERS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Write the status a tick computed, when [`QueueProcessorStatus::write_due`] says so.
+/// `failure` (the token limit could not be written, say) makes `Ready` False whatever the
+/// tick found.
 pub(super) async fn write_status(
     qp: &QueueProcessor,
     ctx: &Context,
     tick: &Tick,
+    failure: Option<&Error>,
     written: &mut Written,
 ) -> Result<()> {
     let old = written.base(qp);
@@ -123,6 +134,9 @@ pub(super) async fn write_status(
         generation,
         now_time(),
     );
+    if let Some(e) = failure {
+        set_failed(&mut status, qp, e);
+    }
     status.refresh_summary(&qp.spec);
     let since = written.at.map(|t| t.elapsed());
     if !status.write_due(old.as_ref(), since, LIVE_NUMBERS_REFRESH) {
