@@ -223,3 +223,60 @@ async fn a_worker_env_var_the_operator_sets_is_rejected() {
     assert!(deployment(&s, "orders-worker").await.is_none());
     drop(op);
 }
+
+/// Someone else scaling the worker Deployment (`kubectl scale`, an HPA) is a fight the
+/// operator wins at the next tick; it used to win silently, so the other side kept trying and
+/// nobody knew why replicas jumped. Now a `ReplicasContested` Warning names the other field
+/// manager (and the `Scaling` condition says so until the next tick).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_replica_count_is_named_in_a_warning_and_taken_back() {
+    let s = setup("op-fight").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    apply_qp(&s, &kafka_qp(&s, "orders", &topic, 1, json!({}))).await;
+    eventually(Duration::from_secs(30), "the worker Deployment", || async {
+        deployment(&s, "orders-worker").await
+    })
+    .await;
+    // `kubectl scale`, as a user would.
+    let out = std::process::Command::new(s.env.get("QP_KUBECTL"))
+        .args([
+            "--kubeconfig",
+            &s.env.get("KUBECONFIG"),
+            "scale",
+            "deployment/orders-worker",
+        ])
+        .args(["--replicas", "3", "-n", &s.ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let note = eventually(
+        Duration::from_secs(20),
+        "a ReplicasContested Warning",
+        || async {
+            Api::<Event>::namespaced(s.client.clone(), &s.ns)
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("ReplicasContested"))?
+                .note
+        },
+    )
+    .await;
+    assert!(
+        note.contains("set to 3") && note.contains("kubectl"),
+        "{note}"
+    );
+    // Taken back.
+    eventually(Duration::from_secs(20), "1 replica again", || async {
+        (replicas(&s, "orders-worker").await == Some(1)).then_some(())
+    })
+    .await;
+}

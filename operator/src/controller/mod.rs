@@ -35,7 +35,7 @@ use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{instrument, warn};
 
-use crate::builder::{BuildOptions, FIELD_MANAGER};
+use crate::builder::{self, BuildOptions, FIELD_MANAGER};
 use crate::crd::QueueProcessor;
 use crate::error::{Error, Result};
 use crate::health;
@@ -343,7 +343,40 @@ async fn apply_with(qp: &QueueProcessor, ctx: &Context, memory: &mut Memory) -> 
     // A token limit that could not be written makes Ready False with its own Warning: the
     // workers keep the old limit, which no longer matches the replicas.
     let failure = tick.tokens.as_ref().err();
-    write_status(qp, ctx, &tick, failure, &mut memory.status).await?;
+    // Someone else set the replica count (an HPA, `kubectl scale`): the apply took it back,
+    // and both sides would go on fighting unseen. Say who.
+    let contested = deployment.contested.take().map(|(manager, replicas)| {
+        let set = replicas.map_or_else(|| "set".to_owned(), |r| format!("set to {r}"));
+        format!(
+            "spec.replicas of {} was {set} by field manager {manager:?}; the operator owns it \
+             and set it back. Remove the HorizontalPodAutoscaler or whatever scales it, or pause \
+             the QueueProcessor (annotation queueprocessing.dev/paused) to hold replicas",
+            builder::object_name(qp, Component::Worker)
+        )
+    });
+    if let Some(note) = &contested {
+        warn!(%note, "replicas contested");
+        publish(
+            ctx,
+            qp,
+            EventType::Warning,
+            "ReplicasContested",
+            "Scale",
+            note.clone(),
+        )
+        .await;
+    }
+    write_status(
+        qp,
+        ctx,
+        &tick,
+        status::Notes {
+            failure,
+            contested: contested.as_deref(),
+        },
+        &mut memory.status,
+    )
+    .await?;
     if remember_failure(ctx, qp, failure.map(Error::kind))
         && let Some(e) = failure
     {

@@ -97,6 +97,29 @@ where
         .map_err(|e| Error::Apply(format!("applying {name}: {e}")))
 }
 
+/// Who else set the Deployment's `spec.replicas`, if anyone: a field manager other than ours
+/// that owns the field (an HPA through the scale subresource, `kubectl scale`, a GitOps tool
+/// applying a manifest with `replicas`). Our forced apply takes the field back, so this sees
+/// each write of theirs once, at the next tick.
+pub(super) fn replicas_owner(live: &Deployment) -> Option<(String, Option<i32>)> {
+    let fields = live.metadata.managed_fields.as_ref()?;
+    fields
+        .iter()
+        .filter(|m| m.manager.as_deref() != Some(FIELD_MANAGER))
+        .find(|m| {
+            m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec")?.get("f:replicas"))
+                .is_some()
+        })
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_else(|| "(unnamed)".into()),
+                live.spec.as_ref().and_then(|s| s.replicas),
+            )
+        })
+}
+
 /// The newer of two copies of one object (by generation; the cache's copy wins a tie, as its
 /// status is at least as fresh).
 fn newest(cached: Option<Arc<Deployment>>, applied: Option<&Deployment>) -> Option<Deployment> {
@@ -121,6 +144,9 @@ pub(super) struct DeploymentReplicas<'a> {
     /// The worker Deployment as it is now (read, then applied).
     worker: Option<Deployment>,
     gateway: Option<Deployment>,
+    /// Another field manager had set the replica count ([`replicas_owner`]) before this
+    /// tick's apply took it back: who, and to what.
+    pub(super) contested: Option<(String, Option<i32>)>,
 }
 
 impl<'a> DeploymentReplicas<'a> {
@@ -139,6 +165,7 @@ impl<'a> DeploymentReplicas<'a> {
             name: builder::object_name(qp, Component::Worker),
             worker: None,
             gateway: None,
+            contested: None,
         }
     }
 }
@@ -176,8 +203,11 @@ impl Replicas for DeploymentReplicas<'_> {
             &self.ctx.build,
         );
         let want = Some(replicas as i32);
+        self.contested = self.worker.as_ref().and_then(replicas_owner);
+        // Contested: apply even if the count matches, to own the field again.
+        let contested = self.contested.is_some();
         let now = apply_if_changed(&self.api, desired, self.worker.take(), |live| {
-            live.spec.as_ref().and_then(|s| s.replicas) == want
+            !contested && live.spec.as_ref().and_then(|s| s.replicas) == want
         })
         .await?;
         self.applied.worker = Some(now.clone());

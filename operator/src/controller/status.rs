@@ -11,7 +11,8 @@ use super::events::{publish, remember_failure};
 use super::{Context, now_time};
 use crate::builder::FIELD_MANAGER;
 use crate::crd::{
-    API_VERSION, CONDITION_READY, ConditionStatus, KIND, QueueProcessor, QueueProcessorStatus,
+    API_VERSION, CONDITION_READY, CONDITION_SCALING, ConditionStatus, KIND, QueueProcessor,
+    QueueProcessorStatus,
 };
 use crate::error::{Error, Result};
 use crate::scaler;
@@ -112,14 +113,20 @@ fn set_failed(status: &mut QueueProcessorStatus, qp: &QueueProcessor, err: &Erro
 /// Prometheus has the live values; the status is for `kubectl get` and for reasons.
 pub(super) const LIVE_NUMBERS_REFRESH: Duration = Duration::from_secs(30);
 
+/// What the controller found beyond the tick, for the status.
+pub(super) struct Notes<'a> {
+    /// Makes `Ready` False whatever the tick found (the token limit could not be written).
+    pub failure: Option<&'a Error>,
+    /// Another field manager set the replica count: `Scaling` says so.
+    pub contested: Option<&'a str>,
+}
+
 /// Write the status a tick computed, when [`QueueProcessorStatus::write_due`] says so.
-/// `failure` (the token limit could not be written, say) makes `Ready` False whatever the
-/// tick found.
 pub(super) async fn write_status(
     qp: &QueueProcessor,
     ctx: &Context,
     tick: &Tick,
-    failure: Option<&Error>,
+    notes: Notes<'_>,
     written: &mut Written,
 ) -> Result<()> {
     let old = written.base(qp);
@@ -134,8 +141,18 @@ pub(super) async fn write_status(
         generation,
         now_time(),
     );
-    if let Some(e) = failure {
+    if let Some(e) = notes.failure {
         set_failed(&mut status, qp, e);
+    }
+    if let Some(note) = notes.contested {
+        status.set_condition(
+            CONDITION_SCALING,
+            ConditionStatus::True,
+            "ReplicasContested",
+            note,
+            generation,
+            now_time(),
+        );
     }
     status.refresh_summary(&qp.spec);
     let since = written.at.map(|t| t.elapsed());
