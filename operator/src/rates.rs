@@ -102,56 +102,61 @@ impl RateEstimator {
     }
 }
 
-/// Whether the replicas were working at full capacity when a processing rate was measured:
-/// every token of the pool was in use and more messages were waiting.
+/// An estimate of how many messages per second one busy replica processes, learned from how
+/// fast one message slot works: the processing rate divided by the messages in flight (Little's
+/// law: in flight = rate x time per message), times the slots a replica may fill
+/// (`perReplicaTokens`).
 ///
-/// A backlog alone is not enough. Kafka lag counts the messages in flight and those processed
-/// but not yet committed, so a workload that keeps up easily still shows some lag; taking its
-/// processing rate (which is then just the arrival rate) for its capacity underestimates a
-/// replica, which makes the rate-based sizing add replicas, which lowers the measured rate per
-/// replica further, and so on up to the maximum. With every token busy, the processing rate
-/// is what the replicas can do at the concurrency they are allowed.
-pub fn saturated(backlog: u64, tokens_in_use: u64, token_limit: u32) -> bool {
-    backlog > 0 && token_limit > 0 && tokens_in_use >= u64::from(token_limit)
-}
-
-/// An estimate of how many messages per second one busy replica processes.
+/// It used to learn only while every token was busy and more messages waited: a replica idling
+/// on an empty queue processes what arrives, which says nothing about its capacity. But after a
+/// downstream brownout (slow handler, capacity learned low) the workload was no longer
+/// saturated once the handler was fast again, so the low estimate stood for good and the
+/// workload stayed over-provisioned. The time per message is measurable whenever anything is
+/// in flight, so this estimate follows the handler both ways.
 ///
-/// It learns only from saturated intervals (see [`saturated`]): a replica idling on an empty
-/// queue processes what arrives, which says nothing about what it could do. In between, the
-/// last good estimate stands. It also waits until the ready replica count has been unchanged
-/// for `settle_ms`, because the smoothed processing rate still reflects the old count for a
-/// while after a change (and fresh replicas spend their first seconds joining the group):
-/// dividing it by the new count would underestimate a replica right after every scale-up.
-/// Choose `settle_ms` at least three time constants of the processing-rate estimator.
+/// Both inputs are smoothed with the same time constant (the in-flight count is a snapshot per
+/// poll), and a poll with less than a tenth of a message in flight on average says too little to
+/// learn from. The estimate also waits until the ready replica count has been unchanged for
+/// `settle_ms`: fresh replicas spend their first seconds joining the group, holding slots
+/// without processing. Choose `settle_ms` at least three time constants.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PerReplicaCapacity {
     settle_ms: u64,
+    time_constant_ms: u64,
     /// The ready replica count and since when it has been that.
     ready: Option<(u32, u64)>,
+    /// Smoothed messages in flight, and when it was last updated.
+    in_flight: Option<(u64, f64)>,
     estimate: Option<f64>,
 }
 
+/// Fewer messages in flight than this on average say too little about the time per message
+/// (a fast handler under light load has well under one in flight: 16/s at 8 ms is 0.13).
+const MIN_IN_FLIGHT: f64 = 0.1;
+
 impl PerReplicaCapacity {
-    /// An estimator that trusts a processing rate once the ready count has held for
-    /// `settle_ms`.
-    pub fn new(settle_ms: u64) -> Self {
+    /// An estimator that smooths the in-flight count with `time_constant_ms` and trusts a
+    /// processing rate once the ready count has held for `settle_ms`.
+    pub fn new(settle_ms: u64, time_constant_ms: u64) -> Self {
         PerReplicaCapacity {
             settle_ms,
+            time_constant_ms,
             ready: None,
+            in_flight: None,
             estimate: None,
         }
     }
 
-    /// Feeds one poll: the smoothed processing rate of all replicas together, the ready
-    /// replicas, and whether they were saturated. Returns the estimate, which changes only
-    /// when the replicas were saturated, settled and processing.
+    /// Feeds one poll: the smoothed processing rate of all replicas together, the messages in
+    /// flight now, the ready replicas, and the slots one replica may fill. Returns the
+    /// estimate, which changes only when the replicas were settled and working.
     pub fn observe(
         &mut self,
         now_ms: u64,
         processing_rate: Option<f64>,
+        in_flight: u64,
         ready_replicas: u32,
-        saturated: bool,
+        slots_per_replica: u32,
     ) -> Option<f64> {
         let since = match self.ready {
             Some((ready, since)) if ready == ready_replicas => since,
@@ -160,15 +165,30 @@ impl PerReplicaCapacity {
                 now_ms
             }
         };
+        let sample = in_flight as f64;
+        let smoothed = match self.in_flight {
+            Some((t, avg)) if now_ms > t => {
+                let dt = (now_ms - t) as f64;
+                let weight = if self.time_constant_ms == 0 {
+                    1.0
+                } else {
+                    1.0 - (-dt / self.time_constant_ms as f64).exp()
+                };
+                avg + weight * (sample - avg)
+            }
+            Some((_, avg)) => avg,
+            None => sample,
+        };
+        self.in_flight = Some((now_ms, smoothed));
         let settled = now_ms.saturating_sub(since) >= self.settle_ms;
         if let Some(rate) = processing_rate
-            && saturated
             && settled
             && ready_replicas > 0
+            && smoothed >= MIN_IN_FLIGHT
             && rate.is_finite()
             && rate > 0.0
         {
-            self.estimate = Some(rate / f64::from(ready_replicas));
+            self.estimate = Some(rate / smoothed * f64::from(slots_per_replica.max(1)));
         }
         self.estimate
     }
@@ -300,56 +320,63 @@ mod tests {
     }
 
     #[test]
-    fn saturation() {
-        // (backlog, tokens in use, token limit, saturated)
-        let cases = [
-            (10, 64, 64, true),
-            (10, 70, 64, true),
-            (10, 63, 64, false),
-            (0, 64, 64, false),
-            (10, 0, 0, false),
+    fn per_replica_capacity() {
+        // No smoothing, to read the rule plainly; 4 slots per replica.
+        let mut c = PerReplicaCapacity::new(5_000, 0);
+        // (time ms, processing rate, in flight, ready, expected estimate)
+        type Step = (u64, Option<f64>, u64, u32, Option<f64>);
+        let cases: &[Step] = &[
+            // Not settled yet.
+            (0, Some(100.0), 8, 2, None),
+            (4_999, Some(100.0), 8, 2, None),
+            // 100/s with 8 in flight: 12.5/s per slot, 50/s per 4-slot replica.
+            (5_000, Some(100.0), 8, 2, Some(50.0)),
+            // Nothing in flight: says nothing, estimate kept.
+            (6_000, Some(10.0), 0, 2, Some(50.0)),
+            // Scale-up: wait for the new count to settle.
+            (7_000, Some(110.0), 16, 4, Some(50.0)),
+            (12_000, Some(180.0), 16, 4, Some(45.0)),
+            // Unknown, zero or broken rates and no ready replicas are ignored.
+            (13_000, None, 16, 4, Some(45.0)),
+            (14_000, Some(0.0), 16, 4, Some(45.0)),
+            (15_000, Some(f64::NAN), 16, 4, Some(45.0)),
+            (16_000, Some(f64::INFINITY), 16, 4, Some(45.0)),
+            (17_000, Some(100.0), 16, 0, Some(45.0)),
+            // Back to four after zero: settling starts again.
+            (18_000, Some(100.0), 16, 4, Some(45.0)),
+            (23_000, Some(100.0), 16, 4, Some(25.0)),
         ];
-        for (backlog, in_use, limit, want) in cases {
+        for (i, (t, rate, in_flight, ready, want)) in cases.iter().enumerate() {
             assert_eq!(
-                saturated(backlog, in_use, limit),
-                want,
-                "{backlog} {in_use} {limit}"
+                c.observe(*t, *rate, *in_flight, *ready, 4),
+                *want,
+                "step {i}"
             );
         }
+        assert_eq!(c.estimate(), Some(25.0));
     }
 
     #[test]
-    fn per_replica_capacity() {
-        let mut c = PerReplicaCapacity::new(5_000);
-        // (time ms, processing rate, ready, saturated, expected estimate)
-        type Step = (u64, Option<f64>, u32, bool, Option<f64>);
-        let cases: &[Step] = &[
-            // Not settled yet.
-            (0, Some(100.0), 2, true, None),
-            (4_999, Some(100.0), 2, true, None),
-            (5_000, Some(100.0), 2, true, Some(50.0)),
-            // Idle on an empty queue: says nothing, estimate kept.
-            (6_000, Some(10.0), 2, false, Some(50.0)),
-            // Scale-up: the rate still reflects two replicas; wait for it to settle.
-            (7_000, Some(110.0), 4, true, Some(50.0)),
-            (11_999, Some(150.0), 4, true, Some(50.0)),
-            (12_000, Some(180.0), 4, true, Some(45.0)),
-            // Unknown, zero or broken rates and no ready replicas are ignored.
-            (13_000, None, 4, true, Some(45.0)),
-            (14_000, Some(0.0), 4, true, Some(45.0)),
-            (15_000, Some(f64::NAN), 4, true, Some(45.0)),
-            (16_000, Some(f64::INFINITY), 4, true, Some(45.0)),
-            (17_000, Some(100.0), 0, true, Some(45.0)),
-            // Back to four after zero: settling starts again.
-            (18_000, Some(100.0), 4, true, Some(45.0)),
-            (23_000, Some(100.0), 4, true, Some(25.0)),
-        ];
-        for (i, (t, rate, ready, sat, want)) in cases.iter().enumerate() {
-            assert_eq!(c.observe(*t, *rate, *ready, *sat), *want, "step {i}");
-        }
-        assert_eq!(c.estimate(), Some(25.0));
-
-        let mut c = PerReplicaCapacity::new(0);
-        assert_eq!(c.observe(0, Some(30.0), 3, true), Some(10.0));
+    fn capacity_recovers_after_a_brownout_without_saturation() {
+        // Time constant 3 s, settle 9 s, 4 slots per replica, 2 replicas throughout.
+        let mut c = PerReplicaCapacity::new(9_000, 3_000);
+        let mut t = 0;
+        let mut feed = |rate: f64, in_flight: u64, polls: u64| {
+            let mut last = None;
+            for _ in 0..polls {
+                t += 1_000;
+                last = c.observe(t, Some(rate), in_flight, 2, 4);
+            }
+            last
+        };
+        // Brownout: 200 ms per message, every slot busy: 8 in flight, 40/s. 5/s per slot.
+        let low = feed(40.0, 8, 30).unwrap();
+        assert!((low - 20.0).abs() < 0.5, "{low}");
+        // The handler is fast again (10 ms) and the workload easily keeps up with 60/s: under
+        // one message in flight on average (0.6), far from saturated. The estimate follows.
+        let high = feed(60.0, 1, 12).unwrap();
+        // In-flight samples of 1 against a true 0.6: the snapshot overstates the occupancy
+        // here, so the estimate lands below the true 400/s, but far above the brownout's 20.
+        assert!(high > 200.0, "{high}");
     }
 }

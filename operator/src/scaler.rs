@@ -161,7 +161,7 @@ impl Default for Scaler {
             processed: rate(),
             failed: rate(),
             // Three time constants, as the capacity estimator asks.
-            capacity: PerReplicaCapacity::new(3 * RATE_TIME_CONSTANT_MS),
+            capacity: PerReplicaCapacity::new(3 * RATE_TIME_CONSTANT_MS, RATE_TIME_CONSTANT_MS),
             source: None,
         }
     }
@@ -197,20 +197,16 @@ impl Scaler {
         let processed_rate =
             workers.and_then(|w| self.processed.observe(now_ms, w.processed_total));
         let failed_rate = workers.and_then(|w| self.failed.observe(now_ms, w.failed_total));
-        let saturated = match (source, workers) {
-            (Ok(s), Some(w)) => crate::rates::saturated(
-                s.backlog,
-                w.tokens_in_use,
-                u32::try_from(w.tokens_limit).unwrap_or(u32::MAX),
-            ),
-            _ => false,
-        };
         // Replicas that actually process: ready pods, or live heartbeats where readiness is
         // not reported (it always is in the cluster; local mode reports both).
         let busy_replicas = workers.map_or(ready, |w| w.live_replicas.max(ready));
-        let per_replica_rate =
-            self.capacity
-                .observe(now_ms, processed_rate, busy_replicas, saturated);
+        let per_replica_rate = self.capacity.observe(
+            now_ms,
+            processed_rate,
+            workers.map_or(0, |w| w.in_flight),
+            busy_replicas,
+            policy.per_replica_tokens,
+        );
         // A Redis error means counters and token state are unknown: hold, like a source error.
         let backlog = match (&observed.source, &observed.workers) {
             (Ok(s), Ok(_)) => Ok(s.backlog),

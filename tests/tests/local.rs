@@ -250,3 +250,114 @@ async fn exec_handler_arguments_keep_their_spaces() {
     assert_eq!(answer["result"], "a b\n", "{answer}");
     assert!(lm.stop(Duration::from_secs(30)).await, "local mode stops");
 }
+
+/// The capacity of a replica is learned again after a downstream brownout. While the handler
+/// is slow every slot is busy and a replica does little; once it is fast again the workload
+/// keeps up easily and is never saturated, and the operator used to learn capacity only while
+/// saturated: the low estimate stood and the workload stayed over-provisioned for good. Now the
+/// time per message (processing rate over messages in flight) is learned whenever anything is
+/// in flight, and the replicas come back down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_is_learned_again_after_a_brownout() {
+    let f = Fixture::new("local-brownout", RedisKind::Single, 8).await;
+    let dir = qp_tests::env::workspace_root()
+        .join("target/test-logs")
+        .join(&f.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let latency = dir.join("latency");
+    std::fs::write(&latency, "0.25").unwrap();
+    let handler = format!(
+        "exec:\n        command: [sh, -c, 'sleep $(cat {}); cat']",
+        latency.display()
+    );
+    let file = local::manifest_with_handler(
+        &f,
+        &TestQp {
+            sleep_millis: 0,
+            per_replica_tokens: 2,
+            max_replicas: 6,
+        },
+        &handler,
+    );
+    let mut lm = LocalMode::start(&f.name, &file, None);
+    lm.wait_ready(Duration::from_secs(120)).await;
+
+    // A steady 16 messages a second for the whole test (at most 150 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producing = tokio::spawn({
+        let (stop, bootstrap, topic) = (stop.clone(), f.bootstrap.clone(), f.topic.clone());
+        async move {
+            let producer = qp_tests::kafka::producer(&bootstrap);
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(150) {
+                let ids: Vec<String> = (0..4).map(|i| format!("b{n}-{i}")).collect();
+                qp_tests::kafka::send_many(&producer, &topic, &ids).await;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    });
+
+    // Brownout: 250 ms per message, 2 slots per replica: about 8/s per replica, so 16/s
+    // needs more than one replica, and the estimate says so.
+    let slow = wait_status(
+        &mut lm,
+        Duration::from_secs(90),
+        "a low capacity learned",
+        |st| {
+            st.status
+                .throughput
+                .as_ref()
+                .and_then(|t| t.per_replica_per_second)
+                .is_some_and(|r| r < 12.0)
+                && st.desired() >= 2
+        },
+    )
+    .await;
+    let learned = slow
+        .status
+        .throughput
+        .as_ref()
+        .unwrap()
+        .per_replica_per_second;
+    println!(
+        "brownout: {learned:?}/s per replica, {} replicas wanted",
+        slow.desired()
+    );
+
+    // Recovered: the handler is fast. One replica keeps up with 16/s many times over.
+    std::fs::write(&latency, "0.005").unwrap();
+    let fast = wait_status(
+        &mut lm,
+        Duration::from_secs(60),
+        "back to 1 replica",
+        |st| {
+            st.desired() == 1
+                && st
+                    .status
+                    .throughput
+                    .as_ref()
+                    .and_then(|t| t.per_replica_per_second)
+                    .is_some_and(|r| r > 32.0)
+        },
+    )
+    .await;
+    println!(
+        "recovered: {:?}/s per replica, {} replica wanted",
+        fast.status
+            .throughput
+            .as_ref()
+            .unwrap()
+            .per_replica_per_second,
+        fast.desired()
+    );
+    stop.store(true, Ordering::Relaxed);
+    producing.await.unwrap();
+    assert!(
+        lm.stop(Duration::from_secs(60)).await,
+        "local mode stops cleanly; see {}",
+        lm.log.display()
+    );
+    f.cleanup().await;
+}
