@@ -4,9 +4,15 @@
 //! Written here (about a hundred lines) because kube-rs has no leader election of its own, and
 //! the crates that add one pin other kube versions or need `patch`, which our RBAC does not
 //! grant. The protocol is the client-go one: the holder renews `renewTime` every
-//! `renew_every`; anyone may take the Lease over once `renewTime + leaseDurationSeconds` has
-//! passed; every write is a `replace` carrying the `resourceVersion` that was read, so two
-//! candidates racing for an expired Lease cannot both win (one gets a 409 Conflict).
+//! `renew_every`; anyone may take the Lease over once it has seen no renewal for
+//! `leaseDurationSeconds`; every write is a `replace` carrying the `resourceVersion` that was
+//! read, so two candidates racing for an expired Lease cannot both win (one gets a 409
+//! Conflict).
+//!
+//! Expiry is judged on the follower's own monotonic clock, from when it saw the Lease change,
+//! not by comparing the holder's `renewTime` with the follower's wall clock: with clocks a
+//! minute apart the follower took over a Lease that was renewed every second, and two replicas
+//! led at once.
 //!
 //! A leader that cannot renew within the lease duration steps down (the watch channel says
 //! `false`) and the process exits, so it never keeps writing next to a new leader.
@@ -46,6 +52,9 @@ enum Attempt {
 struct Elector {
     api: Api<Lease>,
     cfg: LeaseConfig,
+    /// The holder's last renewal as we read it (holder, renewTime), and when (our clock) we
+    /// first saw it.
+    observed: Option<((String, String), tokio::time::Instant)>,
 }
 
 impl Elector {
@@ -60,7 +69,7 @@ impl Elector {
         }
     }
 
-    async fn attempt(&self) -> kube::Result<Attempt> {
+    async fn attempt(&mut self) -> kube::Result<Attempt> {
         let now = Timestamp::now();
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
             let lease = Lease {
@@ -80,10 +89,26 @@ impl Elector {
         let spec = lease.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.as_deref().unwrap_or("");
         let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
-        let expires_in = spec.renew_time.as_ref().map(|t| {
-            let left = (t.0 + duration).duration_since(now);
-            Duration::try_from(left).unwrap_or(Duration::ZERO)
-        });
+        // When did the holder last renew, by our clock: when we first saw this renewal.
+        let renewal = (
+            holder.to_owned(),
+            spec.renew_time
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+        );
+        let seen = match &self.observed {
+            Some((r, at)) if *r == renewal => *at,
+            _ => {
+                let at = tokio::time::Instant::now();
+                self.observed = Some((renewal, at));
+                at
+            }
+        };
+        let expires_in = spec
+            .renew_time
+            .as_ref()
+            .map(|_| duration.saturating_sub(seen.elapsed()));
         let expired = expires_in.is_none_or(|d| d.is_zero());
         let transitions = spec.lease_transitions.unwrap_or(0);
         let next = if holder == self.cfg.identity {
@@ -146,15 +171,20 @@ impl Campaign {
 pub fn spawn(client: Client, cfg: LeaseConfig) -> Campaign {
     let (tx, rx) = watch::channel(false);
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let elector = Elector {
+    let mut elector = Elector {
         api: api.clone(),
         cfg: cfg.clone(),
+        observed: None,
     };
     let task = tokio::spawn(async move {
         let mut last_renewed: Option<tokio::time::Instant> = None;
         loop {
             let mut wait = elector.cfg.renew_every;
-            match elector.attempt().await {
+            // A renewal that hangs is a failed one: a leader must notice in time to step down.
+            let attempt = tokio::time::timeout(elector.cfg.renew_every * 2, elector.attempt())
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("lease request timed out".into())));
+            match attempt {
                 Ok(Attempt::Leading) => {
                     if !*tx.borrow() {
                         info!(lease = %elector.cfg.name, identity = %elector.cfg.identity, "became leader");

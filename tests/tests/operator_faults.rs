@@ -1,13 +1,17 @@
 //! The operator when what a QueueProcessor points at fails: real kube-apiserver, Kafka and
 //! Redis, and endpoints that hang (a listener that never answers).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{
     ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use qp_operator::crd::QueueProcessor;
@@ -279,4 +283,74 @@ async fn a_foreign_replica_count_is_named_in_a_warning_and_taken_back() {
         (replicas(&s, "orders-worker").await == Some(1)).then_some(())
     })
     .await;
+}
+
+/// A leader whose clock runs a minute behind, renewing every half second: the follower used
+/// to compare that `renewTime` with its own clock, find the Lease long expired and take it,
+/// so two replicas led at once. It now judges expiry by when it saw the Lease change, and takes
+/// over only once the renewals stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_leaves_a_renewed_lease_alone_whatever_the_clocks_say() {
+    let s = setup("op-skew").await;
+    let leases: Api<Lease> = Api::namespaced(s.client.clone(), &s.ns);
+    let skewed = || MicroTime(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(60));
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "qp-operator"},
+        "spec": {"holderIdentity": "slow-clock", "leaseDurationSeconds": 4}
+    }))
+    .unwrap();
+    let mut lease = leases.create(&PostParams::default(), &lease).await.unwrap();
+    lease.spec.as_mut().unwrap().renew_time = Some(skewed());
+    leases
+        .replace("qp-operator", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let renewing = Arc::new(AtomicBool::new(true));
+    let renewer = tokio::spawn({
+        let (leases, renewing) = (leases.clone(), renewing.clone());
+        async move {
+            while renewing.load(Ordering::Relaxed) {
+                if let Ok(mut l) = leases.get("qp-operator").await
+                    && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                        == Some("slow-clock")
+                {
+                    l.spec.as_mut().unwrap().renew_time = Some(skewed());
+                    let _ = leases
+                        .replace("qp-operator", &PostParams::default(), &l)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let holder = || async {
+        leases
+            .get("qp-operator")
+            .await
+            .ok()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-b", 4);
+    // Three lease durations of renewals: the follower must not take it.
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        assert_eq!(
+            holder().await.as_deref(),
+            Some("slow-clock"),
+            "taken while renewed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The renewals stop: after one lease duration of silence it is taken.
+    renewing.store(false, Ordering::Relaxed);
+    renewer.await.unwrap();
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(20), "the follower leading", || async {
+        (holder().await.as_deref() == Some("op-b")).then_some(())
+    })
+    .await;
+    println!(
+        "taken over {:?} after the renewals stopped",
+        stopped.elapsed()
+    );
 }
