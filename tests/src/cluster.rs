@@ -159,34 +159,31 @@ pub async fn mark_pods_ready(client: &Client, ns: &str, selector: &str) -> usize
     n
 }
 
-/// Text of a metric family sample (first value of `name` with optional label filter).
-pub async fn metric(port: u16, name: &str) -> Option<f64> {
+/// Every sample value of metric `name` (all label sets) on `127.0.0.1:<port>/metrics`;
+/// `None` when the endpoint does not answer.
+async fn samples(port: u16, name: &str) -> Option<Vec<f64>> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect(),
+    )
+}
+
+/// The first sample of metric `name`.
+pub async fn metric(port: u16, name: &str) -> Option<f64> {
+    samples(port, name).await?.first().copied()
 }
 
 /// Sum of every sample of metric `name` (all label sets), or `None` if it is absent.
 pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let values = samples(port, name).await?;
     (!values.is_empty()).then(|| values.iter().sum())
 }

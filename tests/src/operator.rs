@@ -131,14 +131,19 @@ pub async fn token_limit(s: &Setup, name: &str) -> Option<u64> {
         .unwrap()
 }
 
-/// Commit the group's offsets at the log end, as if workers had processed everything.
-pub fn commit_all(bootstrap: &str, topic: &str, group: &str, partitions: i32) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+/// A consumer of `group` that never joins it, for committing offsets by hand.
+pub fn committer(bootstrap: &str, group: &str) -> BaseConsumer {
+    rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// Commit the group's offsets at the log end, as if workers had processed everything.
+pub fn commit_all(bootstrap: &str, topic: &str, group: &str, partitions: i32) {
+    let consumer = committer(bootstrap, group);
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         let (_, high) = consumer

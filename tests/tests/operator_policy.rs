@@ -55,12 +55,7 @@ async fn the_default_step_reaches_the_computed_count_at_once() {
 
 /// Commit `group`'s offset on partition 0 of `topic` at `offset`.
 fn commit_at(bootstrap: &str, topic: &str, group: &str, offset: i64) {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let consumer = committer(bootstrap, group);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
         .unwrap();

@@ -95,6 +95,8 @@ pub struct Context {
 /// What a QueueProcessor's ticks carry from one to the next.
 #[derive(Default)]
 pub(super) struct Memory {
+    /// The object this memory belongs to.
+    uid: Option<String>,
     /// The decision memory (rates, windows, capacity).
     scaler: Scaler,
     /// The objects as the API server returned them from our last apply: fresher than the
@@ -147,11 +149,17 @@ impl Context {
     /// kube-runtime never reconciles one object twice at once, so nobody else wants it
     /// meanwhile. Put it back with [`Context::put_memory`].
     fn take_memory(&self, qp: &QueueProcessor) -> Memory {
-        self.memory
-            .lock()
-            .expect("memory lock")
-            .remove(&key(qp))
-            .unwrap_or_default()
+        let memory = self.memory.lock().expect("memory lock").remove(&key(qp));
+        match memory {
+            // The same object: go on from where it was.
+            Some(m) if m.uid == qp.metadata.uid => m,
+            // New, or made again under the same name (its finalizer removed by hand, say):
+            // nothing of the old one's memory applies.
+            _ => Memory {
+                uid: qp.metadata.uid.clone(),
+                ..Memory::default()
+            },
+        }
     }
 
     fn put_memory(&self, qp: &QueueProcessor, memory: Memory) {

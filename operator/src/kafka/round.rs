@@ -117,7 +117,9 @@ impl ClusterState {
         let mut addrs: Vec<String> = self.conns.keys().cloned().collect();
         addrs.extend(self.brokers.values().cloned());
         addrs.extend(self.bootstrap.iter().cloned());
-        addrs.dedup();
+        // Each address once: a broker that does not answer costs a timeout per try.
+        let mut seen = std::collections::HashSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
         let mut last = "no broker address".to_owned();
         for addr in addrs {
             match self.call(&addr, req, v).await {
