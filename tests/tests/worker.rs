@@ -610,17 +610,17 @@ async fn a_new_group_with_latest_reset_skips_what_came_before() {
     kafka::send_many(&producer, &fx.topic, &old).await;
     let _w = fx.kafka_worker("w0", "echo", &["--kafka-auto-offset-reset", "latest"]);
     // Until the group has joined, a new message may fall before its starting point: send one
-    // at a time until one is processed.
+    // more at each check until any of them is processed.
     let mut sent = Vec::new();
     let first = eventually(Duration::from_secs(40), "a new message processed", || {
-        let id = format!("new-{}", sent.len());
-        sent.push(id.clone());
-        let (fx, producer) = (&fx, &producer);
+        sent.push(format!("new-{}", sent.len()));
+        let (fx, producer, sent) = (&fx, &producer, sent.clone());
         async move {
-            kafka::send_many(producer, &fx.topic, std::slice::from_ref(&id)).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let states = fx.states(std::slice::from_ref(&id)).await;
-            (states.get(&id).map(String::as_str) == Some("done")).then_some(id)
+            let id = sent.last().expect("one was just added");
+            kafka::send_many(producer, &fx.topic, std::slice::from_ref(id)).await;
+            let states = fx.states(&sent).await;
+            sent.into_iter()
+                .find(|id| states.get(id).map(String::as_str) == Some("done"))
         }
     })
     .await;
