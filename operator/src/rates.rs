@@ -193,6 +193,13 @@ impl PerReplicaCapacity {
         self.estimate
     }
 
+    /// Start from an estimate learnt before (by the previous leader, read back from the
+    /// status), so that a new leader sizes by rate at once instead of by backlog until the
+    /// replicas have settled again. A non-positive or non-finite value is ignored.
+    pub fn resume(&mut self, estimate: Option<f64>) {
+        self.estimate = estimate.filter(|e| e.is_finite() && *e > 0.0);
+    }
+
     /// The last good estimate.
     pub fn estimate(&self) -> Option<f64> {
         self.estimate

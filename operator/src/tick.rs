@@ -197,13 +197,18 @@ pub(crate) async fn run(
     Ok(tick)
 }
 
-/// Milliseconds since this process first asked: the clock of the decision windows (cooldown,
-/// stabilization, rate intervals). Monotonic, unlike the wall clock, which an NTP step can move
-/// back (a stabilization window that never ends) or forward (a cooldown cut short).
+/// Milliseconds on a clock that starts at [`MONOTONIC_ORIGIN_MS`] when this process first asks:
+/// the clock of the decision windows (cooldown, stabilization, rate intervals). Monotonic,
+/// unlike the wall clock, which an NTP step can move back (a stabilization window that never
+/// ends) or forward (a cooldown cut short).
 pub fn monotonic_ms() -> u64 {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+    MONOTONIC_ORIGIN_MS + ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
+
+/// Where [`monotonic_ms`] starts: far enough from zero that times restored from a previous
+/// leader's status (minutes or hours before this process started) are still representable.
+pub const MONOTONIC_ORIGIN_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// Record what one tick measured and decided (both backends).
 fn record(m: &Metrics, namespace: &str, name: &str, tick: &Tick, kafka_requests: u64) {

@@ -153,10 +153,17 @@ impl Context {
         match memory {
             // The same object: go on from where it was.
             Some(m) if m.uid == qp.metadata.uid => m,
-            // New, or made again under the same name (its finalizer removed by hand, say):
-            // nothing of the old one's memory applies.
+            // New to this process (it just became the leader, or the object is new), or made
+            // again under the same name (its finalizer removed by hand, say): nothing of an old
+            // object's memory applies, but what the status remembers does (a previous leader
+            // wrote it for this object).
             _ => Memory {
                 uid: qp.metadata.uid.clone(),
+                scaler: Scaler::resume(
+                    qp.status.as_ref(),
+                    jiff::Timestamp::now(),
+                    crate::tick::monotonic_ms(),
+                ),
                 ..Memory::default()
             },
         }

@@ -50,7 +50,8 @@ pub use source::{
 };
 pub use status::{
     CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,
-    QueueProcessorStatus, StatusSummary, ThroughputStatus, TokenStatus,
+    QueueProcessorStatus, Recommendation, ScalingMemory, StatusSummary, ThroughputStatus,
+    TokenStatus,
 };
 pub use validate::SpecError;
 pub use worker::{

@@ -65,6 +65,11 @@ pub struct QueueProcessorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
 
+    /// What the scaling policy remembers between polls, kept here so that another operator
+    /// replica (after a failover or during an upgrade) goes on with the same windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling_memory: Option<ScalingMemory>,
+
     /// Short strings for the `kubectl get` columns, derived from the fields above. Programs
     /// should read the structured fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +112,64 @@ pub struct ThroughputStatus {
     /// Completed messages per second of one busy replica; absent until measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_replica_per_second: Option<f64>,
+}
+
+/// The scaling policy's memory. Without it a new leader started fresh windows: it scaled down
+/// at once what the stabilization window was holding, and restarted the cooldown. The capacity
+/// estimate is `throughput.perReplicaPerSecond`. Times of the latest recommendation and of
+/// re-made ones are refreshed with the other live numbers, so they may be up to that refresh
+/// (30 s) old when another replica takes over.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = tidy_docs)]
+pub struct ScalingMemory {
+    /// Replica counts recommended within the scale-down stabilization window, highest first,
+    /// each with when it was last recommended. The last is the latest recommendation and has no
+    /// time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recommendations: Vec<Recommendation>,
+    /// Since when the workload has been idle (the cooldown before the last replica goes; kept
+    /// only with `minReplicas` 0). Absent while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
+    /// Since when the Kafka consumer group has been rebalancing (decisions hold for a while).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalancing_since: Option<Time>,
+}
+
+/// One remembered recommendation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = tidy_docs)]
+pub struct Recommendation {
+    /// Replicas recommended.
+    pub replicas: i32,
+    /// When it was last recommended; absent for the latest recommendation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+}
+
+impl ScalingMemory {
+    /// What must be written at once: the highest recommendation (it holds scale-downs) and the
+    /// idle and rebalance clocks, which change only on transitions. The times of re-made
+    /// recommendations move at every poll and wait for the live-number refresh.
+    fn settled(&self) -> Self {
+        ScalingMemory {
+            recommendations: self
+                .recommendations
+                .iter()
+                .map(|r| r.replicas)
+                .max()
+                .map(|replicas| Recommendation {
+                    replicas,
+                    time: None,
+                })
+                .into_iter()
+                .collect(),
+            idle_since: self.idle_since.clone(),
+            rebalancing_since: self.rebalancing_since.clone(),
+        }
+    }
 }
 
 /// Display strings for `kubectl get qp`.
@@ -234,6 +297,7 @@ impl QueueProcessorStatus {
         s.backlog = None;
         s.throughput = None;
         s.summary = None;
+        s.scaling_memory = s.scaling_memory.as_ref().map(ScalingMemory::settled);
         if let Some(t) = &mut s.tokens {
             t.in_use = 0;
         }

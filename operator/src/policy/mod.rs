@@ -72,11 +72,13 @@ use std::collections::VecDeque;
 
 use crate::crd::{ConcurrencySpec, ScalingSpec};
 
+mod memory;
 mod reason;
 
 #[cfg(test)]
 mod tests;
 
+pub use memory::Remembered;
 pub use reason::{Basis, Bound, Reason, Rule};
 
 /// The numbers that drive decisions, taken from a QueueProcessor's `spec.scaling` and
@@ -212,6 +214,8 @@ pub struct PolicyState {
     last_active_ms: Option<u64>,
     /// Since when the consumer group has been rebalancing without a pause.
     rebalancing_since: Option<u64>,
+    /// When the latest decision was made.
+    last_decision_ms: Option<u64>,
 }
 
 /// The longest decisions hold for a rebalance. A rebalance takes seconds; a group that never
@@ -334,6 +338,7 @@ pub fn decide(
 ) -> Decision {
     let current = obs.current_replicas;
     let token_limit = policy.token_limit(obs.ready_replicas);
+    state.last_decision_ms = Some(now_ms);
 
     // Activity for the cooldown. A failed measurement counts as activity: the backlog it could
     // not see may be there, and the cooldown restarts once the source is back.

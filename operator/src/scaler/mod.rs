@@ -19,7 +19,7 @@ use crate::crd::{
 use crate::error::{Error, Result};
 use crate::health::Problem;
 use crate::measure::{Probes, SourceReading, SourceTarget, WorkerReading};
-use crate::policy::{self, Decision, Observation, Policy, PolicyState};
+use crate::policy::{self, Decision, Observation, Policy, PolicyState, Remembered};
 use crate::rates::{PerReplicaCapacity, RateEstimator};
 
 /// Resolved secret values, by (Secret name, key).
@@ -102,6 +102,8 @@ pub fn source_target(qp: &QueueProcessor, secrets: &SecretValues) -> Result<Sour
     }
 }
 
+mod memory;
+
 /// Everything measured for one decision.
 pub struct Observed {
     pub source: Result<SourceReading>,
@@ -145,6 +147,10 @@ pub struct Step {
     pub processed_rate: Option<f64>,
     pub failed_rate: Option<f64>,
     pub per_replica_rate: Option<f64>,
+    /// What the policy remembers after this step, to store in the status.
+    pub memory: Remembered,
+    /// When the step was made ([`crate::tick::monotonic_ms`]).
+    pub at_ms: u64,
 }
 
 /// Smoothing of measured rates: a few polls, so one odd poll does not swing the decision.
@@ -230,6 +236,8 @@ impl Scaler {
             processed_rate,
             failed_rate,
             per_replica_rate,
+            memory: self.policy.remembered(policy),
+            at_ms: now_ms,
         }
     }
 }
@@ -311,6 +319,7 @@ pub fn fill_status_with_health(
         failed_per_second: round2(step.failed_rate.unwrap_or(0.0)),
         per_replica_per_second: step.per_replica_rate.map(round2),
     });
+    status.scaling_memory = Some(memory::scaling_memory(&step.memory, now.0, step.at_ms));
     if d.changed {
         status.last_scale_time = Some(now.clone());
         status.last_scale_reason = Some(d.reason.to_string());
@@ -405,7 +414,7 @@ mod tests {
     use crate::policy::{Basis, Reason};
     use crate::workload::Component;
 
-    fn observed(source_ok: bool) -> Observed {
+    pub(super) fn observed(source_ok: bool) -> Observed {
         Observed {
             source: if source_ok {
                 Ok(SourceReading {
@@ -450,6 +459,8 @@ mod tests {
             processed_rate: None,
             failed_rate: None,
             per_replica_rate: None,
+            memory: Remembered::default(),
+            at_ms: 0,
         }
     }
 
@@ -463,7 +474,7 @@ mod tests {
         }
     }
 
-    fn at(minute: u32) -> Time {
+    pub(super) fn at(minute: u32) -> Time {
         Time(format!("2025-06-01T10:{minute:02}:00Z").parse().unwrap())
     }
 
