@@ -354,3 +354,116 @@ async fn a_follower_leaves_a_renewed_lease_alone_whatever_the_clocks_say() {
         stopped.elapsed()
     );
 }
+
+/// A token limit the operator cannot write (the QueueProcessor's Redis user loses the SET
+/// command, which only the limit write uses) makes `Ready` False with a `SetTokenLimit` Warning. The failure
+/// used to end the reconcile before the status: `kubectl get qp` kept saying Ready while the
+/// workers ran on a limit that no longer matched the replicas.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_limit_that_cannot_be_written_makes_ready_false() {
+    let s = setup("op-tokens").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let keys = Keys::new(&s.ns, "orders");
+    let user = format!("qp-{}", s.ns);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let acl = |rules: Vec<String>| {
+        let mut conn = s.redis.clone();
+        let (user, password) = (user.clone(), password.clone());
+        async move {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(&user)
+                .arg("on")
+                .arg(format!(">{password}"))
+                .arg("resetkeys")
+                .arg("+@all")
+                .arg(&rules)
+                .query_async(&mut conn)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    // Every key of this QueueProcessor first.
+    acl(vec![format!("~{}*", keys.prefix())]).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "redis-user"},
+                "stringData": {"username": user, "password": password}
+            }))
+            .unwrap(),
+        )
+        .await
+        .expect("create the Secret");
+    let (_op, _port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    apply_qp(
+        &s,
+        &kafka_qp(
+            &s,
+            "orders",
+            &topic,
+            1,
+            json!({
+                "usernameSecretRef": {"name": "redis-user", "key": "username"},
+                "passwordSecretRef": {"name": "redis-user", "key": "password"}
+            }),
+        ),
+    )
+    .await;
+    // Measured (the pods stay unscheduled: the node is tainted, so the limit is 0).
+    eventually(Duration::from_secs(30), "SourceReachable True", || async {
+        let c = condition(&qp_status(&s, "orders").await, "SourceReachable")?;
+        (c.0 == "True").then_some(())
+    })
+    .await;
+
+    // The user may no longer SET, and someone sets a wrong limit:
+    // the operator must write it back, and cannot.
+    // (Key permissions cannot do it: every token script names the limit key, and Redis checks
+    // a script's keys for writing when it is called. The token scripts that only read the
+    // pool never call SET.)
+    acl(vec![format!("~{}*", keys.prefix()), "-set".into()]).await;
+    let _: () = redis::cmd("SET")
+        .arg(keys.limit())
+        .arg(999)
+        .query_async(&mut s.redis.clone())
+        .await
+        .unwrap();
+    let (_, _, message) = eventually(Duration::from_secs(30), "Ready False for Redis", || async {
+        let c = condition(&qp_status(&s, "orders").await, "Ready")?;
+        (c.0 == "False" && c.1 == "RedisUnavailable").then_some(c)
+    })
+    .await;
+    println!("Ready False: {message}");
+    assert!(message.contains("can't run this command"), "{message}");
+    let warning = eventually(
+        Duration::from_secs(10),
+        "a SetTokenLimit Warning",
+        || async {
+            events(&s, "RedisUnavailable")
+                .await
+                .into_iter()
+                .find(|e| e.action.as_deref() == Some("SetTokenLimit"))
+        },
+    )
+    .await;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    // The measurement itself still works: this is the token path, not an unreachable Redis.
+    let status = qp_status(&s, "orders").await;
+    assert_eq!(
+        condition(&status, "SourceReachable").map(|c| c.0),
+        Some("True".into()),
+        "{:?}",
+        condition(&status, "SourceReachable")
+    );
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut s.redis.clone())
+        .await
+        .unwrap();
+    cluster::delete_namespace(&s.client, &s.ns).await;
+}
