@@ -5,7 +5,8 @@
 #     build-k8s.sh)
 #   a real node: containerd + runc, kubelet, kube-proxy and a CNI bridge (node.sh); the project's
 #     image and a pause image are imported into containerd, never pulled
-#   Kafka in KRaft mode, one combined broker/controller (jars from Maven Central)
+#   Kafka in KRaft mode, one combined broker/controller (jars from Maven Central); tests may add
+#     a second broker (`start kafka-broker2`) to take a partition's only replica away
 #   Redis, and a 3-master Redis Cluster with a password (Debian's redis-server)
 #   Prometheus (Debian), scraping file_sd targets and, through the API server, the pods
 #
@@ -41,6 +42,7 @@ PORT_SCHEDULER=$((QP_PORT_BASE + 15))
 PORT_PROXY_METRICS=$((QP_PORT_BASE + 16))
 PORT_PROXY_HEALTHZ=$((QP_PORT_BASE + 17))
 PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
+PORT_KAFKA_BROKER2=$((QP_PORT_BASE + 19))
 
 # In start order; `down` stops in reverse. node-network (an interface and sysctls, no process)
 # comes first because the API server, Kafka and Redis listen on its address.
@@ -374,6 +376,47 @@ L4J
   wait_for kafka 90 grep -q "Kafka Server started" "$LOGS/kafka.log"
 }
 
+# A second broker (broker role only, node id 2) in the cluster of `kafka`, for tests that need a
+# partition whose only replica can be stopped while the rest of Kafka answers (a partition
+# without a leader): `hack/env.sh start kafka-broker2` / `stop kafka-broker2`. Not started by
+# `up`; stopped with kafka.
+start_kafka_broker2() {
+  running kafka || die "kafka-broker2 joins the cluster of kafka: start kafka first"
+  require_ports kafka-broker2 "$PORT_KAFKA_BROKER2"
+  local dir="$QP_RUN/kafka-broker2" data="$DATA/kafka-broker2"
+  mkdir -p "$dir" "$data"
+  cat >"$dir/server.properties" <<PROPS
+process.roles=broker
+node.id=2
+controller.quorum.voters=1@127.0.0.1:$PORT_KAFKA_CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA_BROKER2
+advertised.listeners=PLAINTEXT://127.0.0.1:$PORT_KAFKA_BROKER2
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$data
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+auto.create.topics.enable=false
+PROPS
+  if [[ ! -f "$data/meta.properties" ]]; then
+    local cluster_id
+    cluster_id="$(grep '^cluster.id=' "$DATA/kafka/meta.properties" | cut -d= -f2)"
+    [[ -n "$cluster_id" ]] || die "no cluster.id in $DATA/kafka/meta.properties"
+    kafka_java kafka.tools.StorageTool format --ignore-formatted -t "$cluster_id" \
+      -c "$dir/server.properties" >>"$LOGS/kafka-broker2-format.log" 2>&1 \
+      || { tail "$LOGS/kafka-broker2-format.log" >&2; die "formatting kafka-broker2's storage failed"; }
+  fi
+  [[ -f "$LOGS/kafka-broker2.log" ]] && mv "$LOGS/kafka-broker2.log" "$LOGS/kafka-broker2.log.prev"
+  spawn kafka-broker2 kafka-broker2 java -Xms128m -Xmx384m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" \
+    kafka.Kafka "$dir/server.properties"
+  wait_for kafka-broker2 90 grep -q "Kafka Server started" "$LOGS/kafka-broker2.log"
+}
+
 start_redis() {
   require_ports redis "$PORT_REDIS"
   mkdir -p "$DATA/redis"
@@ -552,6 +595,7 @@ start_one() {
     kubelet) start_kubelet ;;
     kube-proxy) start_kube_proxy ;;
     kafka) start_kafka ;;
+    kafka-broker2) start_kafka_broker2 ;;
     redis) start_redis ;;
     redis-cluster) start_redis_cluster ;;
     prometheus) start_prometheus ;;
@@ -646,6 +690,8 @@ case "$cmd" in
     # Pods first, while the kubelet can still stop them; then in reverse start order; then
     # what the node changed on the host.
     [[ " ${services[*]} " == *" kubelet "* ]] && node_delete_pods
+    # A second broker without its controller is of no use: it goes with kafka.
+    [[ " ${services[*]} " == *" kafka "* ]] && stop_service kafka-broker2
     for ((i = ${#services[@]} - 1; i >= 0; i--)); do
       if [[ "${services[$i]}" != node-network ]] && { running "${services[$i]}" || [[ -f "$(pidfile "${services[$i]}")" ]]; }; then
         log "stopping ${services[$i]}"

@@ -16,7 +16,7 @@ pub struct Metrics {
     /// Time from a measurement that changes the decision to the replicas being applied.
     pub decision_latency: Histogram,
     pub backlog: IntGaugeVec,
-    pub partition_lag: IntGaugeVec,
+    pub partition_lag_max: IntGaugeVec,
     pub desired_replicas: IntGaugeVec,
     pub ready_replicas: IntGaugeVec,
     pub tokens_limit: IntGaugeVec,
@@ -26,6 +26,8 @@ pub struct Metrics {
     pub local_restarts: IntCounterVec,
     pub leader: IntGauge,
     pub kafka_requests: IntCounter,
+    /// Status writes sent to the API server (each is one request, changed or not).
+    pub status_writes: IntCounter,
 }
 
 const QP: &[&str] = &["namespace", "queueprocessor"];
@@ -72,14 +74,14 @@ impl Metrics {
                 "qp_operator_backlog",
                 "Messages waiting (lag or list length)",
             ),
-            partition_lag: IntGaugeVec::new(
-                Opts::new(
-                    "qp_operator_partition_lag",
-                    "Consumer-group lag per partition",
-                ),
-                &["namespace", "queueprocessor", "partition"],
-            )
-            .expect("valid metric"),
+            // The largest lag of one partition, not one series per partition: a thousand
+            // QueueProcessors on 100-partition topics made 100 000 series (most of the
+            // operator's memory, and a cardinality problem for Prometheus). Each worker exports
+            // the lag of the partitions it owns (`qp_worker_partition_lag`).
+            partition_lag_max: gauge(
+                "qp_operator_partition_lag_max",
+                "Largest consumer-group lag of one partition (skew: compare with backlog)",
+            ),
             desired_replicas: gauge("qp_operator_desired_replicas", "Replicas the policy wants"),
             ready_replicas: gauge("qp_operator_ready_replicas", "Ready worker replicas"),
             tokens_limit: gauge(
@@ -111,6 +113,11 @@ impl Metrics {
                 "Requests sent to Kafka brokers by the lag probes",
             )
             .expect("valid metric"),
+            status_writes: IntCounter::new(
+                "qp_operator_status_writes_total",
+                "QueueProcessor status writes sent to the API server",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -119,7 +126,7 @@ impl Metrics {
             Box::new(m.reconcile_duration.clone()),
             Box::new(m.decision_latency.clone()),
             Box::new(m.backlog.clone()),
-            Box::new(m.partition_lag.clone()),
+            Box::new(m.partition_lag_max.clone()),
             Box::new(m.desired_replicas.clone()),
             Box::new(m.ready_replicas.clone()),
             Box::new(m.tokens_limit.clone()),
@@ -129,6 +136,7 @@ impl Metrics {
             Box::new(m.local_restarts.clone()),
             Box::new(m.leader.clone()),
             Box::new(m.kafka_requests.clone()),
+            Box::new(m.status_writes.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
@@ -140,6 +148,7 @@ impl Metrics {
         let l = [namespace, name];
         for g in [
             &self.backlog,
+            &self.partition_lag_max,
             &self.desired_replicas,
             &self.ready_replicas,
             &self.tokens_limit,

@@ -202,8 +202,22 @@ pub(crate) async fn run(
 /// unlike the wall clock, which an NTP step can move back (a stabilization window that never
 /// ends) or forward (a cooldown cut short).
 pub fn monotonic_ms() -> u64 {
-    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    MONOTONIC_ORIGIN_MS + ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64
+    MONOTONIC_ORIGIN_MS + clock_origin().0.elapsed().as_millis() as u64
+}
+
+/// When [`monotonic_ms`] started, on both clocks.
+fn clock_origin() -> &'static (Instant, jiff::Timestamp) {
+    static ORIGIN: std::sync::OnceLock<(Instant, jiff::Timestamp)> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(|| (Instant::now(), jiff::Timestamp::now()))
+}
+
+/// A wall-clock time and the [`monotonic_ms`] reading it corresponds to, fixed for the
+/// process: converting monotonic times for the status with this pair gives the same wall time
+/// for the same reading at every poll. Converting with the current time of each poll moved the
+/// result by a few milliseconds each time, so the status differed at every poll and was
+/// written at every poll (320 writes a second at a thousand QueueProcessors).
+pub fn clock_pair() -> (jiff::Timestamp, u64) {
+    (clock_origin().1, MONOTONIC_ORIGIN_MS)
 }
 
 /// Where [`monotonic_ms`] starts: far enough from zero that times restored from a previous
@@ -219,10 +233,8 @@ fn record(m: &Metrics, namespace: &str, name: &str, tick: &Tick, kafka_requests:
         .set(i64::from(observed.source.is_ok()));
     if let Ok(s) = &observed.source {
         m.backlog.with_label_values(&l).set(s.backlog as i64);
-        for p in &s.lags {
-            m.partition_lag
-                .with_label_values(&[namespace, name, &p.partition.to_string()])
-                .set(p.lag as i64);
+        if let Some(max) = s.lags.iter().map(|p| p.lag).max() {
+            m.partition_lag_max.with_label_values(&l).set(max as i64);
         }
     }
     m.desired_replicas

@@ -61,9 +61,14 @@ pub async fn create_namespace(client: &Client, prefix: &str) -> String {
 }
 
 /// Delete a namespace and its QueueProcessors. QueueProcessors whose operator is gone would
-/// block on their finalizer, so it is removed first.
+/// block on their finalizer, so it is removed, after the deletion: a running operator adds
+/// the finalizer back to a QueueProcessor that is not being deleted (QueueProcessors of a
+/// benchmark namespace were left behind that way, and the namespace with them).
 pub async fn delete_namespace(client: &Client, ns: &str) {
     let qps: Api<QueueProcessor> = Api::namespaced(client.clone(), ns);
+    let _ = qps
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
     if let Ok(list) = qps.list(&ListParams::default()).await {
         for qp in list {
             let name = qp.metadata.name.unwrap_or_default();
@@ -76,9 +81,6 @@ pub async fn delete_namespace(client: &Client, ns: &str) {
                 .await;
         }
     }
-    let _ = qps
-        .delete_collection(&DeleteParams::default(), &Default::default())
-        .await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(ns, &DeleteParams::default()).await;
 }

@@ -134,12 +134,64 @@ pub struct Outage {
 }
 
 fn env_sh(action: &str) -> bool {
+    env_sh_service(action, "kafka")
+}
+
+fn env_sh_service(action: &str, service: &str) -> bool {
     Command::new("bash")
         .arg(crate::env::workspace_root().join("hack/env.sh"))
-        .args([action, "kafka"])
+        .args([action, service])
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// A second Kafka broker, node [`SecondBroker::ID`] (`hack/env.sh start kafka-broker2`), stopped
+/// on drop. Use it from a test binary of its own with one test: while it runs, topics that
+/// other tests create could get partitions on it, and they would lose them when it stops.
+pub struct SecondBroker {
+    running: bool,
+}
+
+impl SecondBroker {
+    pub const ID: i32 = 2;
+
+    /// Start the broker; returns once it has started.
+    pub fn start() -> SecondBroker {
+        assert!(
+            env_sh_service("start", "kafka-broker2"),
+            "hack/env.sh start kafka-broker2 failed"
+        );
+        SecondBroker { running: true }
+    }
+
+    /// Stop it (its partitions lose their leader once the controller fences it).
+    pub fn stop(&mut self) {
+        self.running = false;
+        assert!(
+            env_sh_service("stop", "kafka-broker2"),
+            "hack/env.sh stop kafka-broker2 failed"
+        );
+    }
+
+    /// Start it again, with its data.
+    pub fn restart(&mut self) {
+        assert!(
+            env_sh_service("start", "kafka-broker2"),
+            "hack/env.sh start kafka-broker2 failed"
+        );
+        self.running = true;
+    }
+}
+
+impl Drop for SecondBroker {
+    fn drop(&mut self) {
+        if self.running && !env_sh_service("stop", "kafka-broker2") {
+            eprintln!(
+                "could not stop the second broker: run `bash hack/env.sh stop kafka-broker2`"
+            );
+        }
+    }
 }
 
 impl Outage {

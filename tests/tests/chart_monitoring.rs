@@ -278,7 +278,7 @@ async fn every_dashboard_alert_and_console_query_evaluates_in_prometheus() {
     let html = read(&chart_file("consoles/queue-processor.html"));
     for metric in [
         "qp_operator_backlog",
-        "qp_operator_partition_lag",
+        "qp_worker_partition_lag",
         "qp_operator_throughput",
         "qp_worker_messages_total",
         "qp_operator_desired_replicas",

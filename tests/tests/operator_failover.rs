@@ -41,12 +41,16 @@ async fn a_new_leader_keeps_the_window_and_the_cooldown() {
 
     // The backlog is gone: the leader goes idle and holds 8 for the window.
     commit_all(&bootstrap, &topic, &group, 8);
-    let idle_since = eventually(Duration::from_secs(20), "idleSince in the status", || async {
-        let qp = qp_status(&s, "orders").await;
-        let memory = qp.status?.scaling_memory?;
-        (memory.recommendations.first()?.replicas == 8).then_some(())?;
-        memory.idle_since.map(|t| t.0)
-    })
+    let idle_since = eventually(
+        Duration::from_secs(20),
+        "idleSince in the status",
+        || async {
+            let qp = qp_status(&s, "orders").await;
+            let memory = qp.status?.scaling_memory?;
+            (memory.recommendations.first()?.replicas == 8).then_some(())?;
+            memory.idle_since.map(|t| t.0)
+        },
+    )
     .await;
     assert_eq!(replicas(&s, "orders-worker").await, Some(8));
 

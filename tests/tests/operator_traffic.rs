@@ -25,6 +25,39 @@ async fn reconciles(port: u16) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// An idle workload that may scale to zero has nothing new to say, so its status is not
+/// written. The policy's memory in the status (`scalingMemory.idleSince`) used to be converted
+/// to wall-clock time with each poll's clock, which moved it by milliseconds: the status
+/// differed at every poll and was written at every poll (320 writes a second at a thousand
+/// QueueProcessors), each one an API request although the API server stored nothing new.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_workload_writes_no_status() {
+    let s = setup("op-idle").await;
+    let topic = format!("op-{}", s.ns);
+    kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
+    let (_op, port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    apply_qp(&s, &kafka_qp(&s, "orders", &topic, 0, json!({}))).await;
+    eventually(Duration::from_secs(30), "idleSince in the status", || async {
+        qp_status(&s, "orders").await.status?.scaling_memory?.idle_since
+    })
+    .await;
+    let writes = || async {
+        cluster::metric(port, "qp_operator_status_writes_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let (w0, r0) = (writes().await, reconciles(port).await);
+    // Five more polls (pollIntervalSeconds is 1).
+    eventually(Duration::from_secs(20), "five more polls", || async {
+        (reconciles(port).await >= r0 + 5.0).then_some(())
+    })
+    .await;
+    let (w1, r1) = (writes().await, reconciles(port).await);
+    println!("{} status writes in {} idle polls", w1 - w0, r1 - r0);
+    assert_eq!(w1, w0, "status written while nothing changed");
+    cluster::delete_namespace(&s.client, &s.ns).await;
+}
+
 /// Under steady traffic the backlog and rates change at every poll. Writing them into the
 /// status used to start the next reconcile at once (the watch saw our own write), so the
 /// operator reconciled as fast as it could instead of once per poll, and wrote the status as

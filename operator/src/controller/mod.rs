@@ -50,6 +50,7 @@ mod events;
 mod objects;
 mod recorder;
 mod secrets;
+mod slim;
 mod status;
 
 use cleanup::{cleanup, stop_pods};
@@ -240,17 +241,22 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .take()
         .expect("controller::run is called once per Context");
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=qp-operator");
+    // The caches keep slim copies (slim.rs): a thousand full Deployments were most of the
+    // operator's memory.
     let owned_deployments = watcher(deployments, owned.clone())
         .default_backoff()
+        .modify(slim::deployment)
         .reflect(deployment_writer)
         .touched_objects();
     let owned_services = watcher(services, owned)
         .default_backoff()
+        .modify(slim::service)
         .reflect(service_writer)
         .touched_objects();
     let (qp_store, qp_writer) = reflector::store();
     let triggers = watcher(qps, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(slim::queue_processor)
         .reflect(qp_writer)
         .touched_objects()
         .predicate_filter(qp_trigger, Default::default());

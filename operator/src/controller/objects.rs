@@ -206,10 +206,11 @@ impl Replicas for DeploymentReplicas<'_> {
         self.contested = self.worker.as_ref().and_then(replicas_owner);
         // Contested: apply even if the count matches, to own the field again.
         let contested = self.contested.is_some();
-        let now = apply_if_changed(&self.api, desired, self.worker.take(), |live| {
+        let mut now = apply_if_changed(&self.api, desired, self.worker.take(), |live| {
             !contested && live.spec.as_ref().and_then(|s| s.replicas) == want
         })
         .await?;
+        super::slim::deployment(&mut now);
         self.applied.worker = Some(now.clone());
         self.worker = Some(now);
         // The gateway after the workers: a gateway that cannot be applied must not stop the

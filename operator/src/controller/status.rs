@@ -27,6 +27,7 @@ pub(super) async fn patch_status(
 ) -> Result<()> {
     let api: Api<QueueProcessor> = Api::namespaced(ctx.client.clone(), &qp.namespace_or_default());
     let body = json!({ "apiVersion": API_VERSION, "kind": KIND, "status": status });
+    ctx.metrics.status_writes.inc();
     api.patch_status(
         &qp.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),

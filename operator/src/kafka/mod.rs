@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 pub use answers::{Answers, GroupLag, Why};
 use round::ClusterState;
 
-/// A round that started at most this long before a reconcile asked serves that reconcile.
+/// A round that started at most this long before a reconcile asked serves that reconcile; so
+/// does a round that was still running when it asked (waiting for the next one doubled the
+/// wait: at a thousand QueueProcessors a round takes about a second, and reconciles took
+/// two).
 pub const SHARE_WINDOW: Duration = Duration::from_secs(1);
 /// A whole round may take this long (three requests' worth) before it counts as failed.
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(15);
@@ -118,6 +121,7 @@ impl Fleet {
 /// The last round's answers.
 struct Round {
     started: Instant,
+    finished: Instant,
     covered: HashSet<(String, String)>,
     answers: Answers,
 }
@@ -169,7 +173,7 @@ impl Cluster {
         let (state, last) = &mut *guard;
         if let Some(r) = last.as_ref()
             && r.covered.contains(&key)
-            && asked.saturating_duration_since(r.started) <= SHARE_WINDOW
+            && (asked.saturating_duration_since(r.started) <= SHARE_WINDOW || asked < r.finished)
         {
             return r.answers.lag(topic, group);
         }
@@ -195,8 +199,15 @@ impl Cluster {
                 Answers::failed(&wanted, &format!("no answer within {ROUND_TIMEOUT:?}"))
             }
         };
+        tracing::debug!(
+            pairs = wanted.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            waited_ms = started.duration_since(asked).as_millis() as u64,
+            "kafka round"
+        );
         let round = last.insert(Round {
             started,
+            finished: Instant::now(),
             covered: wanted.into_iter().collect(),
             answers,
         });

@@ -30,10 +30,17 @@ impl Scaler {
     }
 }
 
-/// Monotonic milliseconds `t_ms` as a wall-clock time, given that `now_ms` is `now`.
-fn wall(now: Timestamp, now_ms: u64, t_ms: u64) -> Time {
-    let ago = SignedDuration::from_millis(now_ms.saturating_sub(t_ms).min(i64::MAX as u64) as i64);
-    Time(now.checked_sub(ago).unwrap_or(now))
+/// Monotonic milliseconds `t_ms` as a wall-clock time in whole seconds (what the API server
+/// keeps), given that `at_ms` is `at`. Pass a fixed pair ([`crate::tick::clock_pair`]), so the
+/// same reading always gives the same time.
+fn wall(at: Timestamp, at_ms: u64, t_ms: u64) -> Time {
+    let offset = if t_ms >= at_ms {
+        SignedDuration::from_millis((t_ms - at_ms).min(i64::MAX as u64) as i64)
+    } else {
+        -SignedDuration::from_millis((at_ms - t_ms).min(i64::MAX as u64) as i64)
+    };
+    let t = at.checked_add(offset).unwrap_or(at);
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
 
 /// A wall-clock time as monotonic milliseconds, given that `now_ms` is `now`. A time ahead of
@@ -65,19 +72,19 @@ fn remembered(memory: &ScalingMemory, now: Timestamp, now_ms: u64) -> Remembered
     }
 }
 
-/// The policy memory of a step, in wall-clock times for the status.
-pub(super) fn scaling_memory(memory: &Remembered, now: Timestamp, now_ms: u64) -> ScalingMemory {
+/// The policy memory of a step, in wall-clock times for the status (`at_ms` is `at`).
+pub(super) fn scaling_memory(memory: &Remembered, at: Timestamp, at_ms: u64) -> ScalingMemory {
     ScalingMemory {
         recommendations: memory
             .recommendations
             .iter()
             .map(|&(replicas, t)| Recommendation {
                 replicas: i32::try_from(replicas).unwrap_or(i32::MAX),
-                time: t.map(|t| wall(now, now_ms, t)),
+                time: t.map(|t| wall(at, at_ms, t)),
             })
             .collect(),
-        idle_since: memory.idle_since_ms.map(|t| wall(now, now_ms, t)),
-        rebalancing_since: memory.rebalancing_since_ms.map(|t| wall(now, now_ms, t)),
+        idle_since: memory.idle_since_ms.map(|t| wall(at, at_ms, t)),
+        rebalancing_since: memory.rebalancing_since_ms.map(|t| wall(at, at_ms, t)),
     }
 }
 
@@ -113,12 +120,16 @@ mod tests {
         );
         let mut st = QueueProcessorStatus::default();
         fill_status(&mut st, &with_backlog(0), &down, 1, Some(1), at(10));
-        let memory = st.scaling_memory.clone().unwrap();
+        // This process's monotonic clock read 6 000 at 10:10:00.
+        let memory = scaling_memory(&down.memory, at(10).0, 6_000);
         assert_eq!(memory.recommendations.len(), 2, "{memory:?}");
-        // Made 5 s (monotonic) before the status was filled at 10:10:00.
+        // Made 5 s (monotonic) before that.
         let made = at(10).0.checked_sub(SignedDuration::from_secs(5)).unwrap();
         assert_eq!(memory.recommendations[0].time, Some(Time(made)));
         assert_eq!(memory.recommendations[1].time, None);
+        // The same reading gives the same time, whenever it is converted.
+        assert_eq!(scaling_memory(&down.memory, at(10).0, 6_000), memory);
+        st.scaling_memory = Some(memory);
 
         // Another process, whose monotonic clock reads 7 000 000 at 10:10:30.
         let now = at(10).0.checked_add(SignedDuration::from_secs(30)).unwrap();

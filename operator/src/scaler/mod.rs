@@ -149,8 +149,6 @@ pub struct Step {
     pub per_replica_rate: Option<f64>,
     /// What the policy remembers after this step, to store in the status.
     pub memory: Remembered,
-    /// When the step was made ([`crate::tick::monotonic_ms`]).
-    pub at_ms: u64,
 }
 
 /// Smoothing of measured rates: a few polls, so one odd poll does not swing the decision.
@@ -237,7 +235,6 @@ impl Scaler {
             failed_rate,
             per_replica_rate,
             memory: self.policy.remembered(policy),
-            at_ms: now_ms,
         }
     }
 }
@@ -319,7 +316,8 @@ pub fn fill_status_with_health(
         failed_per_second: round2(step.failed_rate.unwrap_or(0.0)),
         per_replica_per_second: step.per_replica_rate.map(round2),
     });
-    status.scaling_memory = Some(memory::scaling_memory(&step.memory, now.0, step.at_ms));
+    let (at, at_ms) = crate::tick::clock_pair();
+    status.scaling_memory = Some(memory::scaling_memory(&step.memory, at, at_ms));
     if d.changed {
         status.last_scale_time = Some(now.clone());
         status.last_scale_reason = Some(d.reason.to_string());
@@ -460,7 +458,6 @@ mod tests {
             failed_rate: None,
             per_replica_rate: None,
             memory: Remembered::default(),
-            at_ms: 0,
         }
     }
 
