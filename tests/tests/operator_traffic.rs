@@ -37,9 +37,17 @@ async fn an_idle_workload_writes_no_status() {
     kafka::create_topic(&s.env.get("QP_KAFKA_BOOTSTRAP"), &topic, 1).await;
     let (_op, port) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
     apply_qp(&s, &kafka_qp(&s, "orders", &topic, 0, json!({}))).await;
-    eventually(Duration::from_secs(30), "idleSince in the status", || async {
-        qp_status(&s, "orders").await.status?.scaling_memory?.idle_since
-    })
+    eventually(
+        Duration::from_secs(30),
+        "idleSince in the status",
+        || async {
+            qp_status(&s, "orders")
+                .await
+                .status?
+                .scaling_memory?
+                .idle_since
+        },
+    )
     .await;
     let writes = || async {
         cluster::metric(port, "qp_operator_status_writes_total")

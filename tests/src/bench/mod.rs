@@ -5,6 +5,7 @@
 //! Adding a group: a module with `pub async fn run(env: &Env) -> Vec<Figure>`, an entry in
 //! [`GROUPS`] and an arm in [`run_group`].
 
+pub mod fleet;
 pub mod gateway;
 pub mod operator;
 pub mod private_redis;
@@ -29,7 +30,7 @@ pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 pub const GROUPS: &[(&str, Duration)] = &[
     ("worker", Duration::from_secs(180)),
     ("gateway", Duration::from_secs(90)),
-    ("operator", Duration::from_secs(240)),
+    ("operator", Duration::from_secs(900)),
 ];
 
 /// Run one group by name; `None` for an unknown name.

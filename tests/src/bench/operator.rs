@@ -35,7 +35,7 @@ fn bin(name: &str) -> std::path::PathBuf {
     }
 }
 
-fn operator(env: &Env, ns: &str) -> (Proc, u16) {
+pub(super) fn operator(env: &Env, ns: &str) -> (Proc, u16) {
     let port = procs::free_port();
     let mut cmd = Command::new(bin("qp-operator"));
     cmd.arg("run")
@@ -43,7 +43,11 @@ fn operator(env: &Env, ns: &str) -> (Proc, u16) {
         .args(["--watch-namespace", ns, "--lease-namespace", ns])
         .args(["--leader-election", "false"])
         .env("KUBECONFIG", env.get("KUBECONFIG"))
-        .env("RUST_LOG", "warn");
+        // QP_TEST_OPERATOR_LOG raises the level when a figure needs looking into.
+        .env(
+            "RUST_LOG",
+            std::env::var("QP_TEST_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+        );
     (Proc::spawn(&format!("bench-operator-{ns}"), cmd), port)
 }
 
@@ -61,7 +65,7 @@ fn qp(env: &Env, ns: &str, name: &str, topic: &str) -> serde_json::Value {
     })
 }
 
-async fn apply(client: &Client, ns: &str, body: &serde_json::Value) {
+pub(super) async fn apply(client: &Client, ns: &str, body: &serde_json::Value) {
     let api: Api<QueueProcessor> = Api::namespaced(client.clone(), ns);
     api.patch(
         body["metadata"]["name"].as_str().unwrap(),
@@ -72,7 +76,7 @@ async fn apply(client: &Client, ns: &str, body: &serde_json::Value) {
     .expect("apply QueueProcessor");
 }
 
-async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i32> {
+pub(super) async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i32> {
     Api::<Deployment>::namespaced(client.clone(), ns)
         .get_opt(&format!("{name}-worker"))
         .await
@@ -81,12 +85,12 @@ async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i32> {
         .and_then(|d| d.spec?.replicas)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn rss_mb(pid: u32) -> f64 {
+pub(super) fn rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -99,9 +103,17 @@ fn rss_mb(pid: u32) -> f64 {
 pub async fn run(env: &Env) -> Vec<Figure> {
     let client = env::kube_client().await;
     cluster::install_crd(&client).await;
-    let mut out = decision_latency(env, &client).await;
-    out.extend(rss_with_100(env, &client).await);
-    out.push(kafka_requests_per_poll(env).await);
+    // QP_BENCH_OPERATOR_PARTS=small or =fleet runs one half (the fleet takes minutes).
+    let parts: String = super::setting("QP_BENCH_OPERATOR_PARTS", "all".to_owned());
+    let mut out = Vec::new();
+    if parts != "fleet" {
+        out.extend(decision_latency(env, &client).await);
+        out.extend(rss_with_100(env, &client).await);
+        out.push(kafka_requests_per_poll(env).await);
+    }
+    if parts != "small" {
+        out.extend(super::fleet::run(env, &client).await);
+    }
     out
 }
 
