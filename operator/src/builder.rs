@@ -414,6 +414,24 @@ mod tests {
         assert_eq!(sc.allow_privilege_escalation, Some(false));
     }
 
+    /// An exec handler sees the user's variables (passed by name), never the worker's own.
+    #[test]
+    fn the_users_env_names_are_passed_to_exec_handlers() {
+        let mut qp = fixture("kafka-sasl-tls.yaml");
+        qp.spec.worker.env = ["API_TOKEN", "GREETING"]
+            .into_iter()
+            .map(|n| EnvVar {
+                name: n.into(),
+                value: Some("x".into()),
+                ..Default::default()
+            })
+            .collect();
+        let d = build(&qp, 1);
+        let env = pod(&d).containers[0].env.clone().unwrap();
+        let pass = env.iter().find(|e| e.name == "QP_EXEC_PASS_ENV").unwrap();
+        assert_eq!(pass.value.as_deref(), Some("API_TOKEN,GREETING"));
+    }
+
     #[test]
     fn secrets_are_references_never_values() {
         let qp = fixture("kafka-sasl-tls.yaml");

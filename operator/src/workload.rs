@@ -135,6 +135,8 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             let mut run = RunArgs::new(common, kafka, kind, handler);
             run.list_key = list_key;
             run.handler_timeout_ms = timeout_ms;
+            // An exec handler sees the user's variables, never the operator's (passwords).
+            run.exec_pass_env = spec.worker.env.iter().map(|e| e.name.clone()).collect();
             run.max_concurrency = non_negative(c.per_replica_tokens.into()) as usize;
             run.lease_ttl_ms = non_negative(c.lease_seconds.into()) * 1000;
             run.retries = spec.results.max_retries.max(0).unsigned_abs();

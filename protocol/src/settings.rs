@@ -216,6 +216,12 @@ pub struct RunArgs {
     /// Timeout of one handler call.
     #[arg(long, env = "QP_HANDLER_TIMEOUT_MS", default_value_t = defaults::HANDLER_TIMEOUT_MS)]
     pub handler_timeout_ms: u64,
+    /// Environment variables an exec handler's process sees besides PATH, HOME, LANG, LC_ALL,
+    /// TZ, TMPDIR and QP_MESSAGE_ID (names, comma-separated). Nothing else of the worker's
+    /// environment reaches it: not the Redis or Kafka passwords. The operator lists the names
+    /// of the QueueProcessor's `spec.worker.env`.
+    #[arg(long, env = "QP_EXEC_PASS_ENV", value_delimiter = ',')]
+    pub exec_pass_env: Vec<String>,
     /// Messages this worker handles at once, at most. The global token pool decides how many
     /// it actually may.
     #[arg(long, env = "QP_MAX_CONCURRENCY", default_value_t = defaults::MAX_CONCURRENCY)]
@@ -552,6 +558,7 @@ impl RunArgs {
             list_key: None,
             handler,
             handler_timeout_ms: defaults::HANDLER_TIMEOUT_MS,
+            exec_pass_env: Vec::new(),
             max_concurrency: defaults::MAX_CONCURRENCY,
             lease_ttl_ms: defaults::LEASE_TTL_MS,
             ungated: false,
@@ -579,6 +586,9 @@ impl RunArgs {
         r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
         r.value("handler", &self.handler);
         r.value("handler_timeout_ms", self.handler_timeout_ms);
+        if !self.exec_pass_env.is_empty() {
+            r.value("exec_pass_env", self.exec_pass_env.join(","));
+        }
         r.value("max_concurrency", self.max_concurrency);
         r.value("lease_ttl_ms", self.lease_ttl_ms);
         r.flag("ungated", self.ungated);

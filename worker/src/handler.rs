@@ -55,7 +55,17 @@ pub struct Handler {
     http: reqwest::Client,
     /// Redis connection and key prefix for the `probe` built-in.
     probe: Option<(Conn, String)>,
+    /// Variables of the worker's environment an exec handler sees, besides [`EXEC_BASE_ENV`].
+    exec_env: Vec<String>,
 }
+
+/// What every exec handler sees of the worker's environment. The rest (the Redis and Kafka
+/// passwords among it) is cleared: a handler is the user's code, and may log its environment.
+pub const EXEC_BASE_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// How much of an exec handler's stderr is kept for the failure reason; the rest is read and
+/// dropped, so a chatty child never blocks on a full pipe.
+const EXEC_STDERR_KEPT: u64 = 4096;
 
 impl Handler {
     pub fn new(
@@ -75,7 +85,14 @@ impl Handler {
             max_result_bytes,
             http,
             probe,
+            exec_env: Vec::new(),
         }
+    }
+
+    /// Pass these variables of the worker's environment to exec handlers too.
+    pub fn with_exec_env(mut self, names: Vec<String>) -> Self {
+        self.exec_env = names;
+        self
     }
 
     pub fn spec(&self) -> &HandlerSpec {
@@ -178,8 +195,21 @@ impl Handler {
     }
 
     async fn exec(&self, command: &[String], req: &Request<'_>) -> Result<Bytes, HandlerError> {
-        let mut child = tokio::process::Command::new(&command[0])
-            .args(&command[1..])
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..]).env_clear();
+        for name in EXEC_BASE_ENV
+            .iter()
+            .copied()
+            .chain(self.exec_env.iter().map(String::as_str))
+        {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        // Its own process group, so that everything it started can be killed with it: a
+        // grandchild holding the pipes kept a killed child's output open.
+        cmd.process_group(0);
+        let mut child = cmd
             .env("QP_MESSAGE_ID", req.id)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -200,18 +230,35 @@ impl Handler {
             };
             let mut out = Vec::new();
             let mut err = Vec::new();
-            let reader = async {
+            // Both pipes at once: a child that fills stderr while we wait on stdout (or the
+            // other way round) would block until the timeout.
+            let read_out = async {
                 (&mut stdout).take(limit).read_to_end(&mut out).await?;
-                (&mut stderr).take(4096).read_to_end(&mut err).await?;
+                if out.len() as u64 >= limit {
+                    // Too big: no point reading (or waiting for) the rest.
+                    kill_group(&child);
+                }
                 Ok::<_, std::io::Error>(())
             };
-            let (_, read) = tokio::join!(writer, reader);
-            read?;
+            let read_err = async {
+                (&mut stderr)
+                    .take(EXEC_STDERR_KEPT)
+                    .read_to_end(&mut err)
+                    .await?;
+                tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await?;
+                Ok::<_, std::io::Error>(())
+            };
+            let (_, out_read, err_read) = tokio::join!(writer, read_out, read_err);
+            out_read?;
+            err_read?;
             let status = child.wait().await?;
             Ok::<_, std::io::Error>((status, out, err))
         };
-        let (status, out, err) = tokio::time::timeout(self.timeout, run)
-            .await
+        let finished = tokio::time::timeout(self.timeout, run).await;
+        // Timed out, or cut short for an oversized result: nothing it started runs on. (A
+        // child already waited for has no id any more, so no other process is hit.)
+        kill_group(&child);
+        let (status, out, err) = finished
             .map_err(|_| {
                 HandlerError::Retryable(format!(
                     "exec {}: timed out after {:?}",
@@ -219,6 +266,12 @@ impl Handler {
                 ))
             })?
             .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
+        if out.len() > self.max_result_bytes {
+            return Err(HandlerError::Permanent(format!(
+                "exec {}: result larger than the limit of {} bytes",
+                command[0], self.max_result_bytes
+            )));
+        }
         if status.success() {
             Ok(Bytes::from(out))
         } else {
@@ -229,6 +282,17 @@ impl Handler {
                 err.trim()
             )))
         }
+    }
+}
+
+/// SIGKILL an exec handler's process group (the child and whatever it started). A group that
+/// is already gone is fine.
+fn kill_group(child: &tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -319,6 +383,83 @@ mod tests {
         };
         let err = handler("echo").call(&r).await.unwrap_err();
         assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
+    }
+
+    fn exec_handler(command: &str, timeout: Duration) -> Handler {
+        let spec = format!("exec:{}", serde_json::json!(["sh", "-c", command]));
+        Handler::new(spec.parse().unwrap(), timeout, 1024, None)
+    }
+
+    /// A child that writes more to stderr than a pipe holds (64 KiB) before its result used
+    /// to block until the timeout: stdout was read to the end before stderr.
+    #[tokio::test]
+    async fn exec_reads_a_chatty_stderr_while_waiting_for_stdout() {
+        let h = exec_handler(
+            "head -c 200000 /dev/zero >&2; echo done",
+            Duration::from_secs(5),
+        );
+        let body = Bytes::new();
+        let r = Request {
+            id: "id",
+            content_type: None,
+            body: &body,
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(&h.call(&r).await.unwrap()[..], b"done\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// An oversized result is the message's fault: permanent, at once. It used to read as a
+    /// retryable timeout (the child blocked on a full stdout nobody read any more).
+    #[tokio::test]
+    async fn an_oversized_exec_result_fails_for_good_at_once() {
+        let h = exec_handler("head -c 100000 /dev/zero", Duration::from_secs(5));
+        let body = Bytes::new();
+        let r = Request {
+            id: "id",
+            content_type: None,
+            body: &body,
+        };
+        let started = std::time::Instant::now();
+        let err = h.call(&r).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
+        assert!(err.reason().contains("limit of 1024 bytes"), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// The worker's environment (Redis and Kafka passwords) does not reach the child; PATH
+    /// and the names passed explicitly do. `cargo test` sets CARGO_MANIFEST_DIR for this
+    /// process.
+    #[tokio::test]
+    async fn exec_sees_only_the_allowed_environment() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let print = r#"echo "${CARGO_MANIFEST_DIR:-unset} $QP_MESSAGE_ID""#;
+        let body = Bytes::new();
+        let r = Request {
+            id: "m-7",
+            content_type: None,
+            body: &body,
+        };
+        let out = exec_handler(print, Duration::from_secs(5))
+            .call(&r)
+            .await
+            .unwrap();
+        assert_eq!(&out[..], b"unset m-7\n");
+        let out = exec_handler(print, Duration::from_secs(5))
+            .with_exec_env(vec!["CARGO_MANIFEST_DIR".into()])
+            .call(&r)
+            .await
+            .unwrap();
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), format!("{dir} m-7\n"));
     }
 
     #[tokio::test]

@@ -108,7 +108,8 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
         Duration::from_millis(args.handler_timeout_ms),
         args.max_result_bytes,
         Some((conn.clone(), probe_prefix)),
-    );
+    )
+    .with_exec_env(args.exec_pass_env.clone());
     let keeper = (!args.ungated).then(|| {
         let pool = TokenPool::new(
             conn.clone(),

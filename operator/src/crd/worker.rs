@@ -145,7 +145,10 @@ fn default_handler_timeout_seconds() -> i32 {
     30
 }
 
-/// Run a command for each message.
+/// Run a command for each message: the body on stdin, the result on stdout (stderr is kept for
+/// the failure reason). The command sees `PATH`, `HOME`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR`,
+/// `QP_MESSAGE_ID` and the variables of `worker.env`; nothing else of the worker's environment
+/// (its Redis and Kafka passwords). A result over the size limit fails the message for good.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = tidy_docs)]
