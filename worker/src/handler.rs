@@ -178,9 +178,27 @@ impl Handler {
                 HandlerError::Retryable(format!("http handler {url}: {what}: {e}"))
             })?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| {
+        // Read at most one byte past the limit: a handler that answers with gigabytes (or
+        // streams without end) must not be read to the end first (it was, into memory).
+        let limit = self.max_result_bytes;
+        if resp.content_length().is_some_and(|n| n > limit as u64) && status.is_success() {
+            return Err(too_large(&format!("http handler {url}"), limit));
+        }
+        let mut resp = resp;
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
             HandlerError::Retryable(format!("http handler {url}: reading body: {e}"))
-        })?;
+        })? {
+            let room = (limit + 1).saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() > limit {
+                break;
+            }
+        }
+        let body = body.freeze();
+        if status.is_success() && body.len() > limit {
+            return Err(too_large(&format!("http handler {url}"), limit));
+        }
         if status.is_success() {
             Ok(body)
         } else {
@@ -267,10 +285,10 @@ impl Handler {
             })?
             .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
         if out.len() > self.max_result_bytes {
-            return Err(HandlerError::Permanent(format!(
-                "exec {}: result larger than the limit of {} bytes",
-                command[0], self.max_result_bytes
-            )));
+            return Err(too_large(
+                &format!("exec {}", command[0]),
+                self.max_result_bytes,
+            ));
         }
         if status.success() {
             Ok(Bytes::from(out))
@@ -283,6 +301,13 @@ impl Handler {
             )))
         }
     }
+}
+
+/// A result over the limit: the message's own fault, so not worth retrying.
+fn too_large(what: &str, limit: usize) -> HandlerError {
+    HandlerError::Permanent(format!(
+        "{what}: result larger than the limit of {limit} bytes"
+    ))
 }
 
 /// SIGKILL an exec handler's process group (the child and whatever it started). A group that
@@ -460,6 +485,47 @@ mod tests {
             .unwrap();
         let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
         assert_eq!(String::from_utf8_lossy(&out), format!("{dir} m-7\n"));
+    }
+
+    /// A handler answering with a body without end (or gigabytes) was read to the end before
+    /// the size check: until the timeout, all of it in memory, then a retryable failure. Now
+    /// reading stops one byte past the limit and the message fails for good.
+    #[tokio::test]
+    async fn an_endless_http_answer_is_cut_at_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = [b'x'; 16 * 1024];
+            // Until the client hangs up.
+            while socket.write_all(b"4000\r\n").await.is_ok()
+                && socket.write_all(&chunk).await.is_ok()
+                && socket.write_all(b"\r\n").await.is_ok()
+            {}
+        });
+        let h = Handler::new(url.parse().unwrap(), Duration::from_secs(5), 1024, None);
+        let body = Bytes::from_static(b"hi");
+        let r = Request {
+            id: "id",
+            content_type: None,
+            body: &body,
+        };
+        let started = std::time::Instant::now();
+        let err = h.call(&r).await.unwrap_err();
+        assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
+        assert!(err.reason().contains("limit of 1024 bytes"), "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        server.abort();
     }
 
     #[tokio::test]
