@@ -27,7 +27,7 @@ use qp_operator::crd::QueueProcessor;
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
-use super::operator::{apply, operator, percentile, replicas, rss_mb};
+use super::operator::{apply, operator, percentile, replicas, rss_mb, wait_measured};
 use super::{Figure, setting};
 use crate::cluster;
 use crate::env::Env;
@@ -120,22 +120,8 @@ pub async fn run(env: &Env, client: &Client) -> Vec<Figure> {
         started.elapsed().as_secs_f64()
     );
     // Every one reconciled and measured once.
+    wait_measured(client, &ns, total, Duration::from_secs(300)).await;
     let api: Api<QueueProcessor> = Api::namespaced(client.clone(), &ns);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let list = api.list(&ListParams::default()).await.expect("list");
-        let done = list
-            .items
-            .iter()
-            .filter(|q| q.status.as_ref().and_then(|s| s.backlog).is_some())
-            .count();
-        eprintln!("[bench] {done}/{total} QueueProcessors measured");
-        if done == total {
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {done}/{total} measured");
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
     eprintln!(
         "[bench] all measured {:.0}s after the first apply; rss {:.1} MB",
         started.elapsed().as_secs_f64(),

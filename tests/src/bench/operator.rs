@@ -85,6 +85,27 @@ pub(super) async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i3
         .and_then(|d| d.spec?.replicas)
 }
 
+/// Wait until `total` QueueProcessors in `ns` have a measured backlog in their status, saying
+/// how many every few seconds.
+pub(super) async fn wait_measured(client: &Client, ns: &str, total: usize, limit: Duration) {
+    let api: Api<QueueProcessor> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + limit;
+    loop {
+        let list = api.list(&Default::default()).await.expect("list");
+        let done = list
+            .items
+            .iter()
+            .filter(|q| q.status.as_ref().and_then(|s| s.backlog).is_some())
+            .count();
+        if done == total {
+            return;
+        }
+        eprintln!("[bench] {done}/{total} QueueProcessors measured");
+        assert!(Instant::now() < deadline, "only {done}/{total} measured");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -182,21 +203,7 @@ async fn rss_with_100(env: &Env, client: &Client) -> Vec<Figure> {
         apply(client, &ns, &qp(env, &ns, &format!("qp{i:03}"), &topic)).await;
     }
     // Wait until every QueueProcessor was reconciled, then a few more polls.
-    let api: Api<QueueProcessor> = Api::namespaced(client.clone(), &ns);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let list = api.list(&Default::default()).await.expect("list");
-        let done = list
-            .items
-            .iter()
-            .filter(|q| q.status.as_ref().and_then(|s| s.backlog).is_some())
-            .count();
-        if done == 100 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {done}/100 reconciled");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_measured(client, &ns, 100, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let rss = rss_mb(op.pid());
     let reconciles = cluster::metric(port, "qp_operator_reconciles_total")
