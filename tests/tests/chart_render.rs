@@ -179,6 +179,7 @@ async fn operator_deployment_is_locked_down_and_configured() {
     assert_eq!(value("QP_OPERATOR_LISTEN"), "0.0.0.0:8080");
     assert_eq!(value("QP_LEADER_ELECTION"), "true");
     assert_eq!(value("QP_LEASE_NAME"), "qp-queue-processor");
+    assert_eq!(value("QP_CLEANUP_TIMEOUT_SECONDS"), "300");
     assert_eq!(value("QP_LOG_FORMAT"), "json");
     assert_eq!(value("QP_WORKER_IMAGE"), image);
     assert!(
