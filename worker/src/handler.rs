@@ -410,6 +410,18 @@ mod tests {
         assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
     }
 
+    fn request<'a>(id: &'a str, body: &'a Bytes) -> Request<'a> {
+        Request {
+            id,
+            content_type: None,
+            body,
+        }
+    }
+
+    async fn call(h: &Handler, id: &str, body: &'static [u8]) -> Result<Bytes, HandlerError> {
+        h.call(&request(id, &Bytes::from_static(body))).await
+    }
+
     fn exec_handler(command: &str, timeout: Duration) -> Handler {
         let spec = format!("exec:{}", serde_json::json!(["sh", "-c", command]));
         Handler::new(spec.parse().unwrap(), timeout, 1024, None)
@@ -423,14 +435,8 @@ mod tests {
             "head -c 200000 /dev/zero >&2; echo done",
             Duration::from_secs(5),
         );
-        let body = Bytes::new();
-        let r = Request {
-            id: "id",
-            content_type: None,
-            body: &body,
-        };
         let started = std::time::Instant::now();
-        assert_eq!(&h.call(&r).await.unwrap()[..], b"done\n");
+        assert_eq!(&call(&h, "id", b"").await.unwrap()[..], b"done\n");
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
@@ -443,14 +449,8 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_exec_result_fails_for_good_at_once() {
         let h = exec_handler("head -c 100000 /dev/zero", Duration::from_secs(5));
-        let body = Bytes::new();
-        let r = Request {
-            id: "id",
-            content_type: None,
-            body: &body,
-        };
         let started = std::time::Instant::now();
-        let err = h.call(&r).await.unwrap_err();
+        let err = call(&h, "id", b"").await.unwrap_err();
         assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
         assert!(err.reason().contains("limit of 1024 bytes"), "{err:?}");
         assert!(
@@ -467,20 +467,14 @@ mod tests {
     async fn exec_sees_only_the_allowed_environment() {
         assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
         let print = r#"echo "${CARGO_MANIFEST_DIR:-unset} $QP_MESSAGE_ID""#;
-        let body = Bytes::new();
-        let r = Request {
-            id: "m-7",
-            content_type: None,
-            body: &body,
-        };
         let out = exec_handler(print, Duration::from_secs(5))
-            .call(&r)
+            .call(&request("m-7", &Bytes::from_static(b"")))
             .await
             .unwrap();
         assert_eq!(&out[..], b"unset m-7\n");
         let out = exec_handler(print, Duration::from_secs(5))
             .with_exec_env(vec!["CARGO_MANIFEST_DIR".into()])
-            .call(&r)
+            .call(&request("m-7", &Bytes::from_static(b"")))
             .await
             .unwrap();
         let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
@@ -510,14 +504,8 @@ mod tests {
             {}
         });
         let h = Handler::new(url.parse().unwrap(), Duration::from_secs(5), 1024, None);
-        let body = Bytes::from_static(b"hi");
-        let r = Request {
-            id: "id",
-            content_type: None,
-            body: &body,
-        };
         let started = std::time::Instant::now();
-        let err = h.call(&r).await.unwrap_err();
+        let err = call(&h, "id", b"hi").await.unwrap_err();
         assert!(matches!(err, HandlerError::Permanent(_)), "{err:?}");
         assert!(err.reason().contains("limit of 1024 bytes"), "{err:?}");
         assert!(
@@ -536,13 +524,7 @@ mod tests {
             1024,
             None,
         );
-        let body = Bytes::new();
-        let r = Request {
-            id: "id",
-            content_type: None,
-            body: &body,
-        };
-        let err = h.call(&r).await.unwrap_err();
+        let err = call(&h, "id", b"").await.unwrap_err();
         assert!(err.reason().contains("timed out"), "{err:?}");
     }
 }

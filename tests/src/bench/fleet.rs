@@ -27,7 +27,7 @@ use qp_operator::crd::QueueProcessor;
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
-use super::operator::{apply, operator, percentile, replicas, rss_mb, wait_measured};
+use super::operator::{apply, operator, percentile, rss_mb, wait_measured, wait_replicas};
 use super::{Figure, setting};
 use crate::cluster;
 use crate::env::Env;
@@ -170,22 +170,14 @@ async fn latency(client: &Client, ns: &str, bootstrap: &str, topics: &[String]) 
     let mut latencies = Vec::new();
     for (i, topic) in topics.iter().enumerate() {
         let name = format!("probe{i}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while replicas(client, ns, &name).await != Some(1) {
-            assert!(Instant::now() < deadline, "{name} never reached 1 replica");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_replicas(client, ns, &name, 1, Duration::from_secs(60)).await;
         // Land at a random phase of the 2 s poll, as a real burst would.
         let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 2000 / 255;
         tokio::time::sleep(Duration::from_millis(jitter)).await;
         let ids: Vec<String> = (0..250).map(|j| format!("{name}-{j}")).collect();
         kafka::send_many(&producer, topic, &ids).await;
         let crossed = Instant::now();
-        let deadline = crossed + Duration::from_secs(60);
-        while replicas(client, ns, &name).await != Some(3) {
-            assert!(Instant::now() < deadline, "{name} never scaled to 3");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_replicas(client, ns, &name, 3, Duration::from_secs(60)).await;
         latencies.push(crossed.elapsed().as_secs_f64());
         eprintln!(
             "[bench] 1000-QP decision latency sample {}/{}: {:.3}s",

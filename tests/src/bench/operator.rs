@@ -76,13 +76,29 @@ pub(super) async fn apply(client: &Client, ns: &str, body: &serde_json::Value) {
     .expect("apply QueueProcessor");
 }
 
-pub(super) async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i32> {
+async fn replicas(client: &Client, ns: &str, name: &str) -> Option<i32> {
     Api::<Deployment>::namespaced(client.clone(), ns)
         .get_opt(&format!("{name}-worker"))
         .await
         .ok()
         .flatten()
         .and_then(|d| d.spec?.replicas)
+}
+
+/// Wait until `name`'s worker Deployment asks for `want` replicas (polled every 20 ms, the
+/// resolution of the latency figures).
+pub(super) async fn wait_replicas(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    want: i32,
+    limit: Duration,
+) {
+    let what = format!("{name} at {want} replicas");
+    crate::fixture::eventually(limit, &what, || async {
+        (replicas(client, ns, name).await == Some(want)).then_some(())
+    })
+    .await;
 }
 
 /// Wait until `total` QueueProcessors in `ns` have a measured backlog in their status, saying
@@ -151,11 +167,7 @@ async fn decision_latency(env: &Env, client: &Client) -> Vec<Figure> {
         kafka::create_topic(&bootstrap, &topic, 6).await;
         apply(client, &ns, &qp(env, &ns, &name, &topic)).await;
         // Idle at the minimum (1) first.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while replicas(client, &ns, &name).await != Some(1) {
-            assert!(Instant::now() < deadline, "{name} never reached 1 replica");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_replicas(client, &ns, &name, 1, Duration::from_secs(30)).await;
         // Let the start-up churn (Deployment status updates also trigger reconciles) pass, and
         // land at a random phase of the 2 s poll, as a real burst would.
         let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0]) * 2000 / 255;
@@ -164,11 +176,7 @@ async fn decision_latency(env: &Env, client: &Client) -> Vec<Figure> {
         let ids: Vec<String> = (0..250).map(|j| format!("{name}-{j}")).collect();
         kafka::send_many(&producer, &topic, &ids).await;
         let crossed = Instant::now();
-        let deadline = crossed + Duration::from_secs(30);
-        while replicas(client, &ns, &name).await != Some(3) {
-            assert!(Instant::now() < deadline, "{name} never scaled to 3");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_replicas(client, &ns, &name, 3, Duration::from_secs(30)).await;
         latencies.push(crossed.elapsed().as_secs_f64());
         eprintln!(
             "[bench] decision latency sample {}/{samples}: {:.3}s",
