@@ -12,7 +12,7 @@
 //! | `limit`                      | string | operator   | how many leases may exist at once         |
 //! | `leases`                     | zset   | scripts    | lease id -> expiry (ms, Redis server time)|
 //! | `wake`                       | list   | scripts    | wake-ups for blocked acquirers            |
-//! | `lease-seq`                  | string | scripts    | counter that makes lease ids unique       |
+//! | `lease-seq`                  | string | (none)     | written by 0.1 only; deleted with the QP  |
 //! | `owners`                     | zset   | scripts    | lease owner -> expiry of its interest     |
 //! | `starving`                   | zset   | scripts    | owners that asked for more than they got  |
 //! | `result:<id>`                | string | worker     | the handler's result for a request        |
@@ -92,7 +92,9 @@ impl Keys {
         self.key("wake")
     }
 
-    /// String: counter that makes lease ids unique.
+    /// String: the lease-id counter of version 0.1. Lease ids no longer come from Redis (a
+    /// counter that Redis can lose hands out ids that are still held); the key is only deleted
+    /// with the QueueProcessor, so an upgraded installation leaves nothing behind.
     pub fn lease_seq(&self) -> String {
         self.key("lease-seq")
     }
@@ -109,12 +111,11 @@ impl Keys {
     }
 
     /// Every key of the token pool, in the order the token scripts take them as `KEYS`.
-    pub fn token_keys(&self) -> [String; 6] {
+    pub fn token_keys(&self) -> [String; 5] {
         [
             self.limit(),
             self.leases(),
             self.wake(),
-            self.lease_seq(),
             self.owners(),
             self.starving(),
         ]
@@ -172,6 +173,7 @@ impl Keys {
     pub fn lifetime_keys(&self) -> Vec<String> {
         let mut names = self.token_keys().to_vec();
         names.extend([
+            self.lease_seq(),
             self.processed(),
             self.failed(),
             self.inflight(),

@@ -15,29 +15,52 @@
 //!
 //! All state changes are Lua scripts (sent as `EVALSHA`, falling back to loading the script), so
 //! each is atomic and costs one round trip. Every key lives under one hash tag (see
-//! [`crate::keys`]), so the scripts work on Redis Cluster. They take the six keys of
+//! [`crate::keys`]), so the scripts work on Redis Cluster. They take the five keys of
 //! [`Keys::token_keys`] in order. Each first drops expired leases (and expired `owners` /
 //! `starving` marks) and, if that freed capacity, pushes wake-ups.
 //!
-//! * ACQUIRE `(owner, k, ttl_ms, held)`: grants `g = min(k, limit - in_use)` new lease
-//!   ids `owner:<n>`; while another owner is starving, no more than `fair share - held`.
-//!   Reply `[wait, limit, in_use, owners, starving_others, id...]` where `wait` is 0 when
+//! Every script's first argument is the limit the caller saw last (see "When Redis loses its
+//! data" below); the arguments listed here follow it.
+//!
+//! * ACQUIRE `(owner, k, ttl_ms, held, id_prefix, first)`: grants `g = min(k, limit - in_use)`
+//!   new leases named `<id_prefix><first>`, `<id_prefix><first + 1>`, ...; while another owner
+//!   is starving, no more than `share - held`.
+//!   Reply `[wait, limit, in_use, owners, starving_others, share, id...]` where `wait` is 0 when
 //!   something was granted, else the milliseconds until the earliest lease expires, -1 when no
 //!   lease exists (the limit itself is the obstacle), or -2 when the fair share held the
 //!   caller back. A `k` the caller could not get marks it *starving* for two seconds.
 //! * RENEW `(owner, ttl_ms, id...)`: extends the ids that still exist. Reply
-//!   `[limit, in_use, owners, starving_others, lost_id...]`.
+//!   `[limit, in_use, owners, starving_others, share, lost_id...]`.
 //! * RELEASE `(id...)`: removes the ids and pushes one wake-up per freed slot, but never
 //!   more than the free capacity (after a shrink, releases free nothing). Reply
 //!   `[removed, woken]`.
 //! * SETLIMIT `(n)`: sets `limit`; growth pushes `new - old` wake-ups, a shrink touches
 //!   no lease (running work drains). Reply `[old_limit, woken]`.
-//! * SNAPSHOT `(owner or "")`: reply `[limit, in_use, owners, starving, wake_len,
+//! * SNAPSHOT `(owner or "")`: reply `[limit, in_use, owners, starving, share, wake_len,
 //!   next_expiry_ms or -1]`.
+//!
+//! `share` is the caller's fair share: the limit split over the interested owners so that the
+//! shares add up to the limit, the remainder going to owners in turn (see
+//! `lua/token_prelude.lua`, and [`SHARE_TURN`]).
 //!
 //! `wake` is a list used only to wake blocked acquirers. It is trimmed to the free capacity
 //! (at most [`MAX_WAKE`]) by every ACQUIRE and whenever wake-ups are pushed, so stale wake-ups
 //! never pile up and a waiter's `BLPOP` really blocks when nothing is free.
+//!
+//! # When Redis loses its data
+//!
+//! A failover to a replica that missed the last writes, or a restart without persistence, can
+//! lose leases, the limit, or both. Two rules keep the ceiling meaningful then:
+//!
+//! * Lease ids are made by the caller: `<owner>:<random per process>-<local counter>`. A
+//!   counter kept in Redis (as version 0.1 did) can go back after a failover and grant a worker
+//!   an id it already holds; the two permits then count as one lease and the ceiling is
+//!   exceeded for good. Ids made this way never repeat, whatever Redis remembers.
+//! * A missing `limit` key is not a limit of 0: a pool made with
+//!   [`PoolOptions::keep_last_limit`] (the workers') passes the limit it saw last, and the
+//!   scripts use it until the operator writes the key again on its next poll. Lost leases are
+//!   reported by RENEW and no new work starts under them, so admission exceeds the limit by
+//!   at most the work that was already running when the data was lost.
 //!
 //! # Waiting without polling
 //!
@@ -76,12 +99,18 @@ const MAX_IDLE_BLOCKING: usize = 8;
 /// at least every [`WAKE_CHECK`], so an owner that still waits keeps its mark.
 pub const STARVING_MARK: Duration = Duration::from_secs(2);
 
+/// How often the owners that get one lease more than the others (when the limit does not divide
+/// evenly) change. Long enough that leases are not shuffled between workers all the time, short
+/// enough that with fewer leases than workers nobody waits long for its turn.
+pub const SHARE_TURN: Duration = Duration::from_secs(5);
+
 /// A token script: the constants the Rust side owns, the shared prelude
 /// (`lua/token_prelude.lua`), then the script's own body. Built once per process.
 fn token_script(body: &str) -> Script {
     Script::new(&format!(
-        "local MAX_WAKE = {MAX_WAKE}\nlocal STARVING_MS = {}\n{}{body}",
+        "local MAX_WAKE = {MAX_WAKE}\nlocal STARVING_MS = {}\nlocal SHARE_TURN_MS = {}\n{}{body}",
         STARVING_MARK.as_millis(),
+        SHARE_TURN.as_millis(),
         include_str!("lua/token_prelude.lua"),
     ))
 }
@@ -123,13 +152,9 @@ pub struct PoolStatus {
     pub owners: u64,
     /// Owners, other than the caller, whose last ACQUIRE was not fully granted.
     pub starving_others: u64,
-}
-
-impl PoolStatus {
-    /// `ceil(limit / owners)`: what each interested owner would hold if shared evenly.
-    pub fn fair_share(&self) -> u64 {
-        self.limit.div_ceil(self.owners.max(1))
-    }
+    /// The caller's fair share: the limit split over the interested owners so that the shares
+    /// add up to the limit (see `lua/token_prelude.lua`); what it may keep while others starve.
+    pub share: u64,
 }
 
 /// The answer to one ACQUIRE.
@@ -219,6 +244,9 @@ pub struct PoolOptions {
     pub owner: String,
     /// Lease time to live: how long the permits of a killed worker stay taken.
     pub lease_ttl: Duration,
+    /// While the `limit` key is missing (Redis lost its data), admit under the last limit this
+    /// pool saw instead of 0. Workers set it; the operator, which rewrites the key, does not.
+    pub keep_last_limit: bool,
 }
 
 impl Default for PoolOptions {
@@ -226,6 +254,7 @@ impl Default for PoolOptions {
         PoolOptions {
             owner: String::new(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            keep_last_limit: false,
         }
     }
 }
@@ -241,9 +270,15 @@ struct PoolInner {
     conn: Conn,
     settings: RedisSettings,
     keys: Keys,
-    token_keys: [String; 6],
+    token_keys: [String; 5],
     owner: String,
+    /// `<owner>:<random>-`: lease ids are this and a number from `next_id`.
+    id_prefix: String,
+    next_id: AtomicU64,
     lease_ttl: Duration,
+    keep_last_limit: bool,
+    /// The limit of the last script reply, `u64::MAX` before the first one.
+    last_limit: AtomicU64,
     /// Idle dedicated connections for `BLPOP`, reused by the next waiter.
     blocking: Mutex<Vec<Conn>>,
     counters: Counters,
@@ -274,6 +309,9 @@ impl TokenPool {
         } else {
             options.owner
         };
+        // 64 random bits per process: two processes with the same owner name (a restarted
+        // worker) never share an id, and the counter makes them unique within one.
+        let id_prefix = format!("{owner}:{:016x}-", uuid::Uuid::new_v4().as_u64_pair().0);
         TokenPool {
             inner: Arc::new(PoolInner {
                 conn,
@@ -281,6 +319,10 @@ impl TokenPool {
                 token_keys: keys.token_keys(),
                 keys,
                 owner,
+                id_prefix,
+                next_id: AtomicU64::new(1),
+                keep_last_limit: options.keep_last_limit,
+                last_limit: AtomicU64::new(u64::MAX),
                 lease_ttl: options.lease_ttl.max(Duration::from_millis(1)),
                 blocking: Mutex::new(Vec::new()),
                 counters: Counters::default(),
@@ -345,6 +387,12 @@ impl TokenPool {
         for key in &self.inner.token_keys {
             invocation.key(key);
         }
+        let last = self.inner.last_limit.load(Ordering::Relaxed);
+        if self.inner.keep_last_limit && last != u64::MAX {
+            invocation.arg(last);
+        } else {
+            invocation.arg("");
+        }
         for arg in args {
             invocation.arg(*arg);
         }
@@ -358,6 +406,12 @@ impl TokenPool {
         }
     }
 
+    /// Remembers the limit a script reply reported (see [`PoolOptions::keep_last_limit`]).
+    fn saw(&self, status: PoolStatus) -> PoolStatus {
+        self.inner.last_limit.store(status.limit, Ordering::Relaxed);
+        status
+    }
+
     /// One ACQUIRE: up to `k` leases, without waiting.
     pub async fn try_acquire(&self, k: usize) -> Result<Grant> {
         self.try_acquire_holding(k, 0).await
@@ -369,6 +423,8 @@ impl TokenPool {
         let k = k.max(1);
         let sent = Instant::now();
         bump(&self.inner.counters.acquire);
+        // Numbers not granted are simply never used.
+        let first = self.inner.next_id.fetch_add(k as u64, Ordering::Relaxed);
         let reply = self
             .run(
                 &SCRIPTS.acquire,
@@ -378,14 +434,16 @@ impl TokenPool {
                     &k.to_string(),
                     &self.ttl_ms().to_string(),
                     &held.to_string(),
+                    &self.inner.id_prefix,
+                    &first.to_string(),
                 ],
                 &[],
             )
             .await?;
         let wait = int_at(&reply, 0, "ACQUIRE")?;
-        let status = status_at(&reply, 1, "ACQUIRE")?;
+        let status = self.saw(status_at(&reply, 1, "ACQUIRE")?);
         let valid_until = sent + self.inner.lease_ttl;
-        let leases = reply[5..]
+        let leases = reply[6..]
             .iter()
             .map(|v| {
                 Ok(Lease {
@@ -497,8 +555,8 @@ impl TokenPool {
                 ids,
             )
             .await?;
-        let status = status_at(&reply, 0, "RENEW")?;
-        let lost = reply[4..]
+        let status = self.saw(status_at(&reply, 0, "RENEW")?);
+        let lost = reply[5..]
             .iter()
             .map(|v| string(v, "RENEW"))
             .collect::<Result<Vec<_>>>()?;
@@ -551,13 +609,13 @@ impl TokenPool {
         bump(&self.inner.counters.other);
         let reply = self.run(&SCRIPTS.snapshot, "SNAPSHOT", &[""], &[]).await?;
         let status = status_at(&reply, 0, "SNAPSHOT")?;
-        let next = int_at(&reply, 5, "SNAPSHOT")?;
+        let next = int_at(&reply, 6, "SNAPSHOT")?;
         Ok(Snapshot {
             limit: status.limit,
             in_use: status.in_use,
             owners: status.owners,
             starving: status.starving_others,
-            wake_len: int_at(&reply, 4, "SNAPSHOT")?.max(0) as u64,
+            wake_len: int_at(&reply, 5, "SNAPSHOT")?.max(0) as u64,
             next_expiry: (next >= 0).then(|| Duration::from_millis(next as u64)),
         })
     }
@@ -587,6 +645,7 @@ fn status_at(reply: &[Value], i: usize, script: &'static str) -> Result<PoolStat
         in_use: n(1)?,
         owners: n(2)?,
         starving_others: n(3)?,
+        share: n(4)?,
     })
 }
 

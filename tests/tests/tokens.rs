@@ -92,6 +92,7 @@ impl Qp {
             PoolOptions {
                 owner: owner.to_string(),
                 lease_ttl: ttl,
+                ..PoolOptions::default()
             },
         )
         .await
@@ -166,6 +167,9 @@ on_both!(
     keepers_follow_limit_changes,
     keeper_reports_lost_leases_and_closes,
     keepers_share_fairly,
+    lease_ids_never_repeat_after_redis_loses_data,
+    a_lost_limit_is_not_a_limit_of_zero,
+    uneven_limits_leave_nobody_without_leases,
 );
 
 /// Our slot function agrees with the server's `CLUSTER KEYSLOT`, and all keys share a slot.
@@ -356,6 +360,172 @@ async fn renew_reports_lost_leases(kind: Kind) {
     let renewal = b.renew_with_status(&ids(&theirs)).await.unwrap();
     assert_eq!(renewal.status.in_use, 1);
     assert_eq!(renewal.status.limit, 1);
+    qp.cleanup().await;
+}
+
+/// Lease ids do not depend on anything Redis can lose. Version 0.1 numbered them with a
+/// counter in Redis: after a failover to a replica that had not seen the last increments (here:
+/// the counter deleted), a worker was granted an id it still held, the two permits counted as one
+/// lease, and the limit was exceeded. A restarted worker (same owner name, new process) must
+/// not collide with leases its previous process left behind either.
+async fn lease_ids_never_repeat_after_redis_loses_data(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(5);
+    let a = qp.pool("w", ttl).await;
+    a.set_limit(8).await.unwrap();
+    let first = ids(&a.try_acquire(2).await.unwrap().leases);
+    let _: () = redis::cmd("DEL")
+        .arg(qp.keys.lease_seq())
+        .query_async(&mut qp.conn.clone())
+        .await
+        .unwrap();
+    let second = ids(&a.try_acquire(2).await.unwrap().leases);
+    let restarted = qp.pool("w", ttl).await;
+    let third = ids(&restarted.try_acquire(2).await.unwrap().leases);
+    let all: HashSet<_> = first.iter().chain(&second).chain(&third).collect();
+    assert_eq!(all.len(), 6, "ids repeated: {first:?} {second:?} {third:?}");
+    assert!(all.iter().all(|id| id.starts_with("w:")), "{all:?}");
+    assert_eq!(
+        a.snapshot().await.unwrap().in_use,
+        6,
+        "six permits, six leases"
+    );
+    qp.cleanup().await;
+}
+
+/// When Redis loses the `limit` key, a worker's pool admits under the last limit it saw until
+/// the operator writes the key again, instead of stopping (a missing key used to read as 0).
+/// Leases lost with the data are reported lost, so what runs beyond the limit is at most the
+/// work already running. The operator's view (a pool without `keep_last_limit`, and `GET`)
+/// still says the key is gone, so the operator rewrites it.
+async fn a_lost_limit_is_not_a_limit_of_zero(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let worker = TokenPool::connect(
+        qp.settings.clone(),
+        qp.keys.clone(),
+        PoolOptions {
+            owner: "w".into(),
+            keep_last_limit: true,
+            ..PoolOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let operator = qp.pool("", Duration::from_secs(5)).await;
+    operator.set_limit(3).await.unwrap();
+    let running = ids(&worker.try_acquire(2).await.unwrap().leases);
+    assert_eq!(running.len(), 2);
+
+    // Redis loses everything of this QueueProcessor (a restart without persistence).
+    let _: () = redis::cmd("DEL")
+        .arg(&qp.keys.token_keys()[..])
+        .query_async(&mut qp.conn.clone())
+        .await
+        .unwrap();
+    let renewal = worker.renew_with_status(&running).await.unwrap();
+    assert_eq!(renewal.lost.len(), 2, "the running work's leases are gone");
+    assert_eq!(renewal.status.limit, 3, "the worker keeps the last limit");
+    let grant = worker.try_acquire(5).await.unwrap();
+    assert_eq!(
+        grant.leases.len(),
+        3,
+        "admission goes on under the old limit"
+    );
+    assert_eq!(grant.status.in_use, 3);
+    assert_eq!(operator.limit().await.unwrap(), 0, "the key really is gone");
+    assert_eq!(operator.snapshot().await.unwrap().limit, 0);
+
+    // The operator's next poll writes a new limit; the worker follows it.
+    operator.set_limit(1).await.unwrap();
+    let status = worker.renew_with_status(&[]).await.unwrap().status;
+    assert_eq!(status.limit, 1);
+    qp.cleanup().await;
+}
+
+/// Fair shares add up to the limit. They used to be `ceil(limit / owners)` each: with a limit
+/// of 4 and three busy workers, the first two kept 2 each and the third never got a lease. With
+/// fewer leases than workers, the lease goes round: every worker gets its turn.
+async fn uneven_limits_leave_nobody_without_leases(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let config = KeeperConfig {
+        max_held: 8,
+        batch: 8,
+        ..KeeperConfig::default()
+    };
+    let ttl = Duration::from_millis(1500);
+    let keepers: Vec<LeaseKeeper> = {
+        let mut v = Vec::new();
+        for name in ["a", "b", "c"] {
+            v.push(LeaseKeeper::start(qp.pool(name, ttl).await, config.clone()));
+        }
+        v
+    };
+    keepers[0].pool().set_limit(4).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let granted: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let busy_loop = |keeper: LeaseKeeper, count: Arc<AtomicUsize>, stop: Arc<AtomicBool>| async move {
+        while !stop.load(Ordering::SeqCst) {
+            let permit = keeper.acquire().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            drop(permit);
+        }
+    };
+    let mut tasks = Vec::new();
+    // a and b take everything first; c arrives last.
+    for i in 0..3 {
+        if i == 2 {
+            while granted[0].load(Ordering::SeqCst) == 0 || granted[1].load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        for _ in 0..8 {
+            tasks.push(tokio::spawn(busy_loop(
+                keepers[i].clone(),
+                granted[i].clone(),
+                stop.clone(),
+            )));
+        }
+    }
+    let arrived = Instant::now();
+    while granted[2].load(Ordering::SeqCst) == 0 {
+        assert!(
+            arrived.elapsed() < Duration::from_secs(5),
+            "limit 4, three workers: c got no lease in 5 s (a {} / b {})",
+            keepers[0].held(),
+            keepers[1].held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let c_waited = arrived.elapsed();
+
+    // Fewer leases than workers: each gets its turn within two turns of the shares.
+    keepers[0].pool().set_limit(2).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the shrink takes effect
+    let before: Vec<usize> = granted.iter().map(|g| g.load(Ordering::SeqCst)).collect();
+    let window = qp_protocol::tokens::SHARE_TURN * 2 + Duration::from_secs(1);
+    tokio::time::sleep(window).await;
+    let during: Vec<usize> = granted
+        .iter()
+        .zip(&before)
+        .map(|(g, b)| g.load(Ordering::SeqCst) - b)
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!(
+        "{kind:?}: limit 4 over 3 workers: the last one's first lease after {:.0} ms; \
+         limit 2 over 3 workers, permits in {window:?}: {during:?}",
+        ms(c_waited)
+    );
+    assert!(
+        during.iter().all(|n| *n > 0),
+        "someone got no turn: {during:?}"
+    );
+    for k in &keepers {
+        k.close().await.unwrap();
+    }
     qp.cleanup().await;
 }
 

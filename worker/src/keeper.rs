@@ -18,7 +18,9 @@
 //! * after a shrink (`in_use > limit`) it keeps only its proportional part,
 //!   `floor(held * limit / in_use)`;
 //! * when another owner is starving (asked for more than it got) it keeps at most its fair
-//!   share `ceil(limit / owners)` and stops asking for more until the others are served.
+//!   share (the pool tells each owner its own; the shares add up to the limit, so nobody is
+//!   left with none while others hold theirs) and stops asking for more until the others are
+//!   served.
 //!   ACQUIRE enforces the same rule with fresh numbers (the keeper passes how many it holds),
 //!   and an owner held back there passes on the wake-up it may have consumed and waits for
 //!   its next sync instead of `BLPOP`, so freed slots reach the starving owner.
@@ -393,7 +395,7 @@ impl KeeperInner {
         if let Some(status) = st.status
             && status.starving_others > 0
         {
-            let share = usize::try_from(status.fair_share()).unwrap_or(usize::MAX);
+            let share = usize::try_from(status.share).unwrap_or(usize::MAX);
             room = room.min(share.saturating_sub(held));
         }
         demand.min(room).min(self.config.batch)
@@ -569,7 +571,7 @@ impl KeeperInner {
                 // Over the limit after a shrink: keep our proportional part of it.
                 held * s.limit / s.in_use.max(1)
             } else if s.starving_others > 0 {
-                held.min(s.fair_share())
+                held.min(s.share)
             } else {
                 held
             };

@@ -1,14 +1,18 @@
--- ACQUIRE(owner, k, ttl_ms): grant up to k leases. See the module docs for the reply.
+-- ACQUIRE(owner, k, ttl_ms, held, id_prefix, first): grant up to k leases, named id_prefix
+-- followed by first, first + 1, ... The caller makes the names unique (a random prefix per
+-- process and a local counter), so no state kept here can hand out a name twice, even after
+-- Redis lost data. See the module docs for the reply.
 local owner, k, ttl, held = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4] or '0')
+local id_prefix, first = ARGV[5], tonumber(ARGV[6])
 local expired = reap()
 redis.call('ZADD', K_OWNERS, now + math.max(ttl, STARVING_MS), owner)
 local in_use = redis.call('ZCARD', K_LEASES)
 local g = math.max(0, math.min(k, limit - in_use))
--- Fair share: while another owner starves, nobody grows beyond ceil(limit / owners).
+-- Fair share: while another owner starves, nobody grows beyond its share.
 local held_back = false
 local before = status(owner)
 if before[4] > 0 then
-  local room = math.max(0, math.ceil(limit / math.max(1, before[3])) - held)
+  local room = math.max(0, before[5] - held)
   if room < g then
     g = room
     held_back = true
@@ -16,9 +20,8 @@ if before[4] > 0 then
 end
 local ids = {}
 if g > 0 then
-  local last = redis.call('INCRBY', K_SEQ, g)
   for i = 1, g do
-    local id = owner .. ':' .. string.format('%d', last - g + i)
+    local id = id_prefix .. string.format('%d', first + i - 1)
     ids[i] = id
     redis.call('ZADD', K_LEASES, now + ttl, id)
   end

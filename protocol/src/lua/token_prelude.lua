@@ -1,14 +1,22 @@
 -- Shared by every token script (prepended to each): key names, server time, the limit, and the
--- helpers reap, wake and status. MAX_WAKE and STARVING_MS are defined before this by the Rust
--- code (protocol/src/tokens.rs), so each constant is written once.
-local K_LIMIT, K_LEASES, K_WAKE, K_SEQ, K_OWNERS, K_STARVING =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+-- helpers reap, wake, share and status. MAX_WAKE, STARVING_MS and SHARE_TURN_MS are defined
+-- before this by the Rust code (protocol/src/tokens.rs), so each constant is written once.
+local K_LIMIT, K_LEASES, K_WAKE, K_OWNERS, K_STARVING = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- ARGV[1] of every token script is the limit the caller saw last ('' if none). It stands in
+-- only while the key is missing, i.e. after Redis lost its data and before the operator's next
+-- poll writes it again: a missing limit must not read as 0 and stop every worker. Removed here,
+-- so each script's own arguments start at ARGV[1].
+local last_seen = tonumber(table.remove(ARGV, 1))
 local limit = 0
 do
   local raw = redis.call('GET', K_LIMIT)
-  if raw then limit = math.max(0, math.floor(tonumber(raw) or 0)) end
+  if raw then
+    limit = math.max(0, math.floor(tonumber(raw) or 0))
+  elseif last_seen then
+    limit = math.max(0, math.floor(last_seen))
+  end
 end
 
 -- Drop expired leases and marks; return how many leases expired.
@@ -36,9 +44,31 @@ local function wake(n)
   return n
 end
 
--- {limit, in_use, owners, starving owners other than `owner`}
+-- The fair share of `owner`: the limit split over the interested owners so that the shares add
+-- up to the limit. (A share of ceil(limit / owners) each does not: with a limit of 4 and three
+-- owners, two holding 2 each leave the third nothing, for good.) The `limit mod owners` owners
+-- that get one more are taken in name order from a starting point that moves on every
+-- SHARE_TURN_MS, so that with fewer leases than owners every owner gets its turn. For '' (an
+-- observer), the largest share.
+local function share(owner)
+  local n = redis.call('ZCARD', K_OWNERS)
+  if n == 0 then return limit end
+  local base, extra = math.floor(limit / n), limit % n
+  if extra == 0 then return base end
+  if owner == '' then return base + 1 end
+  local names = redis.call('ZRANGE', K_OWNERS, 0, -1)
+  table.sort(names)
+  local rank = 0
+  for i = 1, #names do
+    if names[i] == owner then rank = i - 1 end
+  end
+  if (rank + math.floor(now / SHARE_TURN_MS)) % n < extra then return base + 1 end
+  return base
+end
+
+-- {limit, in_use, owners, starving owners other than `owner`, share of `owner`}
 local function status(owner)
   local starving = redis.call('ZCARD', K_STARVING)
   if owner ~= '' and redis.call('ZSCORE', K_STARVING, owner) then starving = starving - 1 end
-  return {limit, redis.call('ZCARD', K_LEASES), redis.call('ZCARD', K_OWNERS), starving}
+  return {limit, redis.call('ZCARD', K_LEASES), redis.call('ZCARD', K_OWNERS), starving, share(owner)}
 end
