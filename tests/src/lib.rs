@@ -11,4 +11,5 @@ pub mod kafka;
 pub mod local;
 pub mod operator;
 pub mod procs;
+pub mod proxy;
 pub mod tools;

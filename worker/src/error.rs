@@ -36,6 +36,14 @@ pub enum Error {
     /// The token pool or lease keeper was shut down.
     #[error("token pool is closed")]
     Closed,
+
+    /// The queue refused a message as too large (Kafka's `MSG_SIZE_TOO_LARGE`).
+    #[error("message too large: {0}")]
+    MessageTooLarge(String),
+
+    /// A step of the shutdown ran out of its share of the pod's grace period.
+    #[error("{0} did not finish in time")]
+    TooSlow(&'static str),
 }
 
 /// `Result` with the crate's [`Error`] as the default error type.

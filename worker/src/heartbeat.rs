@@ -22,7 +22,8 @@ fn finished(metrics: &Metrics) -> u64 {
         .sum()
 }
 
-/// Beat once now, then every `every` until `stop`; on stop, remove this replica's entries.
+/// Beat once now, then every `every` until `stop`. The entries stay: [`forget`] removes them
+/// once the worker knows it left nothing behind.
 pub async fn run(
     mut conn: Conn,
     keys: Keys,
@@ -56,15 +57,24 @@ pub async fn run(
             debug!(error = %e, "heartbeat failed");
         }
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
     }
-    let _: redis::RedisResult<i64> = qp_protocol::scripts::FORGET
+}
+
+/// Remove this replica's entries. Only for a worker that leaves nothing to clean up: the
+/// Redis-list reaper returns the messages of workers whose heartbeat went stale, and finds no
+/// worker that was forgotten.
+pub async fn forget(mut conn: Conn, keys: &Keys, worker_id: &str) {
+    let res: redis::RedisResult<i64> = qp_protocol::scripts::FORGET
         .key(keys.heartbeats())
         .key(keys.rates())
         .key(keys.inflight())
-        .arg(&worker_id)
+        .arg(worker_id)
         .invoke_async(&mut conn)
         .await;
+    if let Err(e) = res {
+        debug!(error = %e, "removing the heartbeat failed; it goes stale instead");
+    }
 }

@@ -4,12 +4,20 @@
 //! 1. readiness goes false and intake stops (no new messages are started);
 //! 2. running messages get `--drain-timeout-seconds` to finish and be acknowledged;
 //! 3. the source commits (Kafka: final offsets, synchronously) or returns what it still holds
-//!    (Redis list: back onto the queue);
+//!    (Redis list: after its last `BLMOVE` was answered, back onto the queue);
 //! 4. held tokens are released so other replicas can use them at once;
-//! 5. the replica's heartbeat entries are removed.
+//! 5. the replica's heartbeat entries are removed, unless a Redis-list worker could not return
+//!    everything: then the heartbeat goes stale and the reaper of another worker returns the
+//!    rest (`dead_after` later).
+//!
+//! Steps 3 to 5 share [`AFTER_DRAIN`]: the operator gives a pod the drain timeout plus 10 s
+//! before it is killed, and a worker killed while it still holds leases keeps them from others
+//! for a lease TTL. Each step that talks to Redis or Kafka is cut off at its share.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::{Instant, timeout_at};
 
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::results::ResultStore;
 use crate::server::{self, Readiness};
 use crate::source::kafka::{KafkaSettings, KafkaSource};
-use crate::source::redis_list::{self, RedisListSettings, RedisListSource};
+use crate::source::redis_list::{self, IntakeEnd, RedisListSettings, RedisListSource};
 use crate::{Error, Result};
 use qp_protocol::kafka::KafkaArgs;
 use qp_protocol::keys::Keys;
@@ -118,6 +126,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
             PoolOptions {
                 owner: worker_id.clone(),
                 lease_ttl: args.lease_ttl(),
+                keep_last_limit: true,
             },
         );
         LeaseKeeper::start(
@@ -138,6 +147,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
         retries: args.retries,
         retry_backoff: Duration::from_millis(args.retry_backoff_ms),
+        max_deliveries: args.max_deliveries,
         max_concurrency: args.max_concurrency.max(1),
         ordered_by_key: args.ordered_by_key,
         drain_timeout: args.drain_timeout(),
@@ -156,6 +166,10 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
         .clone()
         .map(|k| tokio::spawn(track_keeper(k, metrics.clone())));
 
+    // Set when the worker stops with messages it could not return (see the module docs).
+    let mut leave_heartbeat = false;
+    // When the process must be done: set once the engine drained.
+    let deadline;
     match args.source {
         SourceKind::Kafka => {
             let settings =
@@ -188,7 +202,9 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                 .await;
             ready.set(false);
             stopper.abort();
-            close_bounded(source, args.drain_timeout() + CLOSE_GRACE).await;
+            let finish_by = Instant::now() + AFTER_DRAIN;
+            deadline = finish_by;
+            close_bounded(source, finish_by - TOKENS_AND_HEARTBEAT).await;
         }
         SourceKind::RedisList => {
             let settings = RedisListSettings {
@@ -209,57 +225,107 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
             )
             .await?;
             ready.set(true);
+            let RedisListSource { jobs, intake } = source;
             engine
                 .clone()
-                .run_bounded(source.jobs, Acker::RedisList(acker), stop.clone())
+                .run_bounded(jobs, Acker::RedisList(acker), stop.clone())
                 .await;
             ready.set(false);
-            match redis_list::return_unfinished(&mut conn.clone(), &keys, &settings).await {
-                Ok(0) => {}
-                Ok(n) => info!(returned = n, "returned unfinished messages to the queue"),
-                Err(e) => {
-                    warn!(error = %e, "could not return unfinished messages; the reaper will")
+            let finish_by = Instant::now() + AFTER_DRAIN;
+            deadline = finish_by;
+            let settled = timeout_at(finish_by - TOKENS_AND_HEARTBEAT, intake.end())
+                .await
+                .unwrap_or(IntakeEnd::Unsettled);
+            let returned = timeout_at(
+                finish_by - TOKENS_AND_HEARTBEAT,
+                redis_list::return_unfinished(&mut conn.clone(), &keys, &settings),
+            )
+            .await
+            .unwrap_or(Err(Error::TooSlow("returning unfinished messages")));
+            match (&returned, settled) {
+                (Ok(n), IntakeEnd::Settled) => {
+                    if *n > 0 {
+                        info!(returned = n, "returned unfinished messages to the queue");
+                    }
+                }
+                (Ok(_), IntakeEnd::Unsettled) => {
+                    leave_heartbeat = true;
+                    warn!(
+                        dead_after_ms = args.dead_after_ms,
+                        "the last BLMOVE was not answered; leaving the heartbeat so that the \
+                         reaper returns anything it still moves"
+                    );
+                }
+                (Err(e), _) => {
+                    leave_heartbeat = true;
+                    warn!(
+                        error = %e,
+                        dead_after_ms = args.dead_after_ms,
+                        "could not return unfinished messages; leaving the heartbeat so that \
+                         the reaper returns them"
+                    );
                 }
             }
         }
     }
 
-    if let Some(k) = &keeper
-        && let Err(e) = k.close().await
-    {
-        warn!(error = %e, "releasing tokens failed; they expire with their lease");
+    if let Some(k) = &keeper {
+        match timeout_at(deadline - HEARTBEAT_SHARE, k.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "releasing tokens failed; they expire with their lease")
+            }
+            Err(_) => warn!("releasing tokens took too long; they expire with their lease"),
+        }
     }
     if let Some(g) = gauges {
         g.abort();
     }
     beat_stop.cancel();
     let _ = beat.await;
+    if !leave_heartbeat
+        && timeout_at(
+            deadline,
+            crate::heartbeat::forget(conn.clone(), &keys, &worker_id),
+        )
+        .await
+        .is_err()
+    {
+        warn!("removing the heartbeat took too long; it goes stale instead");
+    }
     http_stop.cancel();
     let _ = http.await;
     info!("stopped");
     Ok(())
 }
 
-/// How long closing the Kafka consumer may take beyond the drain timeout.
-const CLOSE_GRACE: Duration = Duration::from_secs(15);
+/// How long shutdown may take once the engine drained (it drains for at most the drain
+/// timeout). The pod's grace period is the drain timeout plus 10 s; 3 s of that are left for
+/// the process to exit and for clock differences.
+const AFTER_DRAIN: Duration = Duration::from_secs(7);
 
-/// Close the consumer (final commit, leave the group), but do not wait longer than `within`.
+/// The end of [`AFTER_DRAIN`] kept for releasing tokens and removing the heartbeat.
+const TOKENS_AND_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The end of [`AFTER_DRAIN`] kept for removing the heartbeat alone.
+const HEARTBEAT_SHARE: Duration = Duration::from_secs(1);
+
+/// Close the consumer (final commit, leave the group), but not past `until`.
 ///
 /// librdkafka's close can block for good: a consumer that lived through a broker restart can
 /// keep waiting for a group coordinator it never finds again, and a worker asked to stop then
 /// never exited (seen in `tests/tests/operator_kafka_down.rs`). The close runs on a thread of
 /// its own, not a runtime blocking task (the runtime waits for those when it shuts down); past
-/// `within` the worker exits without its final commit, and the uncommitted messages are
+/// `until` the worker exits without its final commit, and the uncommitted messages are
 /// delivered again: at least once still holds.
-async fn close_bounded(source: KafkaSource, within: Duration) {
+async fn close_bounded(source: KafkaSource, until: Instant) {
     let (done, closed) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         source.close();
         let _ = done.send(());
     });
-    if tokio::time::timeout(within, closed).await.is_err() {
+    if timeout_at(until, closed).await.is_err() {
         warn!(
-            ?within,
             "closing the Kafka consumer did not finish; exiting without the final commit \
              (uncommitted messages will be redelivered)"
         );

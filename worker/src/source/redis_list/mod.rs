@@ -8,12 +8,17 @@
 //! A worker that dies leaves its processing list behind. Every worker heartbeats into the
 //! QueueProcessor's `heartbeats` sorted set (Redis server time); a reaper, run by whichever worker
 //! wins a short lock, finds workers silent for longer than `dead_after` and pushes their
-//! unfinished messages back onto the *consuming* end of the source list, so they are next.
+//! unfinished messages back onto the *consuming* end of the source list, so they are next
+//! (`reaper`). How the worker keeps track of what it holds, and why it waits for its last
+//! `BLMOVE` before stopping, is in `intake`.
 //!
 //! Envelope (JSON): `{"id": "...", "contentType": "application/json", "body": "..."}`, with
 //! `bodyBase64` instead of `body` for binary payloads. The gateway writes exactly this. An item
 //! that is not a valid envelope is a malformed message: it goes to the dead letter with the
 //! reason, it never stalls the worker.
+
+mod intake;
+mod reaper;
 
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
@@ -25,8 +30,12 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
+
+use intake::Holdings;
+pub use intake::IntakeEnd;
 
 use super::{Job, Origin, check_content, valid_id};
 use crate::Result;
@@ -79,6 +88,19 @@ pub struct RedisListSettings {
 
 pub struct RedisListSource {
     pub jobs: mpsc::Receiver<Job>,
+    /// The intake task; see [`Intake::end`].
+    pub intake: Intake,
+}
+
+/// The running intake task.
+pub struct Intake(JoinHandle<IntakeEnd>);
+
+impl Intake {
+    /// Waits until the intake stopped (it stops within a few seconds once the stop token fired
+    /// or the engine dropped its job channel) and says whether its last `BLMOVE` was answered.
+    pub async fn end(self) -> IntakeEnd {
+        self.0.await.unwrap_or(IntakeEnd::Unsettled)
+    }
 }
 
 /// Cloneable acknowledgement handle.
@@ -117,18 +139,25 @@ impl RedisListSource {
             info!(recovered, "returned messages left in our processing list");
         }
         let blocking = redis.connect_blocking().await?;
+        let holdings = Holdings::default();
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(intake(
+        let intake = tokio::spawn(intake::run(
             settings.clone(),
             blocking,
+            conn.clone(),
             processing.clone(),
+            holdings.clone(),
             tx,
             stop.clone(),
         ));
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        tokio::spawn(acker(conn.clone(), processing, ack_rx));
-        tokio::spawn(reaper(conn, keys, settings, stop));
-        Ok((RedisListSource { jobs: rx }, RedisListAcker { tx: ack_tx }))
+        tokio::spawn(acker(conn.clone(), processing, holdings.clone(), ack_rx));
+        tokio::spawn(reaper::run(conn, keys, settings, stop));
+        let source = RedisListSource {
+            jobs: rx,
+            intake: Intake(intake),
+        };
+        Ok((source, RedisListAcker { tx: ack_tx }))
     }
 }
 
@@ -147,48 +176,12 @@ pub async fn return_unfinished(
         .await?)
 }
 
-async fn intake(
-    settings: RedisListSettings,
-    conn: Conn,
-    processing: String,
-    tx: mpsc::Sender<Job>,
-    stop: CancellationToken,
-) {
-    let mut blmove = redis::cmd("BLMOVE");
-    blmove
-        .arg(&settings.key)
-        .arg(&processing)
-        .arg("RIGHT")
-        .arg("LEFT")
-        .arg(1.0);
-    let take = || {
-        let (blmove, mut conn) = (&blmove, conn.clone());
-        async move { blmove.query_async::<Option<Vec<u8>>>(&mut conn).await }
-    };
-    loop {
-        // Wait for room first, so we never take a message we cannot hand over.
-        let permit = tokio::select! {
-            p = tx.reserve() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
-        };
-        // Retried until Redis answers, so never `Err`; `Ok(None)` is a timeout: nothing queued.
-        let moved = tokio::select! {
-            r = take
-                .retry(crate::retry::forever(Duration::from_millis(100), Duration::from_secs(5)))
-                .notify(|e, retry_in| warn!(error = %e, ?retry_in, "BLMOVE failed")) => r,
-            _ = stop.cancelled() => return,
-        };
-        if let Ok(Some(raw)) = moved {
-            permit.send(to_job(Bytes::from(raw), &settings));
-        }
-    }
-}
-
 /// Batches `LREM`s: everything acknowledged while the previous batch was in flight goes in one
 /// pipeline.
 async fn acker(
     conn: Conn,
     processing: String,
+    holdings: Holdings,
     mut rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
 ) {
     let mut batch = Vec::new();
@@ -213,77 +206,11 @@ async fn acker(
             ))
             .notify(|e, _| warn!(error = %e, "LREM from processing list failed; retrying"))
             .await;
-        for (_, done) in batch.drain(..) {
+        for (raw, done) in batch.drain(..) {
+            holdings.remove(&raw);
             let _ = done.send(());
         }
     }
-}
-
-/// Periodically return the messages of dead workers. Any worker may do it; a short lock keeps
-/// them from doing it all at once (doing it twice would still be safe: LMOVE is atomic).
-async fn reaper(mut conn: Conn, keys: Keys, settings: RedisListSettings, stop: CancellationToken) {
-    let every = (settings.dead_after / 2).max(Duration::from_millis(500));
-    let lock = keys.reaper_lock();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.cancelled() => return,
-        }
-        if let Err(e) = reap_once(&mut conn, &keys, &settings, &lock, every).await {
-            debug!(error = %e, "reaper pass failed");
-        }
-    }
-}
-
-async fn reap_once(
-    conn: &mut Conn,
-    keys: &Keys,
-    settings: &RedisListSettings,
-    lock: &str,
-    hold: Duration,
-) -> Result<()> {
-    let got: Option<String> = redis::cmd("SET")
-        .arg(lock)
-        .arg(&settings.worker_id)
-        .arg("NX")
-        .arg("PX")
-        .arg(hold.as_millis() as u64)
-        .query_async(conn)
-        .await?;
-    if got.is_none() {
-        return Ok(());
-    }
-    let dead: Vec<String> = qp_protocol::scripts::STALE
-        .key(keys.heartbeats())
-        .arg(settings.dead_after.as_millis() as u64)
-        .invoke_async(conn)
-        .await?;
-    for worker in dead {
-        let processing = keys.processing_list(&settings.key, &worker)?;
-        let moved: i64 = qp_protocol::scripts::RECOVER
-            .key(&processing)
-            .key(&settings.key)
-            .invoke_async(conn)
-            .await?;
-        // Forget the worker only after its messages are safe.
-        let _: i64 = redis::cmd("ZREM")
-            .arg(keys.heartbeats())
-            .arg(&worker)
-            .query_async(conn)
-            .await?;
-        let _: i64 = redis::cmd("HDEL")
-            .arg(keys.rates())
-            .arg(&worker)
-            .query_async(conn)
-            .await?;
-        if moved > 0 {
-            info!(
-                worker,
-                moved, "returned messages of a dead worker to the queue"
-            );
-        }
-    }
-    Ok(())
 }
 
 fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
@@ -293,17 +220,21 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
         raw.hash(&mut h);
         format!("raw-{:016x}", h.finish())
     };
-    if raw.len() > settings.max_message_bytes {
+    let oversized = |bytes: usize| {
+        format!(
+            "oversized: a body of {bytes} bytes exceeds the limit of {} bytes",
+            settings.max_message_bytes
+        )
+    };
+    // The limit is on the body; the envelope around it may be larger (base64 adds a third, JSON
+    // escapes up to six times). An item too large to hold any acceptable body is not parsed.
+    if raw.len() > max_envelope_bytes(settings.max_message_bytes) {
         return Job {
             id: derived_id(),
             key: None,
             content_type: None,
             body: raw.clone(),
-            malformed: Some(format!(
-                "oversized: {} bytes exceeds the limit of {} bytes",
-                raw.len(),
-                settings.max_message_bytes
-            )),
+            malformed: Some(oversized(raw.len())),
             origin,
         };
     }
@@ -330,7 +261,11 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
         });
     match parsed {
         Ok((id, content_type, body)) => Job {
-            malformed: check_content(content_type.as_deref(), &body),
+            malformed: if body.len() > settings.max_message_bytes {
+                Some(oversized(body.len()))
+            } else {
+                check_content(content_type.as_deref(), &body)
+            },
             id,
             key: None,
             content_type,
@@ -346,6 +281,12 @@ fn to_job(raw: Bytes, settings: &RedisListSettings) -> Job {
             origin,
         },
     }
+}
+
+/// The largest list item that can carry a body of `max_body` bytes: a JSON string escapes a
+/// byte into at most six (`\u0000`), plus room for the id and the other fields.
+fn max_envelope_bytes(max_body: usize) -> usize {
+    max_body.saturating_mul(6).saturating_add(4096)
 }
 
 /// The base64 of `bodyBase64`: the standard alphabet, padded when written. Read leniently, as
@@ -412,12 +353,26 @@ mod tests {
             let job = to_job(Bytes::copy_from_slice(raw), &settings());
             assert!(job.malformed.is_some(), "{}", String::from_utf8_lossy(raw));
         }
-        let big = Bytes::from(vec![b'x'; 65]);
+        let big = Bytes::from(vec![b'x'; max_envelope_bytes(64) + 1]);
         assert!(
             to_job(big, &settings())
                 .malformed
                 .unwrap()
                 .starts_with("oversized")
         );
+    }
+
+    #[test]
+    fn the_limit_is_on_the_body_not_the_envelope() {
+        // 64 binary bytes travel as 88 base64 characters in an envelope of ~110 bytes.
+        let at_limit = Envelope::new("b1", None, &[0xff; 64]).to_bytes();
+        assert!(at_limit.len() > 100);
+        let job = to_job(Bytes::from(at_limit), &settings());
+        assert!(job.malformed.is_none(), "{:?}", job.malformed);
+        assert_eq!(job.body.len(), 64);
+        let over = Envelope::new("b2", None, &[0xff; 65]).to_bytes();
+        let job = to_job(Bytes::from(over), &settings());
+        assert_eq!(job.id, "b2");
+        assert!(job.malformed.unwrap().starts_with("oversized"));
     }
 }

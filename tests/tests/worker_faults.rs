@@ -1,0 +1,249 @@
+//! The data plane through Redis faults: what a worker does when Redis refuses, or loses a
+//! reply, at the worst moment. Each test injects one fault into real `qp-worker` processes
+//! against the real Redis and checks that no message is stranded.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use qp_tests::fixture::{Fixture, RedisKind, eventually};
+use qp_tests::procs::{self, Proc};
+use qp_tests::proxy::ReplyCutter;
+use qp_worker::source::redis_list::Envelope;
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+async fn push(fx: &Fixture, list: &str, ids: &[String]) {
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("LPUSH")
+            .arg(list)
+            .arg(Envelope::new(id, Some("text/plain"), id.as_bytes()).to_bytes())
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut fx.conn.clone()).await.unwrap();
+}
+
+async fn llen(fx: &Fixture, key: &str) -> i64 {
+    redis::cmd("LLEN")
+        .arg(key)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap()
+}
+
+/// Defect: a Redis-list worker whose return step fails at shutdown only logged it and then
+/// removed its heartbeat, so the reaper never looked at its processing list and the messages in
+/// it never finished. The fault: the worker's Redis user loses `LMOVE` (what the return script
+/// uses) while it holds messages, then it is stopped with a drain timeout shorter than its
+/// handler. Its heartbeat must stay, so that another worker's reaper returns the messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
+    let fx = Fixture::new("noreturn", RedisKind::Single, 0).await;
+    fx.pool().set_limit(10).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let ids = ids("m", 6);
+    push(&fx, &list, &ids).await;
+
+    let user = format!("qp-{}", fx.name);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let acl = |rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg(&user);
+        for r in rules {
+            cmd.arg(*r);
+        }
+        cmd
+    };
+    let pass = format!(">{password}");
+    let _: () = acl(&["on", &pass, "allkeys", "allchannels", "+@all"])
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+
+    let common = [
+        "--dead-after-ms",
+        "2000",
+        "--heartbeat-ms",
+        "250",
+        "--drain-timeout-seconds",
+        "1",
+    ];
+    let mut cmd = fx.worker_command("victim");
+    cmd.args(["--source", "redis-list", "--list-key", &list])
+        .args(["--handler", "probe:60000", "--max-concurrency", "4"])
+        .args(common)
+        .env("QP_REDIS_USERNAME", &user)
+        .env("QP_REDIS_PASSWORD", &password);
+    let mut victim = Proc::spawn(&format!("{}-victim", fx.name), cmd);
+    let processing = fx.keys.processing_list(&list, "victim").unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the victim to hold 4 messages",
+        || async { (fx.probe("current").await >= 4).then_some(()) },
+    )
+    .await;
+
+    // The return step (a script that moves items with LMOVE) is now refused.
+    let _: () = acl(&["-lmove"])
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    let stopped = Instant::now();
+    assert!(victim.terminate(), "the victim exits cleanly");
+    let stop_took = stopped.elapsed();
+    let stranded = llen(&fx, &processing).await;
+    assert!(stranded >= 4, "the refused return left {stranded} messages");
+
+    let _rescuer = fx.list_worker("rescuer", &list, "probe:10", &common);
+    let rescued = Instant::now();
+    fx.wait_finished(&ids, Duration::from_secs(30)).await;
+    let states = fx.states(&ids).await;
+    assert!(states.values().all(|s| s == "done"), "{states:?}");
+    eventually(
+        Duration::from_secs(10),
+        "an empty processing list",
+        || async { (llen(&fx, &processing).await == 0).then_some(()) },
+    )
+    .await;
+    println!(
+        "return refused: victim stopped in {stop_took:?} holding {stranded} messages; all {} \
+         done {:?} after a second worker started (dead-after 2 s)",
+        ids.len(),
+        rescued.elapsed()
+    );
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    fx.cleanup().await;
+}
+
+/// Defect: when the connection dropped after the server moved a message into the worker's
+/// processing list but before the reply arrived, the message sat there, unprocessed, until the
+/// worker exited. The fault: a proxy between worker and Redis swallows the reply to the `BLMOVE`
+/// that took the message and closes the connection. The live worker must find and process it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_blmove_reply_does_not_strand_the_message() {
+    let fx = Fixture::new("lostreply", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let upstream = fx.env.get("QP_REDIS_URL");
+    let proxy = ReplyCutter::start(upstream.trim_start_matches("redis://")).await;
+
+    let port = procs::free_port();
+    let mut cmd = Command::new(procs::binary("qp-worker"));
+    cmd.arg("run")
+        .args(["--namespace", &fx.namespace, "--name", &fx.name])
+        .args([
+            "--worker-id",
+            "w0",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--redis-url", &proxy.url()])
+        .args(["--source", "redis-list", "--list-key", &list])
+        .args(["--handler", "echo"])
+        .env("RUST_LOG", "info");
+    let _worker = Proc::spawn(&format!("{}-w0", fx.name), cmd);
+    // The worker is up once it processed something.
+    let warmup = ids("warmup", 1);
+    push(&fx, &list, &warmup).await;
+    fx.wait_finished(&warmup, Duration::from_secs(30)).await;
+
+    proxy.arm();
+    let lost = ids("lost", 1);
+    push(&fx, &list, &lost).await;
+    let pushed = Instant::now();
+    eventually(Duration::from_secs(10), "the reply to be cut", || async {
+        (proxy.cuts() == 1).then_some(())
+    })
+    .await;
+    fx.wait_finished(&lost, Duration::from_secs(15)).await;
+    let recovered = pushed.elapsed();
+    let after = ids("after", 3);
+    push(&fx, &list, &after).await;
+    fx.wait_finished(&after, Duration::from_secs(15)).await;
+    let processing = fx.keys.processing_list(&list, "w0").unwrap();
+    eventually(Duration::from_secs(10), "nothing left behind", || async {
+        (llen(&fx, &processing).await == 0).then_some(())
+    })
+    .await;
+    println!("lost BLMOVE reply: the message was processed {recovered:?} after it was pushed");
+    fx.cleanup().await;
+}
+
+/// The handler of the poison test: kills its own worker (the parent of the exec child) on a
+/// message that contains "crash", the way a segfaulting library or an OOM kill would.
+const CRASHER: &str =
+    r#"exec:["sh", "-c", "b=$(cat); case \"$b\" in *crash*) kill -9 $PPID;; esac; echo ok"]"#;
+
+/// Defect: a message that takes its worker down was delivered again without end (the restarted
+/// worker returns its processing list first, so the same message comes straight back). Deliveries
+/// are counted; the one past `--max-deliveries` is dead-lettered with the reason instead of run,
+/// and the messages around it are processed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_crashes_the_worker_is_dead_lettered_after_max_deliveries() {
+    let fx = Fixture::new("poison", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let mut pipe = redis::pipe();
+    for (id, body) in [("good-0", "fine"), ("poison", "crash"), ("good-1", "fine")] {
+        pipe.cmd("LPUSH")
+            .arg(&list)
+            .arg(Envelope::new(id, Some("text/plain"), body.as_bytes()).to_bytes())
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut fx.conn.clone()).await.unwrap();
+    let all: Vec<String> = ["good-0", "poison", "good-1"].map(String::from).to_vec();
+
+    // Restarted after every crash, with the same id (as a pod's container is).
+    let mut starts = 0;
+    loop {
+        starts += 1;
+        assert!(
+            starts <= 6,
+            "still not dead-lettered after {} starts",
+            starts - 1
+        );
+        let mut w = fx.list_worker(
+            "w0",
+            &list,
+            CRASHER,
+            &["--max-deliveries", "3", "--max-concurrency", "1"],
+        );
+        let (fx, all) = (&fx, &all);
+        let finished = eventually(Duration::from_secs(30), "a crash or every outcome", || {
+            let alive = w.alive();
+            async move {
+                let states = fx.states(all).await;
+                let finished = all.iter().all(|id| {
+                    matches!(states.get(id).map(String::as_str), Some("done" | "failed"))
+                });
+                (finished || !alive).then_some(finished)
+            }
+        })
+        .await;
+        if finished {
+            break;
+        }
+    }
+    let states = fx.states(&all).await;
+    assert_eq!(states["good-0"], "done");
+    assert_eq!(states["good-1"], "done");
+    assert_eq!(states["poison"], "failed");
+    let reason: String = redis::cmd("HGET")
+        .arg(fx.keys.result("poison"))
+        .arg("error")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    assert!(reason.contains("delivered 4 times"), "{reason}");
+    println!(
+        "poison message: dead-lettered at the 4th delivery after {starts} worker starts: {reason}"
+    );
+    fx.cleanup().await;
+}
