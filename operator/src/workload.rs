@@ -141,6 +141,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             run.lease_ttl_ms = non_negative(c.lease_seconds.into()) * 1000;
             run.retries = spec.results.max_retries.max(0).unsigned_abs();
             run.retry_backoff_ms = non_negative(spec.results.retry_backoff_millis);
+            run.max_deliveries = u64::from(spec.results.max_deliveries.max(0).unsigned_abs());
             run.result_ttl_seconds = result_ttl_seconds;
             run.drain_timeout_seconds = non_negative(spec.worker.shutdown_timeout_seconds.into());
             run.dead_letter = spec

@@ -38,6 +38,11 @@ pub enum HandlerSpec {
     Fail {
         pattern: String,
     },
+    /// Panics on messages containing the pattern: a stand-in for a bug in a handler, to prove
+    /// that one panicking message fails alone.
+    Panic {
+        pattern: String,
+    },
     Probe {
         millis: u64,
     },
@@ -48,7 +53,7 @@ impl FromStr for HandlerSpec {
 
     /// `http://...` / `https://...`, `exec:["program", "arg", ...]` (a JSON array: arguments
     /// keep their spaces) or `exec:<program> [args...]` (split on whitespace, for typing by
-    /// hand), `echo`, `sleep:<ms>`, `fail:<pattern>`, `probe:<ms>`.
+    /// hand), `echo`, `sleep:<ms>`, `fail:<pattern>`, `panic:<pattern>`, `probe:<ms>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s.starts_with("http://") || s.starts_with("https://") {
@@ -70,6 +75,9 @@ impl FromStr for HandlerSpec {
             "fail" if !arg.is_empty() => Ok(HandlerSpec::Fail {
                 pattern: arg.to_owned(),
             }),
+            "panic" if !arg.is_empty() => Ok(HandlerSpec::Panic {
+                pattern: arg.to_owned(),
+            }),
             "exec" => {
                 let command: Vec<String> = if arg.trim_start().starts_with('[') {
                     serde_json::from_str(arg).map_err(|e| {
@@ -85,7 +93,7 @@ impl FromStr for HandlerSpec {
             }
             _ => Err(format!(
                 "unknown handler '{s}': expected an http(s):// URL, exec:<command>, echo, \
-                 sleep:<ms>, fail:<pattern> or probe:<ms>"
+                 sleep:<ms>, fail:<pattern>, panic:<pattern> or probe:<ms>"
             )),
         }
     }
@@ -105,6 +113,7 @@ impl fmt::Display for HandlerSpec {
             HandlerSpec::Echo => f.write_str("echo"),
             HandlerSpec::Sleep { millis } => write!(f, "sleep:{millis}"),
             HandlerSpec::Fail { pattern } => write!(f, "fail:{pattern}"),
+            HandlerSpec::Panic { pattern } => write!(f, "panic:{pattern}"),
             HandlerSpec::Probe { millis } => write!(f, "probe:{millis}"),
         }
     }
@@ -117,15 +126,20 @@ pub mod defaults {
     pub const LEASE_TTL_MS: u64 = 10_000;
     pub const RETRIES: u32 = 3;
     pub const RETRY_BACKOFF_MS: u64 = 200;
+    pub const MAX_DELIVERIES: u64 = 5;
     pub const RESULT_TTL_SECONDS: u64 = 3600;
-    pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+    /// The one size limit of a message body: the gateway refuses larger requests (413), the
+    /// worker dead-letters larger messages that reach it another way. 1,000,000 bytes, so that
+    /// a body with its headers and record overhead fits Kafka's default `max.message.bytes`
+    /// (1,048,588); a Redis-list envelope may be larger (base64, JSON escapes), the body inside
+    /// it is what counts.
+    pub const MAX_MESSAGE_BYTES: usize = 1_000_000;
     pub const MAX_RESULT_BYTES: usize = 1 << 20;
     pub const DRAIN_TIMEOUT_SECONDS: u64 = 30;
     pub const MAX_PENDING_PER_PARTITION: usize = 256;
     pub const COMMIT_INTERVAL_MS: u64 = 1000;
     pub const HEARTBEAT_MS: u64 = 1000;
     pub const DEAD_AFTER_MS: u64 = 15_000;
-    pub const MAX_REQUEST_BYTES: usize = 1 << 20;
     pub const MAX_BACKLOG: u64 = 0;
     pub const MAX_WAIT_SECONDS: u64 = 30;
 }
@@ -238,6 +252,10 @@ pub struct RunArgs {
     /// First retry delay; doubles per retry (with jitter), capped at 30 s.
     #[arg(long, env = "QP_RETRY_BACKOFF_MS", default_value_t = defaults::RETRY_BACKOFF_MS)]
     pub retry_backoff_ms: u64,
+    /// Dead-letter a message that was started this many times without an outcome (each time
+    /// the worker crashed, was killed or stopped while processing it); 0 never does.
+    #[arg(long, env = "QP_MAX_DELIVERIES", default_value_t = defaults::MAX_DELIVERIES)]
+    pub max_deliveries: u64,
     /// How long results and request states stay in Redis.
     #[arg(long, env = "QP_RESULT_TTL_SECONDS", default_value_t = defaults::RESULT_TTL_SECONDS)]
     pub result_ttl_seconds: u64,
@@ -245,7 +263,8 @@ pub struct RunArgs {
     /// dead-letter list in Redis.
     #[arg(long, env = "QP_DEAD_LETTER")]
     pub dead_letter: Option<String>,
-    /// Largest accepted message; bigger ones are dead-lettered as oversized.
+    /// Largest accepted message body; bigger ones are dead-lettered as oversized. Keep it equal
+    /// to the gateway's --max-request-bytes.
     #[arg(long, env = "QP_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
     /// Largest accepted handler result; bigger ones fail the message.
@@ -290,8 +309,9 @@ pub struct GatewayArgs {
     /// Redis list to push to (with --source redis-list).
     #[arg(long, env = "QP_LIST_KEY")]
     pub list_key: Option<String>,
-    /// Largest accepted request body.
-    #[arg(long, env = "QP_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_REQUEST_BYTES)]
+    /// Largest accepted request body (413 above it). The same limit as the worker's
+    /// --max-message-bytes: a body the gateway accepts is one the worker processes.
+    #[arg(long, env = "QP_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_request_bytes: usize,
     /// Answer 429 when the backlog is above this many messages (0: never).
     #[arg(long, env = "QP_MAX_BACKLOG", default_value_t = defaults::MAX_BACKLOG)]
@@ -564,6 +584,7 @@ impl RunArgs {
             ungated: false,
             retries: defaults::RETRIES,
             retry_backoff_ms: defaults::RETRY_BACKOFF_MS,
+            max_deliveries: defaults::MAX_DELIVERIES,
             result_ttl_seconds: defaults::RESULT_TTL_SECONDS,
             dead_letter: None,
             max_message_bytes: defaults::MAX_MESSAGE_BYTES,
@@ -594,6 +615,11 @@ impl RunArgs {
         r.flag("ungated", self.ungated);
         r.value("retries", self.retries);
         r.value("retry_backoff_ms", self.retry_backoff_ms);
+        r.tuned(
+            "max_deliveries",
+            self.max_deliveries,
+            defaults::MAX_DELIVERIES,
+        );
         r.value("result_ttl_seconds", self.result_ttl_seconds);
         r.opt("dead_letter", &self.dead_letter);
         r.tuned(
@@ -640,7 +666,7 @@ impl GatewayArgs {
             kafka,
             source,
             list_key: None,
-            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            max_request_bytes: defaults::MAX_MESSAGE_BYTES,
             max_backlog: defaults::MAX_BACKLOG,
             result_ttl_seconds: defaults::RESULT_TTL_SECONDS,
             max_wait_seconds: defaults::MAX_WAIT_SECONDS,
@@ -655,7 +681,7 @@ impl GatewayArgs {
         r.tuned(
             "max_request_bytes",
             self.max_request_bytes,
-            defaults::MAX_REQUEST_BYTES,
+            defaults::MAX_MESSAGE_BYTES,
         );
         r.tuned("max_backlog", self.max_backlog, defaults::MAX_BACKLOG);
         r.value("result_ttl_seconds", self.result_ttl_seconds);
@@ -774,7 +800,14 @@ mod tests {
         );
         assert!("exec:[1]".parse::<HandlerSpec>().is_err());
         assert!("exec:".parse::<HandlerSpec>().is_err());
-        for s in ["echo", "sleep:5", "fail:x y", "probe:3", "http://h:1/p?q=1"] {
+        for s in [
+            "echo",
+            "sleep:5",
+            "fail:x y",
+            "panic:p",
+            "probe:3",
+            "http://h:1/p?q=1",
+        ] {
             assert_eq!(s.parse::<HandlerSpec>().unwrap().to_string(), s);
         }
     }

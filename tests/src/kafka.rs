@@ -98,6 +98,75 @@ pub async fn send_many(producer: &FutureProducer, topic: &str, ids: &[String]) {
     }
 }
 
+/// Produce one message with a `qp-id` header to partition `partition` and wait for it.
+pub async fn send_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    id: &str,
+    key: Option<&str>,
+    body: &[u8],
+) {
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "qp-id",
+        value: Some(id.as_bytes()),
+    });
+    let mut record = FutureRecord::to(topic)
+        .partition(partition)
+        .payload(body)
+        .headers(headers);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing {id}: {e}"));
+}
+
+/// Per partition of `topic` (0..partitions): the offset `group` committed (-1 when none) and
+/// the high watermark. Lag is the difference.
+pub async fn committed_and_end(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let (bootstrap, group, topic) = (bootstrap.to_owned(), group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        // A consumer that names the group but never joins it: it only reads the group's offsets.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group)
+            .create()
+            .expect("consumer");
+        let timeout = Duration::from_secs(10);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, timeout)
+            .expect("committed offsets");
+        (0..partitions)
+            .map(|p| {
+                let c = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => -1,
+                };
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, timeout)
+                    .expect("watermarks");
+                (c, high)
+            })
+            .collect()
+    })
+    .await
+    .expect("committed_and_end task")
+}
+
 /// Messages ever written to `topic`: the sum of its partitions' high watermarks (one request per
 /// partition; for tests, not for loops).
 pub async fn message_count(bootstrap: &str, topic: &str) -> i64 {

@@ -11,14 +11,24 @@
 //! forgets a message only after its result (or its dead letter) is in Redis. A crash anywhere
 //! before that redelivers it, and the result store's write-once rule makes the redelivery
 //! harmless. The token is returned as soon as the handler is done: it protects what the handler
-//! calls, not our own bookkeeping.
+//! calls, not our own bookkeeping. For the same reason a message waiting to retry gives its
+//! token back for the backoff and is admitted again afterwards.
+//!
+//! Whatever ends a job's task, the source and the ordering lane hear of it (see [`Running`]):
+//! a handler that panics fails its message like any other permanent error (dead letter, then
+//! acknowledgement), and a task that ends without an acknowledgement (aborted at the drain
+//! timeout, or the result store shut down) *abandons* its message: it is delivered again, and
+//! nobody waits for it any longer. A Kafka offset left "started" would otherwise hold every
+//! later commit of its partition and make each revocation wait the full drain timeout.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use bytes::Bytes;
+use futures::FutureExt;
 use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -30,7 +40,7 @@ use crate::deadletter::DeadLetter;
 use crate::handler::{Handler, HandlerError, Request};
 use crate::keeper::{LeaseKeeper, Permit};
 use crate::metrics::Metrics;
-use crate::results::{Outcome, ResultStore};
+use crate::results::{Begun, Outcome, ResultStore};
 use crate::source::kafka::KafkaAcker;
 use crate::source::redis_list::RedisListAcker;
 use crate::source::{Job, Origin};
@@ -104,6 +114,35 @@ impl Acker {
             _ => unreachable!("a job is acknowledged to the source it came from"),
         }
     }
+
+    /// A started job ended without an acknowledgement. A Redis-list message simply stays in
+    /// the processing list (returned at shutdown or by the reaper).
+    fn abandon(&self, origin: &Origin) {
+        if let (Acker::Kafka(a), Origin::Kafka { partition, offset }) = (self, origin) {
+            a.abandon(*partition, *offset);
+        }
+    }
+}
+
+/// Owned by the task of one started job. Dropped however the task ends (finished, panicked,
+/// aborted): abandons the message unless it was acknowledged, and lets the next job of its
+/// ordering key go.
+struct Running {
+    acker: Acker,
+    origin: Origin,
+    lane: Option<(mpsc::UnboundedSender<Bytes>, Bytes)>,
+    acknowledged: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.acknowledged {
+            self.acker.abandon(&self.origin);
+        }
+        if let Some((tx, key)) = self.lane.take() {
+            let _ = tx.send(key);
+        }
+    }
 }
 
 /// Everything a job needs besides the job itself.
@@ -115,6 +154,8 @@ pub struct Engine {
     pub metrics: Metrics,
     pub retries: u32,
     pub retry_backoff: Duration,
+    /// Dead-letter a message started this many times without an outcome (0: never).
+    pub max_deliveries: u64,
     pub max_concurrency: usize,
     pub ordered_by_key: bool,
     pub drain_timeout: Duration,
@@ -209,16 +250,20 @@ impl Engine {
                 continue;
             }
             let engine = self.clone();
-            let acker = acker.clone();
-            let lane_tx = lane_tx.clone();
-            let ordered = self.ordered_by_key;
+            let mut running = Running {
+                acker: acker.clone(),
+                origin: job.origin.clone(),
+                lane: match (self.ordered_by_key, &job.key) {
+                    (true, Some(key)) => Some((lane_tx.clone(), key.clone())),
+                    _ => None,
+                },
+                acknowledged: false,
+            };
+            let stop = stop.clone();
             tasks.spawn(async move {
-                let key = job.key.clone();
-                engine.process(&job, permit, &acker).await;
+                running.acknowledged = engine.process(&job, permit, &running.acker, &stop).await;
                 drop(slot);
-                if ordered && let Some(key) = key {
-                    let _ = lane_tx.send(key);
-                }
+                drop(running);
             });
         }
 
@@ -240,13 +285,23 @@ impl Engine {
                 "drain timeout: unfinished messages will be redelivered"
             );
             tasks.abort_all();
+            // Aborted tasks end at their next poll; their `Running` guards abandon the
+            // messages, which the source's final commit must already see.
+            while tasks.join_next().await.is_some() {}
         }
     }
 
-    /// One job, start to acknowledgement. Its span carries the request id and, for Kafka, the
-    /// partition and offset, so every log line about the message says which one it is.
+    /// One job, start to acknowledgement; returns whether it was acknowledged. Its span carries
+    /// the request id and, for Kafka, the partition and offset, so every log line about the
+    /// message says which one it is.
     #[instrument(name = "message", skip_all, fields(id = %job.id, partition = Empty, offset = Empty))]
-    async fn process(&self, job: &Job, permit: Option<Permit>, acker: &Acker) {
+    async fn process(
+        &self,
+        job: &Job,
+        permit: Option<Permit>,
+        acker: &Acker,
+        stop: &CancellationToken,
+    ) -> bool {
         if let Origin::Kafka { partition, offset } = job.origin {
             Span::current()
                 .record("partition", partition)
@@ -264,12 +319,26 @@ impl Engine {
             };
             self.fail(job, reason, class).await;
             acker.ack(job).await;
-            return;
+            return true;
         }
 
         match self.store.begin(&job.id).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Begun::Delivery(n)) if self.max_deliveries > 0 && n > self.max_deliveries => {
+                // Every earlier delivery ended without an outcome: the worker died or was
+                // stopped while running it. Running it again would take this worker down too.
+                drop(permit);
+                let reason = format!(
+                    "poison: delivered {n} times without finishing (the worker crashed, was \
+                     killed or stopped while processing it); limit {}",
+                    self.max_deliveries
+                );
+                warn!(id = %job.id, deliveries = n, "dead-lettering a message that never finishes");
+                self.fail(job, &reason, "poison").await;
+                acker.ack(job).await;
+                return true;
+            }
+            Ok(Begun::Delivery(_)) => {}
+            Ok(Begun::Finished) => {
                 // Redelivered after its result was written: do not run it again.
                 drop(permit);
                 self.metrics
@@ -277,20 +346,34 @@ impl Engine {
                     .with_label_values(&["duplicate"])
                     .inc();
                 acker.ack(job).await;
-                return;
+                return true;
             }
             Err(e) => {
                 warn!(error = %e, id = %job.id, "result store unavailable; message left for redelivery");
-                return;
+                return false;
             }
         }
 
         let started = Instant::now();
-        let result = self.call_with_retries(job).await;
+        // A panicking handler is a bug in it (or in us) that this message triggers: it fails
+        // the message, it does not take the worker's bookkeeping down with it. The permit is
+        // given back when the handler is done: bookkeeping needs no token.
+        let result = AssertUnwindSafe(self.call_with_retries(job, permit, stop))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Some(Err(format!(
+                    "the handler panicked: {}",
+                    panic_text(&*panic)
+                )))
+            });
         self.metrics
             .processing_seconds
             .observe(started.elapsed().as_secs_f64());
-        drop(permit); // the downstream is free again; bookkeeping needs no token
+        let Some(result) = result else {
+            debug!(id = %job.id, "stopping during a retry backoff; message left for redelivery");
+            return false;
+        };
 
         match result {
             Ok(body) => {
@@ -300,16 +383,29 @@ impl Engine {
                     .await
                     .is_err()
                 {
-                    return; // shutting down: redelivered, and the handler runs again
+                    return false; // shutting down: redelivered, and the handler runs again
                 }
                 self.metrics.messages.with_label_values(&["done"]).inc();
             }
             Err(reason) => self.fail(job, &reason, "failed").await,
         }
         acker.ack(job).await;
+        true
     }
 
-    async fn call_with_retries(&self, job: &Job) -> Result<Bytes, String> {
+    /// The handler's answer after up to `retries` retries; `None` when `stop` fired while
+    /// waiting to retry (the message is then delivered again).
+    ///
+    /// A retry waits without its permit: the token protects a downstream that is failing right
+    /// now, and a message sleeping through its backoff with a token would keep the budget from
+    /// messages that may succeed (during an outage, every token would sleep). After the
+    /// backoff it is admitted again like a new message.
+    async fn call_with_retries(
+        &self,
+        job: &Job,
+        mut permit: Option<Permit>,
+        stop: &CancellationToken,
+    ) -> Option<Result<Bytes, String>> {
         let req = Request {
             id: &job.id,
             content_type: job.content_type.as_deref(),
@@ -318,17 +414,29 @@ impl Engine {
         let mut attempt = 0;
         loop {
             match self.handler.call(&req).await {
-                Ok(body) => return Ok(body),
-                Err(HandlerError::Permanent(reason)) => return Err(reason),
+                Ok(body) => return Some(Ok(body)),
+                Err(HandlerError::Permanent(reason)) => return Some(Err(reason)),
                 Err(HandlerError::Retryable(reason)) if attempt >= self.retries => {
-                    return Err(format!("{reason} (gave up after {} attempts)", attempt + 1));
+                    return Some(Err(format!(
+                        "{reason} (gave up after {} attempts)",
+                        attempt + 1
+                    )));
                 }
                 Err(HandlerError::Retryable(reason)) => {
                     attempt += 1;
                     self.metrics.retries.inc();
                     let delay = backoff(self.retry_backoff, attempt);
                     debug!(id = %job.id, attempt, ?delay, %reason, "retrying");
-                    tokio::time::sleep(delay).await;
+                    drop(permit.take());
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    let waited = Instant::now();
+                    permit = self.gate.admit(stop).await?;
+                    self.metrics
+                        .token_wait_seconds
+                        .observe(waited.elapsed().as_secs_f64());
                 }
             }
         }
@@ -363,6 +471,15 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
     let exp = base.saturating_mul(1 << attempt.min(16)).min(cap);
     let ms = exp.as_millis() as u64;
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+}
+
+/// The message of a panic payload (`panic!` with a literal or a formatted string).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 /// Runs a closure when dropped (keeps the in-flight gauge right on every return path).

@@ -6,8 +6,9 @@
 //!   4xx answers mean the message itself is bad and go straight to the dead letter.
 //! - `exec`: run a command with the message on stdin; its stdout is the result; a non-zero exit
 //!   is retried. One process per message: simple and isolated, not fast.
-//! - built-ins for tests and benchmarks: `echo`, `sleep:<ms>`, `fail:<pattern>` and
-//!   `probe:<ms>` (records how many handlers run at once, in Redis, to prove the token cap).
+//! - built-ins for tests and benchmarks: `echo`, `sleep:<ms>`, `fail:<pattern>`,
+//!   `panic:<pattern>` (a handler bug) and `probe:<ms>` (records how many handlers run at once,
+//!   in Redis, to prove the token cap).
 //!
 //! Retries and backoff live in the engine, the same for every kind; a handler only says whether
 //! a failure is worth retrying.
@@ -115,6 +116,12 @@ impl Handler {
                 } else {
                     Ok(req.body.clone())
                 }
+            }
+            HandlerSpec::Panic { pattern } => {
+                if contains(req.body, pattern.as_bytes()) {
+                    panic!("built-in panic handler: message matches '{pattern}'");
+                }
+                Ok(req.body.clone())
             }
             HandlerSpec::Probe { millis } => self.probe(*millis, req).await,
             HandlerSpec::Http { url } => self.http(url, req).await,

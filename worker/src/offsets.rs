@@ -51,6 +51,16 @@ impl PartitionOffsets {
         }
     }
 
+    /// Work on `offset` stopped without an outcome (its task was aborted at the drain timeout,
+    /// or failed unexpectedly): it is no longer running, so nobody waits for it, but it stays
+    /// pending, so the commit stays below it and it is delivered again.
+    pub fn abandoned(&mut self, offset: i64) {
+        if let Some(stage @ Stage::Started) = self.pending.get_mut(&offset) {
+            *stage = Stage::Queued;
+            self.started -= 1;
+        }
+    }
+
     /// Work on `offset` is finished (a result or a dead letter was written).
     pub fn completed(&mut self, offset: i64) {
         if self.pending.remove(&offset) == Some(Stage::Started) {
@@ -116,11 +126,14 @@ impl OffsetTracker {
         self.partitions.iter().map(|(p, o)| (*p, o))
     }
 
-    /// Low watermarks that moved since they were last stored, ready for the offset store.
-    pub fn take_storable(&mut self) -> Vec<(i32, i64)> {
+    /// Low watermarks that moved since they were last stored, ready for the offset store: of
+    /// the given partitions only, or of all when `None`. A partition not asked for keeps its
+    /// moved mark for the next call (taking it here would mean it is never stored).
+    pub fn take_storable(&mut self, only: Option<&[i32]>) -> Vec<(i32, i64)> {
         let mut out: Vec<(i32, i64)> = self
             .partitions
             .iter_mut()
+            .filter(|(p, _)| only.is_none_or(|ps| ps.contains(p)))
             .filter_map(|(p, o)| o.take_storable().map(|m| (*p, m)))
             .collect();
         out.sort_unstable();
@@ -216,11 +229,41 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.partition(0).fetched(0);
         t.partition(1).fetched(5);
-        assert_eq!(t.take_storable(), vec![(0, 0), (1, 5)]);
-        assert_eq!(t.take_storable(), vec![]);
+        assert_eq!(t.take_storable(None), vec![(0, 0), (1, 5)]);
+        assert_eq!(t.take_storable(None), vec![]);
         t.partition(1).started(5);
         t.partition(1).completed(5);
-        assert_eq!(t.take_storable(), vec![(1, 6)]);
+        assert_eq!(t.take_storable(None), vec![(1, 6)]);
         assert_eq!(t.total_pending(), 1);
+    }
+
+    #[test]
+    fn storing_some_partitions_keeps_the_others_marks() {
+        // A revocation stores the revoked partitions only; a retained partition whose last
+        // message finished meanwhile must still be stored later.
+        let mut t = OffsetTracker::default();
+        t.partition(0).fetched(0);
+        t.partition(1).fetched(7);
+        assert_eq!(t.take_storable(None), vec![(0, 0), (1, 7)]);
+        for (p, o) in [(0, 0), (1, 7)] {
+            t.partition(p).started(o);
+            t.partition(p).completed(o);
+        }
+        assert_eq!(t.take_storable(Some(&[0])), vec![(0, 1)]);
+        assert_eq!(t.take_storable(None), vec![(1, 8)]);
+    }
+
+    #[test]
+    fn an_abandoned_offset_stops_running_but_is_not_committed() {
+        let mut p = PartitionOffsets::default();
+        fetched(&mut p, 0..2);
+        p.started(0);
+        p.started(1);
+        p.completed(1);
+        p.abandoned(0);
+        assert_eq!(p.in_progress(), 0, "nothing for a drain to wait for");
+        assert_eq!(p.low_watermark(), Some(0), "delivered again");
+        p.abandoned(0);
+        assert_eq!(p.in_progress(), 0, "abandoning twice changes nothing");
     }
 }

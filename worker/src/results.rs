@@ -59,10 +59,19 @@ pub enum Outcome {
     Failed(String),
 }
 
+/// What BEGIN found for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begun {
+    /// It already has its outcome: do not run it again.
+    Finished,
+    /// Marked `processing`; this is its n-th delivery (1 the first time).
+    Delivery(u64),
+}
+
 enum Op {
     Begin {
         id: String,
-        reply: oneshot::Sender<Result<bool>>,
+        reply: oneshot::Sender<Result<Begun>>,
     },
     Finish {
         id: String,
@@ -82,6 +91,55 @@ pub struct ResultStore {
 
 /// Cap on ids per script call: keeps a single call's run time in Redis short.
 const MAX_BATCH: usize = 256;
+
+/// Cap on the bytes of results and errors per script call. Redis runs a script alone, so one
+/// call that writes 256 results of 1 MiB each would stall every client of that Redis, and a
+/// call larger than the server's `client-query-buffer-limit` can never succeed. A single result
+/// larger than this still goes out, alone.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+impl Op {
+    /// Bytes this operation adds to a script call (ids and fixed arguments are small).
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Begin { .. } => 0,
+            Op::Finish { outcome, .. } => match outcome {
+                Outcome::Done(body) => body.len(),
+                Outcome::Failed(reason) => reason.len(),
+            },
+        }
+    }
+}
+
+/// Moves operations from `rx` into `batch` while both caps allow: at least one (waiting for
+/// it), then whatever is already queued. An operation that would cross [`MAX_BATCH_BYTES`] is
+/// kept in `carry` for the next batch. Returns false when every handle is gone.
+async fn next_batch(
+    rx: &mut mpsc::UnboundedReceiver<Op>,
+    carry: &mut Option<Op>,
+    batch: &mut Vec<Op>,
+) -> bool {
+    let mut bytes = 0;
+    let first = match carry.take() {
+        Some(op) => op,
+        None => match rx.recv().await {
+            Some(op) => op,
+            None => return false,
+        },
+    };
+    bytes += first.payload_bytes();
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        let Ok(op) = rx.try_recv() else { break };
+        if bytes + op.payload_bytes() > MAX_BATCH_BYTES {
+            *carry = Some(op);
+            break;
+        }
+        bytes += op.payload_bytes();
+        batch.push(op);
+    }
+    true
+}
 
 impl ResultStore {
     /// Start the writer task. `ttl` is how long results and states live.
@@ -104,8 +162,8 @@ impl ResultStore {
         self.ttl
     }
 
-    /// Mark `id` as processing. `Ok(false)` means it already finished: skip the handler.
-    pub async fn begin(&self, id: &str) -> Result<bool> {
+    /// Mark `id` as processing and count the delivery, unless it already finished.
+    pub async fn begin(&self, id: &str) -> Result<Begun> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Op::Begin {
@@ -170,8 +228,9 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
     let ttl_ms = ttl.as_millis() as u64;
     let channel = keys.done_channel();
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    let mut carry = None;
     loop {
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        if !next_batch(&mut rx, &mut carry, &mut batch).await {
             return; // every handle dropped
         }
         let mut begins = Vec::new();
@@ -184,7 +243,8 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
         }
         // Both calls go out together on the multiplexed connection: one round trip of latency.
         // Both scripts are idempotent for a given batch (write once), so re-running the half
-        // that succeeded is harmless.
+        // that succeeded is harmless, except that a repeated BEGIN counts its deliveries once
+        // more: the count may overstate, never understate, how often a message was started.
         let written = (|| async {
             let (mut c1, mut c2) = (conn.clone(), conn.clone());
             let (b, f) = tokio::join!(
@@ -202,8 +262,12 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
         let Ok((bflags, fflags)) = written else {
             unreachable!("retried without a limit")
         };
-        for ((_, reply), flag) in begins.drain(..).zip(bflags) {
-            let _ = reply.send(Ok(flag == 1));
+        for ((_, reply), n) in begins.drain(..).zip(bflags) {
+            let begun = match u64::try_from(n) {
+                Ok(n) if n > 0 => Begun::Delivery(n),
+                _ => Begun::Finished,
+            };
+            let _ = reply.send(Ok(begun));
         }
         for ((_, _, reply), flag) in finishes.drain(..).zip(fflags) {
             let _ = reply.send(Ok(flag == 1));
@@ -211,7 +275,7 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
     }
 }
 
-type BeginBatch = Vec<(String, oneshot::Sender<Result<bool>>)>;
+type BeginBatch = Vec<(String, oneshot::Sender<Result<Begun>>)>;
 type FinishBatch = Vec<(String, Outcome, oneshot::Sender<Result<bool>>)>;
 
 async fn run_begin(
@@ -255,4 +319,52 @@ async fn run_finish(
         inv.arg(id.as_str());
     }
     Ok(inv.invoke_async(conn).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish(bytes: usize) -> Op {
+        Op::Finish {
+            id: "x".into(),
+            outcome: Outcome::Done(Bytes::from(vec![0u8; bytes])),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_bounded_by_bytes_and_nothing_is_dropped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for _ in 0..10 {
+            tx.send(finish(1 << 20)).unwrap();
+        }
+        drop(tx);
+        let (mut carry, mut batch, mut sizes) = (None, Vec::new(), Vec::new());
+        while next_batch(&mut rx, &mut carry, &mut batch).await {
+            sizes.push(batch.len());
+            batch.clear();
+        }
+        assert_eq!(
+            sizes,
+            vec![4, 4, 2],
+            "1 MiB results, at most 4 MiB per call"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_result_goes_alone_and_small_ones_fill_up() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(finish(10 << 20)).unwrap();
+        for _ in 0..300 {
+            tx.send(finish(10)).unwrap();
+        }
+        drop(tx);
+        let (mut carry, mut batch, mut sizes) = (None, Vec::new(), Vec::new());
+        while next_batch(&mut rx, &mut carry, &mut batch).await {
+            sizes.push(batch.len());
+            batch.clear();
+        }
+        assert_eq!(sizes, vec![1, MAX_BATCH, 300 - MAX_BATCH]);
+    }
 }

@@ -28,6 +28,12 @@ pub struct ResultsSpec {
     #[schemars(range(min = 0, max = MAX_BACKOFF_MILLIS))]
     pub retry_backoff_millis: i64,
 
+    /// A message started this many times without an outcome (each time its worker crashed,
+    /// was OOM-killed or stopped while processing it) is marked failed and dead-lettered
+    /// instead of being run again. 0 means never.
+    #[schemars(range(min = 0, max = MAX_RETRIES))]
+    pub max_deliveries: i32,
+
     /// Where messages go, with the reason, once their retries are used up. Omit to only mark
     /// them failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -40,6 +46,7 @@ impl Default for ResultsSpec {
             ttl_seconds: 3600,
             max_retries: 3,
             retry_backoff_millis: 200,
+            max_deliveries: 5,
             dead_letter: None,
         }
     }

@@ -90,6 +90,7 @@ fn minimal_spec_gets_every_default() {
             ttl_seconds: 3600,
             max_retries: 3,
             retry_backoff_millis: 200,
+            max_deliveries: 5,
             dead_letter: None
         }
     );
@@ -264,6 +265,7 @@ spec:
     ttlSeconds: 600
     maxRetries: 5
     retryBackoffMillis: 100
+    maxDeliveries: 3
     deadLetter:
       kafkaTopic: orders-dead
   gateway:

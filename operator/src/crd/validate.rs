@@ -344,6 +344,12 @@ impl QueueProcessorSpec {
             0,
             Some(MAX_BACKOFF_MILLIS),
         );
+        p.range(
+            "spec.results.maxDeliveries",
+            r.max_deliveries,
+            0,
+            Some(MAX_RETRIES),
+        );
         if let Some(dl) = &r.dead_letter {
             p.rule(dl.get().is_some(), &DEAD_LETTER_RULES[0]);
             if let Some(topic) = &dl.kafka_topic {

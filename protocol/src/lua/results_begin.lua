@@ -1,5 +1,8 @@
--- Mark each id `processing` unless it already finished. KEYS: the result hashes.
--- ARGV[1] = ttl ms. Returns one entry per id: 1 = run it, 0 = already finished (skip).
+-- Mark each id `processing` unless it already finished, and count its deliveries.
+-- KEYS: the result hashes. ARGV[1] = ttl ms.
+-- Returns one entry per id: 0 = already finished (skip), else how many times it has been
+-- started (1 the first time): a count that keeps growing means the message takes the worker
+-- down each time (a poison message), and the worker dead-letters it.
 local ttl = ARGV[1]
 local t = redis.call('TIME')
 -- A string, formatted once: a number would be formatted again by every call it is passed to.
@@ -11,8 +14,8 @@ for i, key in ipairs(KEYS) do
     out[i] = 0
   else
     redis.call('HSET', key, 'state', 'processing', 'at', now)
+    out[i] = redis.call('HINCRBY', key, 'deliveries', 1)
     redis.call('PEXPIRE', key, ttl)
-    out[i] = 1
   end
 end
 return out

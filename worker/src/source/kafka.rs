@@ -123,10 +123,8 @@ impl Shared {
     fn storable(&self, only: Option<&[i32]>) -> TopicPartitionList {
         let mut tracker = self.tracker.lock().expect("offset tracker lock");
         let mut tpl = TopicPartitionList::new();
-        for (p, mark) in tracker.take_storable() {
-            if only.is_none_or(|ps| ps.contains(&p)) {
-                let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(mark));
-            }
+        for (p, mark) in tracker.take_storable(only) {
+            let _ = tpl.add_partition_offset(&self.topic, p, Offset::Offset(mark));
         }
         tpl
     }
@@ -279,9 +277,17 @@ impl KafkaAcker {
         }
     }
 
-    /// A job that was never started (e.g. dropped at shutdown) stays pending: its offset is not
-    /// committed and it is redelivered. Nothing to do; named for clarity at call sites.
-    pub fn abandon(&self, _partition: i32, _offset: i64) {}
+    /// A started job ended without an outcome (aborted at the drain timeout, or its task
+    /// failed): it stays pending, so it is not committed and is delivered again, but it no
+    /// longer counts as running, so a revocation or close does not wait for it.
+    pub fn abandon(&self, partition: i32, offset: i64) {
+        let mut tracker = self.shared.tracker.lock().expect("offset tracker lock");
+        tracker.partition(partition).abandoned(offset);
+        drop(tracker);
+        if self.shared.draining.load(Ordering::SeqCst) > 0 {
+            self.shared.finished.notify_all();
+        }
+    }
 }
 
 impl KafkaSource {
