@@ -165,6 +165,55 @@ async fn redis_list_submit_then_poll_returns_the_handler_result() {
     fx.cleanup().await;
 }
 
+/// Defect: the gateway accepted bodies up to 1 MiB while its Kafka producer refused messages
+/// over 1,000,000 bytes with their headers (a 503 with Kafka up, which clients retry forever),
+/// and a binary body in a Redis-list envelope (base64) grew past the worker's limit and was
+/// dead-lettered. One limit now: a body at it is queued and processed through either queue, a
+/// byte more gets 413 naming the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_at_the_size_limit_is_processed_and_one_byte_more_gets_413() {
+    let fx = Fixture::new("gw-size", RedisKind::Single, 1).await;
+    fx.pool().set_limit(2).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let (_kgw, kafka_base) = fx.gateway(GatewayQueue::Kafka, &[]).await;
+    let (_lgw, list_base) = fx.gateway(GatewayQueue::RedisList(&list), &[]).await;
+    let _kw = fx.kafka_worker("kw", "echo", &[]);
+    let _lw = fx.list_worker("lw", &list, "echo", &[]);
+    let http = reqwest::Client::new();
+    let limit = 1_000_000;
+
+    for (base, content_type, byte) in [
+        (&kafka_base, "text/plain", b'x'),
+        (&kafka_base, "application/octet-stream", 0xff),
+        (&list_base, "application/octet-stream", 0xff),
+    ] {
+        let (status, retry, answer) =
+            submit(&http, base, content_type, vec![byte; limit], None).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "{base} {content_type}: {answer} {retry:?}"
+        );
+        let id = answer["id"].as_str().unwrap().to_owned();
+        let done = result_of(&http, base, &id).await;
+        assert_eq!(
+            done["status"], "done",
+            "{base} {content_type}: {}",
+            done["error"]
+        );
+
+        let (status, _, answer) =
+            submit(&http, base, content_type, vec![byte; limit + 1], None).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("1000000"),
+            "the 413 names the limit: {error}"
+        );
+    }
+    fx.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_poll_answers_within_50ms_of_the_result_being_written() {
     long_poll_latency(RedisKind::Single).await;

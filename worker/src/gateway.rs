@@ -18,6 +18,12 @@
 //! (until its result expires), submitting it again queues nothing and answers `202` with the
 //! existing state and `"duplicate": true`.
 //!
+//! One size limit applies to a body (`--max-request-bytes`, the worker's `--max-message-bytes`):
+//! the gateway answers 413 naming it before anything is queued, and makes its Kafka producer
+//! accept that body with its headers. A body the gateway accepts is one the worker processes.
+//! If the topic itself refuses it (a broker `max.message.bytes` below the limit), that is a 413
+//! too, saying so, not a 503 the client would retry forever.
+//!
 //! Long polls do not poll: workers `PUBLISH` every finished id on the QueueProcessor's `done`
 //! channel; one subscription per gateway wakes exactly the waiters of that id. The gateway is
 //! ready only while that subscription is up, so no long poll can start deaf. After a reconnect
@@ -40,6 +46,7 @@ use futures::StreamExt;
 use prometheus::IntGauge;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -170,6 +177,8 @@ struct Gateway {
     waiters: Waiters,
     metrics: Metrics,
     claim: redis::Script,
+    /// The largest accepted body.
+    max_request_bytes: usize,
     /// Process shutdown: long polls answer with the current state instead of holding up the
     /// graceful shutdown.
     stop: CancellationToken,
@@ -198,7 +207,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
                 ));
             }
             Queue::Kafka {
-                producer: gateway_producer(&args.kafka)?,
+                producer: gateway_producer(&args.kafka, args.max_request_bytes)?,
                 topic: args.kafka.topic()?.to_owned(),
             }
         }
@@ -220,6 +229,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         waiters: Waiters::new(&metrics)?,
         metrics: metrics.clone(),
         claim: qp_protocol::scripts::CLAIM.clone(),
+        max_request_bytes: args.max_request_bytes,
         stop: stop.clone(),
     });
     tokio::spawn(listen_done(
@@ -242,11 +252,13 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
 }
 
 /// The producer fails a send after 5 s without an acknowledgement, so a broker that is down
-/// turns into a 503 within seconds instead of a request that hangs.
-fn gateway_producer(kafka: &KafkaArgs) -> Result<FutureProducer> {
+/// turns into a 503 within seconds instead of a request that hangs. Its `message.max.bytes`
+/// (librdkafka's default is 1,000,000) leaves room for the largest body plus its headers.
+fn gateway_producer(kafka: &KafkaArgs, max_body: usize) -> Result<FutureProducer> {
     kafka
         .client_config("qp-gateway")?
         .set("enable.idempotence", "true")
+        .set("message.max.bytes", (max_body + 64 * 1024).to_string())
         .set("linger.ms", "1")
         .set("message.timeout.ms", "5000")
         .create()
@@ -264,6 +276,15 @@ fn api(gw: Shared, max_request_bytes: usize) -> Router {
 
 fn problem(code: StatusCode, msg: &str) -> Response {
     (code, axum::Json(json!({ "error": msg }))).into_response()
+}
+
+/// 503 with `Retry-After`: the request may succeed in a moment, and clients should know when to
+/// try again rather than hammer.
+fn unavailable(msg: &str) -> Response {
+    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, msg);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn observe(gw: &Gateway, route: &str, started: Instant, resp: &Response) {
@@ -285,7 +306,14 @@ async fn submit(
     let started = Instant::now();
     let resp = match body {
         Ok(body) => submit_inner(&gw, &headers, body).await,
-        // Too large (413) or cut off: answered in the API's JSON shape and counted.
+        // Too large (413, naming the limit) or cut off: answered in the API's JSON shape.
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "body is larger than the limit of {} bytes",
+                gw.max_request_bytes
+            ),
+        ),
         Err(e) => problem(e.status(), &e.body_text()),
     };
     observe(&gw, "submit", started, &resp);
@@ -355,10 +383,7 @@ async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Respons
     match claimed {
         Err(e) => {
             warn!(error = %e, "redis unavailable on submit");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "result store (Redis) is unavailable",
-            );
+            return unavailable("result store (Redis) is unavailable");
         }
         Ok(existing) if !existing.is_empty() => {
             // Same idempotency key again: the first submission stands.
@@ -373,11 +398,22 @@ async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Respons
             .arg(&key)
             .query_async(&mut gw.conn.clone())
             .await;
+        if let Error::MessageTooLarge(detail) = &e {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "the queue refused a body of {} bytes as too large ({detail}); the Kafka \
+                     topic's max.message.bytes must allow {} bytes and headers",
+                    body.len(),
+                    gw.max_request_bytes
+                ),
+            );
+        }
         let what = match gw.queue {
             Queue::Kafka { .. } => "queue (Kafka) is unavailable",
             Queue::RedisList { .. } => "queue (Redis) is unavailable",
         };
-        return problem(StatusCode::SERVICE_UNAVAILABLE, what);
+        return unavailable(what);
     }
     // Queued: the request now lives as long as its result will.
     let _: redis::RedisResult<i64> = redis::cmd("PEXPIRE")
@@ -423,7 +459,12 @@ impl Gateway {
                         Duration::from_secs(5),
                     )
                     .await
-                    .map_err(|(e, _)| Error::Kafka(e.to_string()))?;
+                    .map_err(|(e, _)| match e.rdkafka_error_code() {
+                        Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                            Error::MessageTooLarge(e.to_string())
+                        }
+                        _ => Error::Kafka(e.to_string()),
+                    })?;
                 Ok(())
             }
             Queue::RedisList { key } => {
@@ -455,10 +496,7 @@ async fn status(
 
 fn store_unavailable(e: &Error) -> Response {
     warn!(error = %e, "redis unavailable on status");
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "result store (Redis) is unavailable",
-    )
+    unavailable("result store (Redis) is unavailable")
 }
 
 #[instrument(name = "request", skip_all, fields(id = %id))]
