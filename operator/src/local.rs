@@ -189,7 +189,31 @@ fn command(
         .stderr(err)
         .stdin(std::process::Stdio::null());
     cmd.kill_on_drop(true);
+    die_with_parent(&mut cmd);
     Ok(cmd)
+}
+
+/// The process gets SIGTERM when local mode dies, however it dies. `kill_on_drop` covers every
+/// exit that runs destructors; after a SIGKILL or an OOM kill none run, and orphaned workers
+/// would go on consuming with a token limit that nobody maintains any more (after a Redis
+/// restart they wait for it forever). The kernel's parent-death signal is the only mechanism
+/// that survives that, and no crate wraps it for a child about to be spawned, hence the
+/// `pre_exec`. It fires when the spawning *thread* exits: processes are spawned from the
+/// runtime's worker threads, which live as long as local mode.
+fn die_with_parent(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes two system
+    // calls (prctl, getppid); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // Local mode died between fork and prctl: the signal will never come.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::other("qp-operator local exited"));
+            }
+            Ok(())
+        });
+    }
 }
 
 fn terminate(child: &Child) {

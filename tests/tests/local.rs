@@ -361,3 +361,59 @@ async fn capacity_is_learned_again_after_a_brownout() {
     );
     f.cleanup().await;
 }
+
+/// The processes whose parent is `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // /proc/<pid>/stat: "pid (comm) state ppid ...", comm may contain spaces.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Running (neither gone nor a zombie waiting to be reaped).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// Defect: `qp-operator local` killed with SIGKILL left its workers and gateway running, with a
+/// token limit nobody maintained any more. They must die with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_die_with_a_killed_local_operator() {
+    let f = Fixture::new("local-orphans", RedisKind::Single, 1).await;
+    let file = local::manifest(
+        &f,
+        &TestQp {
+            sleep_millis: 0,
+            per_replica_tokens: 2,
+            max_replicas: 1,
+        },
+    );
+    let mut lm = LocalMode::start(&f.name, &file, None);
+    lm.wait_ready(Duration::from_secs(120)).await;
+    let children = children_of(lm.pid());
+    assert!(
+        children.len() >= 2,
+        "a worker and the gateway: {children:?}"
+    );
+    // The operator alone, not its process group (which the test's cleanup kills).
+    local::signal(lm.pid() as i32, "-KILL");
+    eventually(Duration::from_secs(15), "its processes to exit", || async {
+        children.iter().all(|p| !running(*p)).then_some(())
+    })
+    .await;
+    f.cleanup().await;
+}
