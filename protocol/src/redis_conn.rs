@@ -304,11 +304,36 @@ impl RedisSettings {
         }
     }
 
-    /// A plain client for `SUBSCRIBE`: the server itself, or the first cluster node. On a cluster
-    /// `PUBLISH` reaches every node, so listening on one node hears everything.
+    /// A plain client for `SUBSCRIBE` on a single server.
     pub fn pubsub_client(&self) -> Result<redis::Client> {
         let mut infos = self.connection_infos()?;
         Ok(redis::Client::open(infos.remove(0))?)
+    }
+
+    /// Whether notifications use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`): on a cluster, where
+    /// a classic `PUBLISH` is copied to every node and a subscriber on one node depends on it.
+    pub fn sharded_pubsub(&self) -> bool {
+        matches!(self.target, RedisTarget::Cluster(_))
+    }
+
+    /// A cluster connection speaking RESP3 that delivers pushes (sharded messages, and
+    /// subscription and disconnection events) to `pushes`, for `SSUBSCRIBE`. The `redis` crate
+    /// subscribes it again after a reconnect and follows a channel's slot to its new owner.
+    pub async fn cluster_push_connection(
+        &self,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Result<ClusterConnection> {
+        let mut builder = ClusterClientBuilder::new(self.connection_infos()?)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes)
+            .connection_timeout(CONNECTION_TIMEOUT);
+        if let Some(password) = &self.password {
+            builder = builder.password(password);
+        }
+        if let Some(username) = &self.username {
+            builder = builder.username(username);
+        }
+        Ok(builder.build()?.get_async_connection().await?)
     }
 
     /// Opens the shared, multiplexed connection. Clone the returned [`Conn`] to share it.

@@ -18,11 +18,17 @@ pub static BEGIN: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/results_begin.lua")));
 
 /// Finish each id once. KEYS[1] = processed counter, KEYS[2] = failed counter,
-/// KEYS[3..] = result hashes. ARGV[1] = ttl ms, ARGV[2] = channel, then per id:
-/// outcome ('done'|'failed'), payload (body or error), id.
+/// KEYS[3..] = result hashes. ARGV[1] = ttl ms, ARGV[2] = channel, ARGV[3] = `PUBLISH` or
+/// `SPUBLISH`, then per id: outcome ('done'|'failed'), payload (body or error), id. Announces
+/// an id only when a long poll watches it (see [`WATCH`]).
 /// Returns one entry per id: 1 = written, 0 = was already finished.
 pub static FINISH: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/results_finish.lua")));
+
+/// Mark a request watched (if it exists) and read it: `{state, body, error}`. KEYS[1] = result
+/// hash.
+pub static WATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/gateway_watch.lua")));
 
 /// Claim `id` as pending unless a request with that id exists. KEYS[1] = result hash.
 /// ARGV[1] = reservation ttl ms. Returns the existing state, or "" when newly claimed.

@@ -214,6 +214,109 @@ async fn a_body_at_the_size_limit_is_processed_and_one_byte_more_gets_413() {
     fx.cleanup().await;
 }
 
+/// Defect: the gateway was ready only while its subscription to result notifications was up, so
+/// a pub/sub failure (here: a Redis user without channel permissions, for good) took it out of
+/// service although submitting and polling work without notifications. Now it is ready, says in
+/// `qp_gateway_notifications_up` that it is deaf, and long polls read their state periodically.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_without_notifications_stays_ready_and_long_polls_still_answer() {
+    let fx = Fixture::new("gw-deaf", RedisKind::Single, 0).await;
+    fx.pool().set_limit(2).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let user = format!("qp-{}", fx.name);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("allkeys")
+        .arg("resetchannels")
+        .arg("+@all")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    let (_gw, base) = fx
+        .gateway(
+            GatewayQueue::RedisList(&list),
+            &["--redis-username", &user, "--redis-password", &password],
+        )
+        .await;
+    let _w = fx.list_worker("w0", &list, "sleep:300", &[]);
+    let http = reqwest::Client::new();
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("qp_gateway_notifications_up 0"),
+        "{metrics}"
+    );
+    let id = submit_json(&http, &base, &json!({ "deaf": true })).await;
+    let (status, answer) = poll(&http, &base, &id, Some(10.0)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "done");
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    fx.cleanup().await;
+}
+
+/// Defect: on a Redis Cluster every finish was `PUBLISH`ed, which the cluster copies to every
+/// node, whether anyone waited or not. Now a finish is announced with sharded pub/sub in the
+/// QueueProcessor's slot, and only when a long poll watches the request. A subscriber of the
+/// test's own hears exactly the one watched request, although five others finished before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_cluster_only_watched_finishes_are_announced_in_their_shard() {
+    let fx = Fixture::new("gw-shard", RedisKind::Cluster, 1).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let (_gw, base) = fx.gateway(GatewayQueue::Kafka, &[]).await;
+    // Slow enough that the long poll below is parked before its request finishes.
+    let _worker = fx.kafka_worker("w0", "sleep:500", &[]);
+    let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let mut listener = fx.redis.cluster_push_connection(tx).await.unwrap();
+    listener.ssubscribe(fx.keys.done_channel()).await.unwrap();
+    let http = reqwest::Client::new();
+
+    let mut quiet = Vec::new();
+    for n in 0..5 {
+        quiet.push(submit_json(&http, &base, &json!({ "quiet": n })).await);
+    }
+    fx.wait_finished(&quiet, Duration::from_secs(30)).await;
+    let watched = submit_json(&http, &base, &json!({ "watched": true })).await;
+    let (status, answer) = poll(&http, &base, &watched, Some(10.0)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    // Messages of one shard arrive in order: anything announced for the quiet ones comes first.
+    let mut announced = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !announced.contains(&watched) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let push = tokio::time::timeout(left, heard.recv())
+            .await
+            .expect("the watched finish was not announced in its shard")
+            .expect("push channel open");
+        if push.kind == redis::PushKind::SMessage
+            && let Some(redis::Value::BulkString(id)) = push.data.get(1)
+        {
+            announced.push(String::from_utf8_lossy(id).into_owned());
+        }
+    }
+    assert_eq!(
+        announced,
+        vec![watched],
+        "only the watched finish is announced"
+    );
+    fx.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn long_poll_answers_within_50ms_of_the_result_being_written() {
     long_poll_latency(RedisKind::Single).await;

@@ -26,7 +26,7 @@ use tracing::warn;
 
 use crate::{Error, Result};
 use qp_protocol::keys::Keys;
-use qp_protocol::redis_conn::Conn;
+use qp_protocol::redis_conn::{Conn, RedisSettings};
 
 /// What happened to a request, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +111,20 @@ impl Op {
     }
 }
 
+/// A request's state from the `state`, `body` and `error` fields of its hash.
+fn parse_state(
+    state: Option<String>,
+    body: Option<Vec<u8>>,
+    error: Option<String>,
+) -> Option<RequestState> {
+    state.map(|s| match s.as_str() {
+        "done" => RequestState::Done(Bytes::from(body.unwrap_or_default())),
+        "failed" => RequestState::Failed(error.unwrap_or_default()),
+        "processing" => RequestState::Processing,
+        _ => RequestState::Pending,
+    })
+}
+
 /// Moves operations from `rx` into `batch` while both caps allow: at least one (waiting for
 /// it), then whatever is already queued. An operation that would cross [`MAX_BATCH_BYTES`] is
 /// kept in `carry` for the next batch. Returns false when every handle is gone.
@@ -143,9 +157,16 @@ async fn next_batch(
 
 impl ResultStore {
     /// Start the writer task. `ttl` is how long results and states live.
-    pub fn start(keys: Keys, conn: Conn, ttl: Duration) -> Self {
+    /// `redis` says how finishes are announced: classic pub/sub on one server, sharded on a
+    /// cluster (see the gateway's `notify` module).
+    pub fn start(keys: Keys, conn: Conn, ttl: Duration, redis: &RedisSettings) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(keys.clone(), conn.clone(), ttl, rx));
+        let publish = if redis.sharded_pubsub() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        tokio::spawn(writer(keys.clone(), conn.clone(), ttl, publish, rx));
         ResultStore {
             keys,
             conn,
@@ -199,12 +220,19 @@ impl ResultStore {
                 .arg("error")
                 .query_async(&mut conn)
                 .await?;
-        Ok(state.map(|s| match s.as_str() {
-            "done" => RequestState::Done(Bytes::from(body.unwrap_or_default())),
-            "failed" => RequestState::Failed(error.unwrap_or_default()),
-            "processing" => RequestState::Processing,
-            _ => RequestState::Pending,
-        }))
+        Ok(parse_state(state, body, error))
+    }
+
+    /// [`ResultStore::get`] that also marks the request watched (if it exists), so that a
+    /// worker announces its finish on the `done` channel: only finishes a long poll waits for
+    /// are announced.
+    pub async fn watch(&self, id: &str) -> Result<Option<RequestState>> {
+        let (state, body, error): (Option<String>, Option<Vec<u8>>, Option<String>) =
+            qp_protocol::scripts::WATCH
+                .key(self.keys.result(id))
+                .invoke_async(&mut self.conn.clone())
+                .await?;
+        Ok(parse_state(state, body, error))
     }
 
     /// Counters the operator reads: (processed, failed) since the keys were created.
@@ -222,7 +250,13 @@ impl ResultStore {
 /// The group-commit loop: take everything queued, send it as (at most) two script calls in one
 /// pipeline, answer every waiter, repeat. Redis errors are retried with backoff and never
 /// dropped: a waiter is answered with an error only when the store is shutting down.
-async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedReceiver<Op>) {
+async fn writer(
+    keys: Keys,
+    conn: Conn,
+    ttl: Duration,
+    publish: &'static str,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+) {
     let begin = qp_protocol::scripts::BEGIN.clone();
     let finish = qp_protocol::scripts::FINISH.clone();
     let ttl_ms = ttl.as_millis() as u64;
@@ -249,7 +283,14 @@ async fn writer(keys: Keys, conn: Conn, ttl: Duration, mut rx: mpsc::UnboundedRe
             let (mut c1, mut c2) = (conn.clone(), conn.clone());
             let (b, f) = tokio::join!(
                 run_begin(&keys, &mut c1, &begin, &begins, ttl_ms),
-                run_finish(&keys, &mut c2, &finish, &finishes, ttl_ms, &channel),
+                run_finish(
+                    &keys,
+                    &mut c2,
+                    &finish,
+                    &finishes,
+                    ttl_ms,
+                    (&channel, publish)
+                ),
             );
             Ok::<_, Error>((b?, f?))
         })
@@ -302,14 +343,14 @@ async fn run_finish(
     script: &redis::Script,
     batch: &FinishBatch,
     ttl_ms: u64,
-    channel: &str,
+    (channel, publish): (&str, &str),
 ) -> Result<Vec<i64>> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
     let mut inv = script.prepare_invoke();
     inv.key(keys.processed()).key(keys.failed());
-    inv.arg(ttl_ms).arg(channel);
+    inv.arg(ttl_ms).arg(channel).arg(publish);
     for (id, outcome, _) in batch {
         inv.key(keys.result(id));
         match outcome {

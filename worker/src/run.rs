@@ -109,6 +109,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
         keys.clone(),
         conn.clone(),
         Duration::from_secs(args.result_ttl_seconds),
+        &redis,
     );
     let probe_prefix = keys.prefix().trim_end_matches(':').to_owned();
     let handler = Handler::new(

@@ -24,12 +24,13 @@
 //! If the topic itself refuses it (a broker `max.message.bytes` below the limit), that is a 413
 //! too, saying so, not a 503 the client would retry forever.
 //!
-//! Long polls do not poll: workers `PUBLISH` every finished id on the QueueProcessor's `done`
-//! channel; one subscription per gateway wakes exactly the waiters of that id. The gateway is
-//! ready only while that subscription is up, so no long poll can start deaf. After a reconnect
-//! every waiter re-reads its state once, so a result written while disconnected is not missed.
+//! Long polls do not poll while notifications are up: a worker announces a finished id that a
+//! long poll is watching, and one subscription per gateway wakes exactly its waiters (see
+//! `notify`). The gateway is ready as soon as it can reach Redis and its queue; notifications
+//! are not a condition, since submit and poll work without them.
 
-use std::collections::HashMap;
+mod notify;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,14 +43,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use futures::StreamExt;
-use prometheus::IntGauge;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{Span, info, instrument, warn};
@@ -60,9 +58,10 @@ use crate::server::{self, Readiness};
 use crate::source::redis_list::Envelope;
 use crate::source::valid_id;
 use crate::{Error, Result};
+use notify::{FALLBACK_POLL, Notifications};
 use qp_protocol::keys::Keys;
 use qp_protocol::observability;
-use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::redis_conn::Conn;
 use qp_protocol::settings::{GatewayArgs, KafkaArgs, SourceKind};
 
 /// How long a `pending` state lives before the message is known to be queued.
@@ -82,88 +81,6 @@ enum Queue {
     },
 }
 
-/// Parked long polls, by request id. The gauge counts them (`qp_gateway_longpoll_waiters`).
-struct Waiters {
-    by_id: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
-    parked: IntGauge,
-}
-
-impl Waiters {
-    fn new(metrics: &Metrics) -> Result<Self> {
-        let parked = IntGauge::new(
-            "qp_gateway_longpoll_waiters",
-            "Long polls parked until their request finishes",
-        )
-        .map_err(|e| Error::Http(e.to_string()))?;
-        metrics
-            .registry
-            .register(Box::new(parked.clone()))
-            .map_err(|e| Error::Http(e.to_string()))?;
-        Ok(Waiters {
-            by_id: Mutex::default(),
-            parked,
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<oneshot::Sender<()>>>> {
-        self.by_id.lock().expect("waiters lock")
-    }
-
-    /// Register interest in `id` finishing.
-    fn watch<'a>(&'a self, id: &'a str) -> Watch<'a> {
-        let (tx, rx) = oneshot::channel();
-        self.lock().entry(id.to_owned()).or_default().push(tx);
-        self.parked.inc();
-        Watch {
-            waiters: self,
-            id,
-            rx: Some(rx),
-        }
-    }
-
-    /// Wake the waiters of `id`.
-    fn notify(&self, id: &str) {
-        let waiting = self.lock().remove(id).unwrap_or_default();
-        self.parked.sub(waiting.len() as i64);
-        for tx in waiting {
-            let _ = tx.send(());
-        }
-    }
-
-    /// Wake every waiter so each re-reads its state (after notifications may have been lost).
-    fn notify_all(&self) {
-        let all = std::mem::take(&mut *self.lock());
-        for tx in all.into_values().flatten() {
-            self.parked.dec();
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// One long poll's interest in an id. Dropping it (the poll ended, or the client went away and
-/// axum dropped the handler) removes the entry, so waiters of ids that never finish cannot pile
-/// up in the map.
-struct Watch<'a> {
-    waiters: &'a Waiters,
-    id: &'a str,
-    rx: Option<oneshot::Receiver<()>>,
-}
-
-impl Drop for Watch<'_> {
-    fn drop(&mut self) {
-        drop(self.rx.take());
-        let mut w = self.waiters.lock();
-        if let Some(list) = w.get_mut(self.id) {
-            let before = list.len();
-            list.retain(|tx| !tx.is_closed());
-            self.waiters.parked.sub((before - list.len()) as i64);
-            if list.is_empty() {
-                w.remove(self.id);
-            }
-        }
-    }
-}
-
 struct Gateway {
     keys: Keys,
     conn: Conn,
@@ -174,7 +91,7 @@ struct Gateway {
     max_backlog: u64,
     /// Last measured backlog (messages waiting), refreshed in the background.
     backlog: Mutex<Option<u64>>,
-    waiters: Waiters,
+    notes: Arc<Notifications>,
     metrics: Metrics,
     claim: redis::Script,
     /// The largest accepted body.
@@ -217,8 +134,9 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
             })?,
         },
     };
+    let notes = Arc::new(Notifications::new(&metrics)?);
     let gw = Arc::new(Gateway {
-        store: ResultStore::start(keys.clone(), conn.clone(), result_ttl),
+        store: ResultStore::start(keys.clone(), conn.clone(), result_ttl, &redis),
         keys,
         conn,
         queue,
@@ -226,16 +144,16 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         max_wait: Duration::from_secs(args.max_wait_seconds),
         max_backlog: args.max_backlog,
         backlog: Mutex::new(None),
-        waiters: Waiters::new(&metrics)?,
+        notes: notes.clone(),
         metrics: metrics.clone(),
         claim: qp_protocol::scripts::CLAIM.clone(),
         max_request_bytes: args.max_request_bytes,
         stop: stop.clone(),
     });
-    tokio::spawn(listen_done(
+    tokio::spawn(notify::listen(
         redis.clone(),
-        gw.clone(),
-        ready.clone(),
+        gw.keys.done_channel(),
+        notes,
         stop.clone(),
     ));
     if gw.max_backlog > 0 {
@@ -245,7 +163,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     let probes = observability::router(move || metrics.render(), Some(ready.clone()));
     let app = api(gw.clone(), args.max_request_bytes).merge(probes);
     let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
-    // Ready once `listen_done` has subscribed (it sets the flag).
+    ready.set(true);
     info!(%addr, keys = %gw.keys.prefix(), "gateway serving");
     let _ = http.await;
     Ok(())
@@ -517,9 +435,15 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     let deadline = tokio::time::Instant::now() + wait;
     let mut woken = false;
     loop {
-        // Register before reading, so a result written in between is not missed.
-        let mut watch = gw.waiters.watch(id);
-        let state = match gw.store.get(id).await {
+        // Register before reading, so a result written in between is not missed. The first
+        // read also marks the request watched, so that its finish is announced.
+        let mut watch = gw.notes.waiters.watch(id);
+        let read = if woken {
+            gw.store.get(id).await
+        } else {
+            gw.store.watch(id).await
+        };
+        let state = match read {
             Ok(s) => s,
             Err(e) => return store_unavailable(&e),
         };
@@ -539,6 +463,8 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
             // Notified (or woken after a reconnect): read again.
             _ = rx => {}
             _ = tokio::time::sleep_until(deadline) => {}
+            // Deaf: read again a little later.
+            _ = tokio::time::sleep(FALLBACK_POLL), if !gw.notes.up() => {}
             _ = gw.stop.cancelled() => return render(id, state),
         }
         woken = true;
@@ -578,52 +504,6 @@ fn render(id: &str, state: Option<RequestState>) -> Response {
     }
 }
 
-/// One subscription to the `done` channel, fanning out to long-poll waiters. Reconnects with
-/// backoff; the gateway is not ready while disconnected, and after a reconnect every waiter
-/// re-reads its state once (a result may have been written in the gap). The reconnect loop
-/// stays hand-written: it also waits after a clean disconnect, which is not a failed attempt.
-async fn listen_done(redis: RedisSettings, gw: Shared, ready: Readiness, stop: CancellationToken) {
-    let channel = gw.keys.done_channel();
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let attempt = async {
-            let client = redis.pubsub_client()?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, Error>(pubsub)
-        };
-        match attempt.await {
-            Ok(mut pubsub) => {
-                backoff = Duration::from_millis(100);
-                ready.set(true);
-                info!("gateway ready");
-                gw.waiters.notify_all();
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        m = messages.next() => match m {
-                            Some(m) => {
-                                let id: String = m.get_payload().unwrap_or_default();
-                                gw.waiters.notify(&id);
-                            }
-                            None => break,
-                        },
-                    }
-                }
-                ready.set(false);
-                warn!("result notifications disconnected; reconnecting");
-            }
-            Err(e) => warn!(error = %e, "subscribing to result notifications failed"),
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Refresh the backlog used for 429s: list length, or the consumer group's lag.
 async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) {
     let lag = match (&gw.queue, args.kafka.kafka_group.as_deref()) {
@@ -656,46 +536,5 @@ async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn waiters_are_woken_and_never_left_behind() {
-        let w = Waiters::new(&Metrics::new()).unwrap();
-        let count = |w: &Waiters| w.lock().values().map(Vec::len).sum::<usize>();
-
-        // Notified: the waiter wakes, the entry is gone.
-        let mut a = w.watch("a");
-        let b = w.watch("a");
-        assert_eq!((w.parked.get(), count(&w)), (2, 2));
-        w.notify("a");
-        a.rx.as_mut().unwrap().await.unwrap();
-        assert_eq!((w.parked.get(), count(&w)), (0, 0));
-        drop((a, b));
-        assert_eq!(
-            w.parked.get(),
-            0,
-            "a dropped watch that was notified counts once"
-        );
-
-        // Abandoned (the client went away): dropping removes only that waiter.
-        let c = w.watch("c");
-        let d = w.watch("c");
-        drop(c);
-        assert_eq!((w.parked.get(), count(&w)), (1, 1));
-        drop(d);
-        assert!(w.lock().is_empty());
-        assert_eq!(w.parked.get(), 0);
-
-        // After a reconnect everyone re-reads.
-        let mut e = w.watch("e");
-        let _f = w.watch("f");
-        w.notify_all();
-        e.rx.as_mut().unwrap().await.unwrap();
-        assert_eq!((w.parked.get(), count(&w)), (0, 0));
     }
 }
