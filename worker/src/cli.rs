@@ -3,6 +3,7 @@
 //! environment (every flag has an environment fallback; secrets come from `secretKeyRef`, so they
 //! never appear in the pod spec or in `ps`).
 
+use crate::replay::ReplayArgs;
 use clap::{Parser, Subcommand};
 use qp_protocol::settings::{GatewayArgs, RunArgs};
 
@@ -27,6 +28,9 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Accept requests over HTTP, queue them, and answer polls for their results.
     Gateway(Box<GatewayArgs>),
+    /// Queue dead letters on the source again (by --id, or --all), resetting their requests so
+    /// that they run again; --dry-run lists them.
+    Replay(Box<ReplayArgs>),
 }
 
 #[cfg(test)]

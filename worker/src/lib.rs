@@ -6,7 +6,8 @@
 //! - [`engine`]: slot -> token -> handler -> result -> acknowledgement
 //! - [`results`]: request state and results in Redis, written once, in batches
 //! - [`handler`]: http, exec and built-in handlers
-//! - [`run`]: wiring for `qp-worker run`; [`gateway`]: `qp-worker gateway`
+//! - [`run`]: wiring for `qp-worker run`; [`gateway`]: `qp-worker gateway`; [`replay`]:
+//!   `qp-worker replay` (dead letters back onto the source)
 
 pub mod cli;
 pub mod deadletter;
@@ -18,6 +19,7 @@ pub mod heartbeat;
 pub mod keeper;
 pub mod metrics;
 pub mod offsets;
+pub mod replay;
 pub mod results;
 pub mod retry;
 pub mod run;

@@ -9,12 +9,25 @@ async fn main() -> std::process::ExitCode {
     let common = match &cli.command {
         Command::Run(a) => &a.common,
         Command::Gateway(a) => &a.common,
+        Command::Replay(a) => &a.common,
     };
     qp_protocol::observability::init_tracing(common.log_format, "info");
     let stop = qp_worker::run::stop_on_signals();
     let res = match cli.command {
         Command::Run(args) => qp_worker::run::run(*args, stop).await,
         Command::Gateway(args) => qp_worker::gateway::run(*args, stop).await,
+        Command::Replay(args) => match qp_worker::replay::replay(*args).await {
+            // Ids asked for without a dead letter make the command fail, after the others.
+            Ok(report) if !report.missing.is_empty() => {
+                eprintln!(
+                    "qp-worker: {} ids have no dead letter",
+                    report.missing.len()
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        },
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
