@@ -247,3 +247,233 @@ async fn a_message_that_crashes_the_worker_is_dead_lettered_after_max_deliveries
     );
     fx.cleanup().await;
 }
+
+/// Fault test: every connection of the workers' Redis user is killed (`CLIENT KILL USER`) every
+/// 200 ms while 300 messages go through a Redis list with a limit of 4: blocked `BLMOVE`s and
+/// `BLPOP`s, script calls and acknowledgements fail mid-flight, again and again. Nothing may be
+/// lost or left in a processing list, and the ceiling holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
+    let fx = Fixture::new("clientkill", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let ids = ids("m", 300);
+    push(&fx, &list, &ids).await;
+    let user = format!("qp-{}", fx.name);
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("allkeys")
+        .arg("allchannels")
+        .arg("+@all")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    // Concurrency is measured at the downstream: the probe handler keeps its count in Redis,
+    // through the very connections this test kills.
+    let downstream = Downstream::start(Duration::from_millis(20), false).await;
+    let workers: Vec<Proc> = (0..3)
+        .map(|i| {
+            let mut cmd = fx.worker_command(&format!("w{i}"));
+            cmd.args(["--source", "redis-list", "--list-key", &list])
+                .args(["--handler", &downstream.url, "--max-concurrency", "4"])
+                .env("QP_REDIS_USERNAME", &user)
+                .env("QP_REDIS_PASSWORD", &password);
+            Proc::spawn(&format!("{}-w{i}", fx.name), cmd)
+        })
+        .collect();
+
+    let kills = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let killer = {
+        let mut conn = fx.conn.clone();
+        let user = user.clone();
+        let kills = kills.clone();
+        tokio::spawn(async move {
+            loop {
+                let killed: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("USER")
+                    .arg(&user)
+                    .query_async(&mut conn)
+                    .await;
+                let n = killed.unwrap_or(0).max(0) as u64;
+                kills.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                // The fault's pace: a kill every 200 ms, not a wait for anything.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    fx.wait_finished(&ids, Duration::from_secs(180)).await;
+    let took = started.elapsed();
+    killer.abort();
+    let states = fx.states(&ids).await;
+    let failed = states.values().filter(|s| *s != "done").count();
+    assert_eq!(failed, 0, "{failed} messages failed");
+    for i in 0..3 {
+        let processing = fx.keys.processing_list(&list, &format!("w{i}")).unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "empty processing lists",
+            || async { (llen(&fx, &processing).await == 0).then_some(()) },
+        )
+        .await;
+    }
+    let (max, dups) = (downstream.max(), downstream.twice());
+    let kills = kills.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "{kills} connections killed, every 200 ms: 300 messages done in {took:?}, 0 lost, 0 \
+         failed, max concurrency {max} (limit 4), processed twice: {dups}"
+    );
+    assert!(
+        kills >= 10,
+        "the fault happened: {kills} connections killed"
+    );
+    assert!(max <= 4, "the limit of 4 was exceeded: {max}");
+    drop(workers);
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    fx.cleanup().await;
+}
+
+/// An HTTP downstream for the fault tests, measured on its side (independent of Redis, which
+/// the tests break): echoes the body with 200 after `delay`, or answers 503 at once while `down`.
+/// Records the most requests it served at once and how often each body (a message id) came.
+struct Downstream {
+    url: String,
+    state: std::sync::Arc<DownstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct DownstreamState {
+    down: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU64,
+    current: std::sync::atomic::AtomicI64,
+    max: std::sync::atomic::AtomicI64,
+    runs: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u32>>,
+}
+
+impl Downstream {
+    async fn start(delay: Duration, down: bool) -> Downstream {
+        use axum::http::StatusCode;
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
+        let state = Arc::new(DownstreamState::default());
+        state.down.store(down, Ordering::SeqCst);
+        let st = state.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let st = st.clone();
+                async move {
+                    if st.down.load(Ordering::SeqCst) {
+                        st.refused.fetch_add(1, Ordering::SeqCst);
+                        return (StatusCode::SERVICE_UNAVAILABLE, axum::body::Bytes::new());
+                    }
+                    let now = st.current.fetch_add(1, Ordering::SeqCst) + 1;
+                    st.max.fetch_max(now, Ordering::SeqCst);
+                    *st.runs.lock().unwrap().entry(body.to_vec()).or_default() += 1;
+                    // The handler's work.
+                    tokio::time::sleep(delay).await;
+                    st.current.fetch_sub(1, Ordering::SeqCst);
+                    (StatusCode::OK, body)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Downstream { url, state, task }
+    }
+
+    fn max(&self) -> i64 {
+        self.state.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bodies served more than once.
+    fn twice(&self) -> usize {
+        self.state
+            .runs
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|n| **n > 1)
+            .count()
+    }
+}
+
+impl Drop for Downstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Fault test: the HTTP downstream answers 503 for 30 s, then recovers. Messages retry with
+/// backoff without holding tokens (the pool's leases in use stay well below the limit during
+/// the outage), the retries are bounded, and everything completes after the recovery.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downstream_outage_pins_no_tokens_and_everything_completes_after_it() {
+    use std::sync::atomic::Ordering;
+    let fx = Fixture::new("outage", RedisKind::Single, 0).await;
+    let limit = 4;
+    fx.pool().set_limit(limit).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let ids = ids("m", 40);
+    push(&fx, &list, &ids).await;
+    let downstream = Downstream::start(Duration::ZERO, true).await;
+    let retries = 8;
+    let args = [
+        "--retries",
+        "8",
+        "--retry-backoff-ms",
+        "200",
+        "--max-concurrency",
+        "8",
+    ];
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| fx.list_worker(&format!("w{i}"), &list, &downstream.url, &args))
+        .collect();
+
+    // Sample the leases in use during the outage.
+    let outage = Duration::from_secs(30);
+    let pool = fx.pool();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while started.elapsed() < outage {
+        samples.push(pool.snapshot().await.unwrap().in_use);
+        // The sampling period of a measurement, not a wait for a condition.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    downstream.state.down.store(false, Ordering::SeqCst);
+    let refused = downstream.state.refused.load(Ordering::SeqCst);
+    fx.wait_finished(&ids, Duration::from_secs(90)).await;
+    let recovered = started.elapsed() - outage;
+    let states = fx.states(&ids).await;
+    assert!(states.values().all(|s| s == "done"), "{states:?}");
+    let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64;
+    let max = samples.iter().max().copied().unwrap_or(0);
+    println!(
+        "30 s outage: leases in use mean {mean:.2} / max {max} of {limit}; {refused} requests \
+         refused (at most {} with {retries} retries); all 40 done {recovered:?} after recovery",
+        ids.len() * (retries + 1)
+    );
+    assert!(
+        mean < limit as f64 / 2.0,
+        "tokens were held through the outage: mean {mean:.2} of {limit}"
+    );
+    assert!(
+        refused <= (ids.len() * (retries + 1)) as u64,
+        "retries are bounded"
+    );
+    fx.cleanup().await;
+}
