@@ -424,8 +424,11 @@ start_redis() {
   node_network_up && bind+=" $NODE_IP"
   # Protected mode would refuse the pods (not loopback); the node address is reachable only
   # from this machine and its pods.
+  # AOF on, fsync every second, as production runs it: a restart keeps the data (the Redis
+  # restart fault test relies on it).
   # shellcheck disable=SC2086 # two addresses, one argument each
-  spawn redis redis redis-server --bind $bind --port "$PORT_REDIS" --save "" --appendonly no \
+  spawn redis redis redis-server --bind $bind --port "$PORT_REDIS" --save "" \
+    --appendonly yes --appendfsync everysec \
     --dir "$DATA/redis" --protected-mode "$(node_network_up && echo no || echo yes)"
   wait_for redis 20 redis-cli -p "$PORT_REDIS" ping
 }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod chart;
 pub mod cluster;
+pub mod downstream;
 pub mod e2e;
 pub mod env;
 pub mod fixture;

@@ -5,6 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use qp_tests::downstream::Downstream;
 use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::procs::{self, Proc};
 use qp_tests::proxy::ReplyCutter;
@@ -341,81 +342,6 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
         .await
         .unwrap();
     fx.cleanup().await;
-}
-
-/// An HTTP downstream for the fault tests, measured on its side (independent of Redis, which
-/// the tests break): echoes the body with 200 after `delay`, or answers 503 at once while `down`.
-/// Records the most requests it served at once and how often each body (a message id) came.
-struct Downstream {
-    url: String,
-    state: std::sync::Arc<DownstreamState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Default)]
-struct DownstreamState {
-    down: std::sync::atomic::AtomicBool,
-    refused: std::sync::atomic::AtomicU64,
-    current: std::sync::atomic::AtomicI64,
-    max: std::sync::atomic::AtomicI64,
-    runs: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u32>>,
-}
-
-impl Downstream {
-    async fn start(delay: Duration, down: bool) -> Downstream {
-        use axum::http::StatusCode;
-        use std::sync::Arc;
-        use std::sync::atomic::Ordering;
-        let state = Arc::new(DownstreamState::default());
-        state.down.store(down, Ordering::SeqCst);
-        let st = state.clone();
-        let app = axum::Router::new().route(
-            "/",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let st = st.clone();
-                async move {
-                    if st.down.load(Ordering::SeqCst) {
-                        st.refused.fetch_add(1, Ordering::SeqCst);
-                        return (StatusCode::SERVICE_UNAVAILABLE, axum::body::Bytes::new());
-                    }
-                    let now = st.current.fetch_add(1, Ordering::SeqCst) + 1;
-                    st.max.fetch_max(now, Ordering::SeqCst);
-                    *st.runs.lock().unwrap().entry(body.to_vec()).or_default() += 1;
-                    // The handler's work.
-                    tokio::time::sleep(delay).await;
-                    st.current.fetch_sub(1, Ordering::SeqCst);
-                    (StatusCode::OK, body)
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Downstream { url, state, task }
-    }
-
-    fn max(&self) -> i64 {
-        self.state.max.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Bodies served more than once.
-    fn twice(&self) -> usize {
-        self.state
-            .runs
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|n| **n > 1)
-            .count()
-    }
-}
-
-impl Drop for Downstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// Fault test: the HTTP downstream answers 503 for 30 s, then recovers. Messages retry with
