@@ -348,6 +348,9 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+# Lets a test give its workers a short session timeout (the stall after a crash); the broker
+# default refuses anything below 6 s.
+group.min.session.timeout.ms=1000
 auto.create.topics.enable=false
 PROPS
   cat >"$QP_RUN/kafka/log4j2.properties" <<'L4J'

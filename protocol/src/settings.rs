@@ -138,6 +138,8 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT_SECONDS: u64 = 30;
     pub const MAX_PENDING_PER_PARTITION: usize = 256;
     pub const COMMIT_INTERVAL_MS: u64 = 1000;
+    /// The lowest session timeout a broker accepts by default.
+    pub const KAFKA_SESSION_TIMEOUT_MS: u64 = 6000;
     pub const HEARTBEAT_MS: u64 = 1000;
     pub const DEAD_AFTER_MS: u64 = 15_000;
     pub const MAX_BACKLOG: u64 = 0;
@@ -289,6 +291,11 @@ pub struct RunArgs {
     /// How often stored Kafka offsets are committed.
     #[arg(long, env = "QP_COMMIT_INTERVAL_MS", default_value_t = defaults::COMMIT_INTERVAL_MS)]
     pub commit_interval_ms: u64,
+    /// How long the group waits for a silent worker (killed, frozen) before its partitions go
+    /// to the others: their stall after a crash. The broker refuses values below its
+    /// `group.min.session.timeout.ms` (6000 by default); lower that to go below.
+    #[arg(long, env = "QP_KAFKA_SESSION_TIMEOUT_MS", default_value_t = defaults::KAFKA_SESSION_TIMEOUT_MS)]
+    pub kafka_session_timeout_ms: u64,
     /// Heartbeat period (token renewal, counters for the operator).
     #[arg(long, env = "QP_HEARTBEAT_MS", default_value_t = defaults::HEARTBEAT_MS)]
     pub heartbeat_ms: u64,
@@ -595,6 +602,7 @@ impl RunArgs {
             max_pending_per_partition: defaults::MAX_PENDING_PER_PARTITION,
             kafka_auto_offset_reset: OffsetReset::Earliest,
             commit_interval_ms: defaults::COMMIT_INTERVAL_MS,
+            kafka_session_timeout_ms: defaults::KAFKA_SESSION_TIMEOUT_MS,
             heartbeat_ms: defaults::HEARTBEAT_MS,
             dead_after_ms: defaults::DEAD_AFTER_MS,
         }
@@ -651,6 +659,11 @@ impl RunArgs {
             "commit_interval_ms",
             self.commit_interval_ms,
             defaults::COMMIT_INTERVAL_MS,
+        );
+        r.tuned(
+            "kafka_session_timeout_ms",
+            self.kafka_session_timeout_ms,
+            defaults::KAFKA_SESSION_TIMEOUT_MS,
         );
         r.tuned("heartbeat_ms", self.heartbeat_ms, defaults::HEARTBEAT_MS);
         r.tuned("dead_after_ms", self.dead_after_ms, defaults::DEAD_AFTER_MS);

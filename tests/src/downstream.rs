@@ -18,6 +18,8 @@ pub struct DownstreamState {
     current: std::sync::atomic::AtomicI64,
     max: std::sync::atomic::AtomicI64,
     runs: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u32>>,
+    /// When requests arrived, with their bodies (for the longest pause in a stream).
+    arrivals: std::sync::Mutex<Vec<(std::time::Instant, Vec<u8>)>>,
 }
 
 impl Downstream {
@@ -40,6 +42,8 @@ impl Downstream {
                     let now = st.current.fetch_add(1, Ordering::SeqCst) + 1;
                     st.max.fetch_max(now, Ordering::SeqCst);
                     *st.runs.lock().unwrap().entry(body.to_vec()).or_default() += 1;
+                    let now = std::time::Instant::now();
+                    st.arrivals.lock().unwrap().push((now, body.to_vec()));
                     // The handler's work.
                     tokio::time::sleep(delay).await;
                     st.current.fetch_sub(1, Ordering::SeqCst);
@@ -57,6 +61,28 @@ impl Downstream {
 
     pub fn max(&self) -> i64 {
         self.state.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The longest time without a request, between `from` and the last request, among the
+    /// requests whose body `group` puts in the same group (a partition, say): for each group,
+    /// the longest gap; the largest of them, with its group.
+    pub fn longest_pause_since<G: Ord + Clone>(
+        &self,
+        from: std::time::Instant,
+        group: impl Fn(&[u8]) -> G,
+    ) -> Option<(G, Duration)> {
+        let arrivals = self.state.arrivals.lock().unwrap();
+        let mut last: std::collections::BTreeMap<G, std::time::Instant> = Default::default();
+        let mut longest: Option<(G, Duration)> = None;
+        for (t, body) in arrivals.iter().filter(|(t, _)| *t >= from) {
+            let g = group(body);
+            let gap = t.duration_since(*last.get(&g).unwrap_or(&from));
+            if longest.as_ref().is_none_or(|(_, l)| gap > *l) {
+                longest = Some((g.clone(), gap));
+            }
+            last.insert(g, *t);
+        }
+        longest
     }
 
     /// Bodies served more than once.

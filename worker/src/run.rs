@@ -184,6 +184,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                     max_pending_per_partition: args.max_pending_per_partition.max(1),
                     auto_offset_reset: args.kafka_auto_offset_reset,
                     commit_interval: Duration::from_millis(args.commit_interval_ms),
+                    session_timeout: Duration::from_millis(args.kafka_session_timeout_ms),
                     drain_timeout: args.drain_timeout(),
                     max_message_bytes: args.max_message_bytes,
                 };

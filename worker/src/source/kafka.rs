@@ -57,6 +57,8 @@ pub struct KafkaSettings {
     /// Where the group starts on a partition it never committed.
     pub auto_offset_reset: qp_protocol::settings::OffsetReset,
     pub commit_interval: Duration,
+    /// How long the group waits for a silent member before reassigning its partitions.
+    pub session_timeout: Duration,
     /// How long a revocation or shutdown waits for running messages before committing anyway.
     pub drain_timeout: Duration,
     /// Largest message the worker accepts; bigger ones are dead-lettered.
@@ -201,9 +203,17 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                // librdkafka keeps a partition's pause across a revocation: a partition paused
+                // under back-pressure, revoked, and assigned back later would never be fetched
+                // again (seen: whole partitions left unconsumed after a worker died). Whatever
+                // was paused before is forgotten by the poll loop; start every assigned
+                // partition unpaused.
+                if let Err(e) = consumer.resume(tpl) {
+                    warn!(error = %e, "resuming newly assigned partitions failed");
+                }
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let mut revoked = self.shared.revoked.lock().expect("revoked lock");
                 for p in &partitions {
@@ -322,8 +332,18 @@ impl KafkaSource {
             .set("auto.offset.reset", settings.auto_offset_reset.as_str())
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "session.timeout.ms",
+                settings.session_timeout.as_millis().to_string(),
+            )
+            // A third of the session timeout at most, as Kafka recommends; at most 1 s, since a
+            // member learns of a rebalance with a heartbeat; not chattier than 4 per second.
+            .set(
+                "heartbeat.interval.ms",
+                (settings.session_timeout.as_millis() / 3)
+                    .clamp(250, 1000)
+                    .to_string(),
+            )
             .set(
                 "message.max.bytes",
                 (settings.max_message_bytes.max(1_000_000) + 64 * 1024).to_string(),
