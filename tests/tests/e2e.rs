@@ -460,14 +460,14 @@ async fn prometheus_scrapes_the_pods(e: &E2e, prom: &str) {
     let t = Instant::now();
     let ns = &e.ns;
     for component in ["worker", "gateway"] {
+        // An empty answer means "not scraped yet", not an answer.
         eventually(Duration::from_secs(60), &format!("{component} pods scraped"), || {
-            query(format!(
+            let q = format!(
                 "up{{job=\"queue-processor-pods\",namespace=\"{ns}\",queueprocessor=\"{QP}\",component=\"{component}\"}} == 1"
-            ))
+            );
+            async move { query(q).await.filter(|r| !r.is_empty()) }
         })
-        .await
-        .first()
-        .expect("a target");
+        .await;
     }
     let dashboard: Json = serde_json::from_str(
         &std::fs::read_to_string(chart_dir().join("files/dashboard.json")).unwrap(),

@@ -501,9 +501,18 @@ async fn uneven_limits_leave_nobody_without_leases(kind: Kind) {
 
     // Fewer leases than workers: each gets its turn within two turns of the shares.
     keepers[0].pool().set_limit(2).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await; // the shrink takes effect
+    // The shrink takes effect: the keepers shed leases as permits come back.
+    let shrunk = Instant::now();
+    while keepers[0].pool().snapshot().await.unwrap().in_use > 2 {
+        assert!(
+            shrunk.elapsed() < Duration::from_secs(5),
+            "the shrink took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before: Vec<usize> = granted.iter().map(|g| g.load(Ordering::SeqCst)).collect();
     let window = qp_protocol::tokens::SHARE_TURN * 2 + Duration::from_secs(1);
+    // The observation window: two turns of the shares.
     tokio::time::sleep(window).await;
     let during: Vec<usize> = granted
         .iter()
