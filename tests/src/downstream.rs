@@ -59,6 +59,11 @@ impl Downstream {
         Downstream { url, state, task }
     }
 
+    /// Requests being served right now.
+    pub fn current(&self) -> i64 {
+        self.state.current.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn max(&self) -> i64 {
         self.state.max.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -71,10 +76,21 @@ impl Downstream {
         from: std::time::Instant,
         group: impl Fn(&[u8]) -> G,
     ) -> Option<(G, Duration)> {
+        self.longest_pause_between(from, None, group)
+    }
+
+    /// [`Downstream::longest_pause_since`], counting only requests before `until` when given.
+    pub fn longest_pause_between<G: Ord + Clone>(
+        &self,
+        from: std::time::Instant,
+        until: Option<std::time::Instant>,
+        group: impl Fn(&[u8]) -> G,
+    ) -> Option<(G, Duration)> {
         let arrivals = self.state.arrivals.lock().unwrap();
         let mut last: std::collections::BTreeMap<G, std::time::Instant> = Default::default();
         let mut longest: Option<(G, Duration)> = None;
-        for (t, body) in arrivals.iter().filter(|(t, _)| *t >= from) {
+        let within = |t: &std::time::Instant| *t >= from && until.is_none_or(|u| *t < u);
+        for (t, body) in arrivals.iter().filter(|(t, _)| within(t)) {
             let g = group(body);
             let gap = t.duration_since(*last.get(&g).unwrap_or(&from));
             if longest.as_ref().is_none_or(|(_, l)| gap > *l) {

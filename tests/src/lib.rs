@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod downstream;
 pub mod e2e;
 pub mod env;
+pub mod faults;
 pub mod fixture;
 pub mod kafka;
 pub mod local;

@@ -4,32 +4,14 @@
 //! after it; nothing is lost, the ceiling holds (measured at the handler's downstream, not in
 //! Redis). A test binary of its own with one test: it stops a service every other test uses.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qp_tests::downstream::Downstream;
+use qp_tests::faults::RedisCrash;
 use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::kafka;
 use qp_tests::procs::Proc;
 use qp_worker::source::redis_list::Envelope;
-
-/// Starts Redis again on drop (`hack/env.sh start redis`, which waits until it answers), so
-/// that a failing test never leaves it down for the next one.
-struct RedisDown;
-
-impl Drop for RedisDown {
-    fn drop(&mut self) {
-        let ok = Command::new("bash")
-            .arg(qp_tests::env::workspace_root().join("hack/env.sh"))
-            .args(["start", "redis"])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            ok || std::thread::panicking(),
-            "hack/env.sh start redis failed"
-        );
-    }
-}
 
 fn done(states: &std::collections::HashMap<String, String>) -> usize {
     states.values().filter(|s| *s == "done").count()
@@ -75,21 +57,8 @@ async fn a_redis_crash_mid_run_loses_nothing_and_holds_the_ceiling() {
         (k >= 200 && l >= 200).then_some(())
     })
     .await;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut kafka_fx.conn.clone())
-        .await
-        .unwrap();
-    let pid = info
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .expect("process_id in INFO server")
-        .trim()
-        .to_owned();
     let stopped = Instant::now();
-    let killed = Command::new("kill").args(["-KILL", &pid]).status();
-    assert!(killed.is_ok_and(|s| s.success()), "kill -KILL {pid}");
-    let guard = RedisDown;
+    let guard = RedisCrash::now(&kafka_fx.conn).await;
     let down_for = Duration::from_secs(3);
     // How long Redis stays down: the fault's duration, not a wait for anything.
     tokio::time::sleep(down_for).await;

@@ -5,6 +5,7 @@
 //! Adding a group: a module with `pub async fn run(env: &Env) -> Vec<Figure>`, an entry in
 //! [`GROUPS`] and an arm in [`run_group`].
 
+pub mod chaos;
 pub mod fleet;
 pub mod gateway;
 pub mod operator;
@@ -31,6 +32,7 @@ pub const GROUPS: &[(&str, Duration)] = &[
     ("worker", Duration::from_secs(180)),
     ("gateway", Duration::from_secs(90)),
     ("operator", Duration::from_secs(900)),
+    ("chaos", Duration::from_secs(480)),
 ];
 
 /// Run one group by name; `None` for an unknown name.
@@ -39,6 +41,7 @@ pub async fn run_group(name: &str, env: &Env) -> Option<Vec<Figure>> {
         "worker" => worker::run(env).await,
         "gateway" => gateway::run(env).await,
         "operator" => operator::run(env).await,
+        "chaos" => chaos::run(env).await,
         _ => return None,
     })
 }
