@@ -263,6 +263,15 @@ impl Fixture {
         }
     }
 
+    /// The length of a list.
+    pub async fn llen(&self, key: &str) -> i64 {
+        redis::cmd("LLEN")
+            .arg(key)
+            .query_async(&mut self.conn.clone())
+            .await
+            .expect("LLEN")
+    }
+
     /// An integer key of the probe handler (`current`, `max`).
     pub async fn probe(&self, what: &str) -> i64 {
         let key = format!("{}probe:{what}", self.keys.prefix());
@@ -331,5 +340,65 @@ impl Silent {
 impl Drop for Silent {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A Redis ACL user of a test on the single Redis, with a random password; deleted on drop
+/// (also when the test panics).
+pub struct AclUser {
+    pub name: String,
+    pub password: String,
+    conn: Conn,
+    url: String,
+}
+
+impl AclUser {
+    /// `qp-<fixture name>`, switched on, with `rules` (`allkeys`, `-lmove`, `resetchannels`...).
+    pub async fn create(fx: &Fixture, rules: &[&str]) -> AclUser {
+        let user = AclUser {
+            name: format!("qp-{}", fx.name),
+            password: uuid::Uuid::new_v4().simple().to_string(),
+            conn: fx.conn.clone(),
+            url: fx.env.get("QP_REDIS_URL"),
+        };
+        let pass = format!(">{}", user.password);
+        user.set(&[&["on", &pass][..], rules].concat()).await;
+        user
+    }
+
+    /// `ACL SETUSER <name> rules...`: change the user while it is in use.
+    pub async fn set(&self, rules: &[&str]) {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&self.name)
+            .arg(rules)
+            .query_async(&mut self.conn.clone())
+            .await
+            .expect("ACL SETUSER");
+    }
+
+    /// The environment a `qp-worker` needs to log in as this user.
+    pub fn env(&self) -> [(&str, &str); 2] {
+        [
+            ("QP_REDIS_USERNAME", self.name.as_str()),
+            ("QP_REDIS_PASSWORD", self.password.as_str()),
+        ]
+    }
+}
+
+impl Drop for AclUser {
+    fn drop(&mut self) {
+        // A plain connection: a destructor cannot await.
+        let deleted: redis::RedisResult<i64> = redis::Client::open(self.url.as_str())
+            .and_then(|c| c.get_connection())
+            .and_then(|mut c| {
+                redis::cmd("ACL")
+                    .arg("DELUSER")
+                    .arg(&self.name)
+                    .query(&mut c)
+            });
+        if let Err(e) = deleted {
+            eprintln!("could not delete the Redis ACL user {}: {e}", self.name);
+        }
     }
 }

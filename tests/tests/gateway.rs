@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
+use qp_tests::fixture::{AclUser, Fixture, GatewayQueue, RedisKind, eventually};
 use qp_tests::kafka;
 use qp_worker::source::redis_list::Envelope;
 use reqwest::StatusCode;
@@ -76,14 +76,6 @@ async fn result_of(http: &reqwest::Client, base: &str, id: &str) -> Value {
     }
 }
 
-async fn list_len(fx: &Fixture, list: &str) -> i64 {
-    redis::cmd("LLEN")
-        .arg(list)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_submit_then_long_poll_returns_the_handler_result() {
     kafka_submit_then_long_poll(RedisKind::Single).await;
@@ -138,7 +130,7 @@ async fn redis_list_submit_then_poll_returns_the_handler_result() {
     // Submitted before any worker runs: the request waits in the list, pending.
     let body = json!({ "hello": "list" });
     let id = submit_json(&http, &base, &body).await;
-    assert_eq!(list_len(&fx, &list).await, 1);
+    assert_eq!(fx.llen(&list).await, 1);
     let (status, answer) = poll(&http, &base, &id, None).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(answer["status"], "pending");
@@ -223,23 +215,16 @@ async fn a_gateway_without_notifications_stays_ready_and_long_polls_still_answer
     let fx = Fixture::new("gw-deaf", RedisKind::Single, 0).await;
     fx.pool().set_limit(2).await.unwrap();
     let list = format!("{}queue", fx.keys.prefix());
-    let user = format!("qp-{}", fx.name);
-    let password = uuid::Uuid::new_v4().simple().to_string();
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{password}"))
-        .arg("allkeys")
-        .arg("resetchannels")
-        .arg("+@all")
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    let user = AclUser::create(&fx, &["allkeys", "resetchannels", "+@all"]).await;
     let (_gw, base) = fx
         .gateway(
             GatewayQueue::RedisList(&list),
-            &["--redis-username", &user, "--redis-password", &password],
+            &[
+                "--redis-username",
+                &user.name,
+                "--redis-password",
+                &user.password,
+            ],
         )
         .await;
     let _w = fx.list_worker("w0", &list, "sleep:300", &[]);
@@ -260,12 +245,7 @@ async fn a_gateway_without_notifications_stays_ready_and_long_polls_still_answer
     let (status, answer) = poll(&http, &base, &id, Some(10.0)).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["status"], "done");
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    drop(user);
     fx.cleanup().await;
 }
 
@@ -462,11 +442,7 @@ async fn invalid_requests_are_rejected_and_nothing_is_queued() {
     assert!(body["error"].as_str().unwrap().contains("JSON"), "{body}");
     let (status, _, _) = submit(&http, &base, "text/plain", "x", Some("has space")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a bad idempotency key");
-    assert_eq!(
-        list_len(&fx, &list).await,
-        0,
-        "no rejected request was queued"
-    );
+    assert_eq!(fx.llen(&list).await, 0, "no rejected request was queued");
 
     let (status, body) = poll(&http, &base, "no-such-request", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");

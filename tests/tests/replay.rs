@@ -32,14 +32,6 @@ async fn state(fx: &Fixture, id: &str) -> Option<String> {
     fx.states(&[id.to_owned()]).await.remove(id)
 }
 
-async fn list_len(fx: &Fixture, key: &str) -> i64 {
-    redis::cmd("LLEN")
-        .arg(key)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_of_a_redis_list_run_again_after_a_replay() {
     let fx = Fixture::new("replay-list", RedisKind::Single, 0).await;
@@ -61,7 +53,7 @@ async fn dead_letters_of_a_redis_list_run_again_after_a_replay() {
     let all: Vec<String> = ["p-1", "p-2", "ok-1"].map(String::from).to_vec();
     let mut broken = fx.list_worker("w0", &list, "fail:poison", &["--retries", "0"]);
     fx.wait_finished(&all, Duration::from_secs(30)).await;
-    assert_eq!(list_len(&fx, &dlq).await, 2);
+    assert_eq!(fx.llen(&dlq).await, 2);
     assert!(broken.terminate());
 
     let source = ["--source", "redis-list", "--list-key", &list];
@@ -73,8 +65,8 @@ async fn dead_letters_of_a_redis_list_run_again_after_a_replay() {
         text.contains("would replay p-1") && text.contains("would replay p-2"),
         "{text}"
     );
-    assert_eq!(list_len(&fx, &dlq).await, 2);
-    assert_eq!(list_len(&fx, &list).await, 0);
+    assert_eq!(fx.llen(&dlq).await, 2);
+    assert_eq!(fx.llen(&list).await, 0);
     assert_eq!(state(&fx, "p-1").await.as_deref(), Some("failed"));
 
     // The handler is fixed; one id is replayed, then an unknown one fails the command.
@@ -86,7 +78,7 @@ async fn dead_letters_of_a_redis_list_run_again_after_a_replay() {
     })
     .await;
     assert_eq!(state(&fx, "p-2").await.as_deref(), Some("failed"));
-    assert_eq!(list_len(&fx, &dlq).await, 1, "the replayed entry is gone");
+    assert_eq!(fx.llen(&dlq).await, 1, "the replayed entry is gone");
     let out = replay(&fx, &[&source[..], &["--id", "nope"]].concat());
     assert!(
         !out.status.success(),
@@ -98,7 +90,7 @@ async fn dead_letters_of_a_redis_list_run_again_after_a_replay() {
         (state(&fx, "p-2").await.as_deref() == Some("done")).then_some(())
     })
     .await;
-    assert_eq!(list_len(&fx, &dlq).await, 0);
+    assert_eq!(fx.llen(&dlq).await, 0);
     fx.cleanup().await;
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use qp_tests::fixture::{Fixture, RedisKind, eventually};
+use qp_tests::fixture::{AclUser, Fixture, RedisKind, eventually};
 use qp_tests::kafka;
 use qp_worker::source::redis_list::Envelope;
 
@@ -515,23 +515,10 @@ async fn malformed_list_items_go_to_a_kafka_dead_letter_topic() {
 async fn a_worker_authenticates_as_a_redis_acl_user_limited_to_its_keys() {
     let fx = Fixture::new("acl", RedisKind::Single, 0).await;
     fx.pool().set_limit(2).await.unwrap();
-    let user = format!("qp-{}", fx.name);
-    let password = uuid::Uuid::new_v4().simple().to_string();
     // Only this QueueProcessor's keys (and its pub/sub channel), nothing else.
     let pattern = format!("~{}*", fx.keys.prefix());
     let channel = format!("&{}*", fx.keys.prefix());
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{password}"))
-        .arg("resetkeys")
-        .arg(&pattern)
-        .arg(&channel)
-        .arg("+@all")
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    let user = AclUser::create(&fx, &["resetkeys", &pattern, &channel, "+@all"]).await;
     let list = format!("{}queue", fx.keys.prefix());
     let _: i64 = redis::cmd("LPUSH")
         .arg(&list)
@@ -548,17 +535,11 @@ async fn a_worker_authenticates_as_a_redis_acl_user_limited_to_its_keys() {
         "--handler",
         "echo",
     ])
-    .env("QP_REDIS_USERNAME", &user)
-    .env("QP_REDIS_PASSWORD", &password);
+    .envs(user.env());
     let _w = qp_tests::procs::Proc::spawn(&format!("{}-w0", fx.name), cmd);
     fx.wait_finished(&["acl-1".to_owned()], Duration::from_secs(30))
         .await;
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    drop(user);
     fx.cleanup().await;
 }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use qp_tests::downstream::Downstream;
-use qp_tests::fixture::{Fixture, RedisKind, eventually};
+use qp_tests::fixture::{AclUser, Fixture, RedisKind, eventually};
 use qp_tests::procs::{self, Proc};
 use qp_tests::proxy::ReplyCutter;
 use qp_worker::source::redis_list::Envelope;
@@ -26,14 +26,6 @@ async fn push(fx: &Fixture, list: &str, ids: &[String]) {
     let _: () = pipe.query_async(&mut fx.conn.clone()).await.unwrap();
 }
 
-async fn llen(fx: &Fixture, key: &str) -> i64 {
-    redis::cmd("LLEN")
-        .arg(key)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap()
-}
-
 /// Defect: a Redis-list worker whose return step fails at shutdown only logged it and then
 /// removed its heartbeat, so the reaper never looked at its processing list and the messages in
 /// it never finished. The fault: the worker's Redis user loses `LMOVE` (what the return script
@@ -47,21 +39,7 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
     let ids = ids("m", 6);
     push(&fx, &list, &ids).await;
 
-    let user = format!("qp-{}", fx.name);
-    let password = uuid::Uuid::new_v4().simple().to_string();
-    let acl = |rules: &[&str]| {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER").arg(&user);
-        for r in rules {
-            cmd.arg(*r);
-        }
-        cmd
-    };
-    let pass = format!(">{password}");
-    let _: () = acl(&["on", &pass, "allkeys", "allchannels", "+@all"])
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    let user = AclUser::create(&fx, &["allkeys", "allchannels", "+@all"]).await;
 
     let common = [
         "--dead-after-ms",
@@ -75,8 +53,7 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
     cmd.args(["--source", "redis-list", "--list-key", &list])
         .args(["--handler", "probe:60000", "--max-concurrency", "4"])
         .args(common)
-        .env("QP_REDIS_USERNAME", &user)
-        .env("QP_REDIS_PASSWORD", &password);
+        .envs(user.env());
     let mut victim = Proc::spawn(&format!("{}-victim", fx.name), cmd);
     let processing = fx.keys.processing_list(&list, "victim").unwrap();
     eventually(
@@ -87,14 +64,11 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
     .await;
 
     // The return step (a script that moves items with LMOVE) is now refused.
-    let _: () = acl(&["-lmove"])
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    user.set(&["-lmove"]).await;
     let stopped = Instant::now();
     assert!(victim.terminate(), "the victim exits cleanly");
     let stop_took = stopped.elapsed();
-    let stranded = llen(&fx, &processing).await;
+    let stranded = fx.llen(&processing).await;
     assert!(stranded >= 4, "the refused return left {stranded} messages");
 
     let _rescuer = fx.list_worker("rescuer", &list, "probe:10", &common);
@@ -105,7 +79,7 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
     eventually(
         Duration::from_secs(10),
         "an empty processing list",
-        || async { (llen(&fx, &processing).await == 0).then_some(()) },
+        || async { (fx.llen(&processing).await == 0).then_some(()) },
     )
     .await;
     println!(
@@ -114,12 +88,7 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
         ids.len(),
         rescued.elapsed()
     );
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    drop(user);
     fx.cleanup().await;
 }
 
@@ -170,7 +139,7 @@ async fn a_lost_blmove_reply_does_not_strand_the_message() {
     fx.wait_finished(&after, Duration::from_secs(15)).await;
     let processing = fx.keys.processing_list(&list, "w0").unwrap();
     eventually(Duration::from_secs(10), "nothing left behind", || async {
-        (llen(&fx, &processing).await == 0).then_some(())
+        (fx.llen(&processing).await == 0).then_some(())
     })
     .await;
     println!("lost BLMOVE reply: the message was processed {recovered:?} after it was pushed");
@@ -260,19 +229,7 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
     let list = format!("{}queue", fx.keys.prefix());
     let ids = ids("m", 300);
     push(&fx, &list, &ids).await;
-    let user = format!("qp-{}", fx.name);
-    let password = uuid::Uuid::new_v4().simple().to_string();
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{password}"))
-        .arg("allkeys")
-        .arg("allchannels")
-        .arg("+@all")
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    let user = AclUser::create(&fx, &["allkeys", "allchannels", "+@all"]).await;
     // Concurrency is measured at the downstream: the probe handler keeps its count in Redis,
     // through the very connections this test kills.
     let downstream = Downstream::start(Duration::from_millis(20), false).await;
@@ -281,8 +238,7 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
             let mut cmd = fx.worker_command(&format!("w{i}"));
             cmd.args(["--source", "redis-list", "--list-key", &list])
                 .args(["--handler", &downstream.url, "--max-concurrency", "4"])
-                .env("QP_REDIS_USERNAME", &user)
-                .env("QP_REDIS_PASSWORD", &password);
+                .envs(user.env());
             Proc::spawn(&format!("{}-w{i}", fx.name), cmd)
         })
         .collect();
@@ -290,7 +246,7 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
     let kills = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let killer = {
         let mut conn = fx.conn.clone();
-        let user = user.clone();
+        let user = user.name.clone();
         let kills = kills.clone();
         tokio::spawn(async move {
             loop {
@@ -319,7 +275,7 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
         eventually(
             Duration::from_secs(10),
             "empty processing lists",
-            || async { (llen(&fx, &processing).await == 0).then_some(()) },
+            || async { (fx.llen(&processing).await == 0).then_some(()) },
         )
         .await;
     }
@@ -335,12 +291,7 @@ async fn killing_the_workers_redis_connections_repeatedly_loses_nothing() {
     );
     assert!(max <= 4, "the limit of 4 was exceeded: {max}");
     drop(workers);
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
-        .query_async(&mut fx.conn.clone())
-        .await
-        .unwrap();
+    drop(user);
     fx.cleanup().await;
 }
 
