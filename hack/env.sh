@@ -7,7 +7,8 @@
 #     image and a pause image are imported into containerd, never pulled
 #   Kafka in KRaft mode, one combined broker/controller (jars from Maven Central); tests may add
 #     a second broker (`start kafka-broker2`) to take a partition's only replica away
-#   Redis, and a 3-master Redis Cluster with a password (Debian's redis-server)
+#   Redis, and a Redis Cluster of 3 masters with one replica each and a password (Debian's
+#     redis-server); both with AOF on, as production runs them
 #   Prometheus (Debian), scraping file_sd targets and, through the API server, the pods
 #
 # Host tools use 127.0.0.1; the API server, Kafka (a second listener) and Redis also listen on
@@ -20,6 +21,8 @@
 #   load-image FILE  import an OCI archive (make image) into the node's containerd
 #   status   one line per service: state, version, address
 #   start S  / stop S   start or stop single services (tests stop and restart Kafka this way)
+#   revive-cluster-node PORT  start a Redis Cluster node that a test killed, with its data and
+#            its cluster membership (tests crash single nodes this way)
 #
 # Ports are fixed offsets from QP_PORT_BASE (default 17000) so that URLs stay stable between runs;
 # a taken port is an error that names the port and the fix. Every address is written to
@@ -43,6 +46,8 @@ PORT_PROXY_METRICS=$((QP_PORT_BASE + 16))
 PORT_PROXY_HEALTHZ=$((QP_PORT_BASE + 17))
 PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
 PORT_KAFKA_BROKER2=$((QP_PORT_BASE + 19))
+# One replica per Redis Cluster master (the failover fault test promotes one).
+PORTS_REDIS_CLUSTER_REPLICAS=($((QP_PORT_BASE + 30)) $((QP_PORT_BASE + 31)) $((QP_PORT_BASE + 32)))
 
 # In start order; `down` stops in reverse. node-network (an interface and sysctls, no process)
 # comes first because the API server, Kafka and Redis listen on its address.
@@ -130,7 +135,16 @@ running() {
   [[ "$1" == node-network ]] && { node_network_up; return; }
   f="$(pidfile "$1")"
   [[ -f "$f" ]] || return 1
-  for pid in $(cat "$f"); do kill -0 "$pid" 2>/dev/null || return 1; done
+  for pid in $(cat "$f"); do alive "$pid" || return 1; done
+}
+
+# alive PID: the process exists and is not a zombie (a service killed by a test lingers as one
+# where nothing reaps orphans, and kill -0 alone would call it running).
+alive() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  stat="${stat##*) }" # the state letter follows the command name in parentheses
+  [[ -n "$stat" && "${stat:0:1}" != Z ]]
 }
 
 port_free() {
@@ -143,7 +157,7 @@ require_ports() {
   for p in "$@"; do
     port_free "$p" || die "port $p (for $svc) on 127.0.0.1 is already in use by another program.
   Fix: stop that program (\`ss -ltnp 'sport = :$p'\` shows it), or pick another range with
-  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+18 are used)"
+  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+19 and n+30 .. n+32 are used; make demo adds n+20 .. n+28)"
   done
 }
 
@@ -437,21 +451,25 @@ start_redis() {
 }
 
 start_redis_cluster() {
-  require_ports redis-cluster "${PORTS_REDIS_CLUSTER[@]}"
+  local all=("${PORTS_REDIS_CLUSTER[@]}" "${PORTS_REDIS_CLUSTER_REPLICAS[@]}")
+  require_ports redis-cluster "${all[@]}"
   local pass p
   pass="$(secret redis_cluster_password)"
-  for p in "${PORTS_REDIS_CLUSTER[@]}"; do
+  for p in "${all[@]}"; do
     mkdir -p "$DATA/redis-cluster/$p"
-    # No persistence, so a restarted cluster has no data: form it afresh rather than trust an
-    # old nodes.conf (a restored membership is not 'ok' at once, and create would then refuse).
-    rm -f "$DATA/redis-cluster/$p/nodes.conf"
-    # The config file carries the password so that it never shows up in `ps`.
+    # A fresh environment forms a fresh cluster: a restored membership is not 'ok' at once, and
+    # create refuses nodes that hold data. (A single node that a test crashed is started again
+    # with its data and membership by revive_cluster_node.)
+    rm -rf "$DATA/redis-cluster/$p/nodes.conf" "$DATA/redis-cluster/$p/appendonlydir"
+    # The config file carries the password so that it never shows up in `ps`. AOF on, fsync
+    # every second, as production runs it (the cluster restart fault test relies on it).
     cat >"$DATA/redis-cluster/$p/redis.conf" <<CONF
 bind 127.0.0.1
 port $p
 dir $DATA/redis-cluster/$p
 save ""
-appendonly no
+appendonly yes
+appendfsync everysec
 cluster-enabled yes
 cluster-config-file nodes.conf
 cluster-node-timeout 3000
@@ -461,17 +479,36 @@ CONF
     chmod 600 "$DATA/redis-cluster/$p/redis.conf"
     spawn redis-cluster "redis-cluster-$p" redis-server "$DATA/redis-cluster/$p/redis.conf"
   done
-  for p in "${PORTS_REDIS_CLUSTER[@]}"; do
+  for p in "${all[@]}"; do
     wait_for redis-cluster 20 env REDISCLI_AUTH="$pass" redis-cli -p "$p" ping
   done
-  if ! REDISCLI_AUTH="$pass" redis-cli -p "${PORTS_REDIS_CLUSTER[0]}" cluster info | grep -q 'cluster_state:ok'; then
-    local nodes=()
-    for p in "${PORTS_REDIS_CLUSTER[@]}"; do nodes+=("127.0.0.1:$p"); done
-    REDISCLI_AUTH="$pass" redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
-      >>"$LOGS/redis-cluster-create.log" 2>&1 || die "redis-cli --cluster create failed (log: $LOGS/redis-cluster-create.log)"
-  fi
+  local nodes=()
+  for p in "${all[@]}"; do nodes+=("127.0.0.1:$p"); done
+  # On one host, redis-cli makes the first three masters and the last three their replicas.
+  REDISCLI_AUTH="$pass" redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+    >>"$LOGS/redis-cluster-create.log" 2>&1 || die "redis-cli --cluster create failed (log: $LOGS/redis-cluster-create.log)"
   cluster_ok() { REDISCLI_AUTH="$pass" redis-cli -p "$1" cluster info | grep -q 'cluster_state:ok'; }
-  for p in "${PORTS_REDIS_CLUSTER[@]}"; do wait_for redis-cluster 30 cluster_ok "$p"; done
+  for p in "${all[@]}"; do wait_for redis-cluster 30 cluster_ok "$p"; done
+  # Every replica attached and in sync, so that a test can fail a master over at once.
+  replica_synced() { REDISCLI_AUTH="$pass" redis-cli -p "$1" info replication | grep -q 'master_link_status:up'; }
+  for p in "${PORTS_REDIS_CLUSTER_REPLICAS[@]}"; do wait_for redis-cluster 30 replica_synced "$p"; done
+}
+
+# revive_cluster_node PORT: start one node of the running cluster again after a test killed it;
+# it keeps its AOF data and nodes.conf, so it rejoins (as a replica if it was failed over).
+revive_cluster_node() {
+  local port="$1" pass f pid live=""
+  [[ " ${PORTS_REDIS_CLUSTER[*]} ${PORTS_REDIS_CLUSTER_REPLICAS[*]} " == *" $port "* ]] \
+    || die "$port is not a Redis Cluster port (${PORTS_REDIS_CLUSTER[*]} ${PORTS_REDIS_CLUSTER_REPLICAS[*]})"
+  [[ -f "$DATA/redis-cluster/$port/redis.conf" ]] || die "no Redis Cluster node was started on $port"
+  port_free "$port" || die "the Redis Cluster node on $port is running"
+  # Forget the dead process, so that `running redis-cluster` is true again afterwards.
+  f="$(pidfile redis-cluster)"
+  for pid in $(cat "$f" 2>/dev/null); do alive "$pid" && live+="$pid"$'\n'; done
+  printf '%s' "$live" >"$f"
+  spawn redis-cluster "redis-cluster-$port" redis-server "$DATA/redis-cluster/$port/redis.conf"
+  pass="$(secret redis_cluster_password)"
+  wait_for redis-cluster 20 env REDISCLI_AUTH="$pass" redis-cli -p "$port" ping
 }
 
 # prometheus_rbac: a read-only identity for the pod discovery of the end-to-end tests'
@@ -543,7 +580,7 @@ write_env() {
   mkdir -p "$QP_RUN"
   local cluster_nodes="" p pass
   pass="$(secret redis_cluster_password)"
-  for p in "${PORTS_REDIS_CLUSTER[@]}"; do cluster_nodes+="${cluster_nodes:+,}redis://127.0.0.1:$p"; done
+  for p in "${PORTS_REDIS_CLUSTER[@]}" "${PORTS_REDIS_CLUSTER_REPLICAS[@]}"; do cluster_nodes+="${cluster_nodes:+,}redis://127.0.0.1:$p"; done
   cat >"$QP_ENV_FILE.tmp" <<ENV
 # Written by hack/env.sh; read by tests, benchmarks and the demo. Do not edit.
 QP_ROOT=$QP_ROOT
@@ -621,7 +658,7 @@ version_of() {
     kafka) echo "$KAFKA_VERSION (KRaft)" ;;
     redis) redis-cli -p "$PORT_REDIS" info server 2>/dev/null | grep redis_version | cut -d: -f2 | tr -d '\r' ;;
     redis-cluster) echo "$(REDISCLI_AUTH="$(secret redis_cluster_password)" redis-cli -p "${PORTS_REDIS_CLUSTER[0]}" info server 2>/dev/null \
-      | grep redis_version | cut -d: -f2 | tr -d '\r'), 3 masters" ;;
+      | grep redis_version | cut -d: -f2 | tr -d '\r'), 3 masters + 3 replicas" ;;
     prometheus) curl -fsS "http://127.0.0.1:$PORT_PROMETHEUS/api/v1/status/buildinfo" 2>/dev/null \
       | grep -o '"version":"[^"]*"' | cut -d'"' -f4 ;;
   esac
@@ -639,7 +676,7 @@ address_of() {
     kube-proxy) echo "iptables mode, http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz" ;;
     kafka) echo "127.0.0.1:$PORT_KAFKA$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
     redis) echo "redis://127.0.0.1:$PORT_REDIS$(node_network_up && echo ", pods: $NODE_IP")" ;;
-    redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]} (password in $SECRETS_FILE)" ;;
+    redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]}, replicas ${PORTS_REDIS_CLUSTER_REPLICAS[0]}-${PORTS_REDIS_CLUSTER_REPLICAS[2]} (password in $SECRETS_FILE)" ;;
     prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;
   esac
 }
@@ -710,13 +747,14 @@ case "$cmd" in
     fi
     ;;
   leftovers) node_leftovers ;;
+  revive-cluster-node) revive_cluster_node "${services[0]:?usage: hack/env.sh revive-cluster-node PORT}" ;;
   load-image) load_image "${services[0]:?usage: hack/env.sh load-image FILE}" ;;
   status) status ;;
   is-up)
     for s in "${services[@]}"; do running "$s" || exit 1; done
     ;;
   *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

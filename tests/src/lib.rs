@@ -14,4 +14,5 @@ pub mod local;
 pub mod operator;
 pub mod procs;
 pub mod proxy;
+pub mod restart;
 pub mod tools;

@@ -150,7 +150,7 @@ async fn redis_cluster_runs_a_lua_script_with_a_password() {
         .split(',')
         .map(str::to_owned)
         .collect();
-    assert_eq!(nodes.len(), 3, "three masters");
+    assert_eq!(nodes.len(), 6, "three masters and their replicas");
 
     // Without the password the cluster refuses us: the password is really enforced.
     let anonymous = redis::cluster::ClusterClient::new(nodes.clone()).unwrap();
