@@ -26,6 +26,79 @@ async fn push(fx: &Fixture, list: &str, ids: &[String]) {
     let _: () = pipe.query_async(&mut fx.conn.clone()).await.unwrap();
 }
 
+/// How long a worker with `--drain-timeout-seconds 1` may take to exit after SIGTERM: the drain
+/// timeout, then the steps after it (return, release) whose bound is shared (7 s at most,
+/// `AFTER_DRAIN`), here with a healthy Redis that answers at once.
+const DRAIN_BOUND: Duration = Duration::from_millis(3500);
+
+/// Graceful shutdown of a Redis-list worker whose handlers outlast the drain timeout: it exits
+/// within the bound, returns what it held to the list (a second worker finishes it), releases
+/// its leases and removes its heartbeat.
+async fn slow_list_handlers_stop_in_time(kind: RedisKind) {
+    let fx = Fixture::new("liststop", kind, 0).await;
+    fx.pool().set_limit(10).await.unwrap();
+    let list = format!("{}queue", fx.keys.prefix());
+    let ids = ids("m", 12);
+    push(&fx, &list, &ids).await;
+    let mut victim = fx.list_worker(
+        "victim",
+        &list,
+        "probe:600000",
+        &[
+            "--max-concurrency",
+            "4",
+            "--drain-timeout-seconds",
+            "1",
+            "--lease-ttl-ms",
+            "30000",
+        ],
+    );
+    eventually(Duration::from_secs(30), "4 slow handlers", || async {
+        (fx.probe("current").await >= 4).then_some(())
+    })
+    .await;
+    let asked = Instant::now();
+    let exited = victim.terminate_within(Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert_eq!(exited, Some(true), "the worker exits cleanly");
+    let processing = fx.keys.processing_list(&list, "victim").unwrap();
+    let held = fx.llen(&processing).await;
+    let in_use = fx.pool().snapshot().await.unwrap().in_use;
+    let heartbeat: Option<f64> = redis::cmd("ZSCORE")
+        .arg(fx.keys.heartbeats())
+        .arg("victim")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    println!(
+        "redis list ({kind:?}), slow handlers: stopped {took:?} after SIGTERM (drain 1 s), \
+         {held} left in its processing list, {in_use} leases held"
+    );
+    assert!(took < DRAIN_BOUND, "shutdown took {took:?}");
+    assert_eq!(held, 0, "returned to the list");
+    assert_eq!(in_use, 0, "leases released");
+    assert_eq!(
+        heartbeat, None,
+        "heartbeat removed after a successful return"
+    );
+
+    let _rescuer = fx.list_worker("rescuer", &list, "echo", &[]);
+    fx.wait_finished(&ids, Duration::from_secs(30)).await;
+    let states = fx.states(&ids).await;
+    assert!(states.values().all(|s| s == "done"), "{states:?}");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_list_handlers_stop_in_time_and_return_their_messages() {
+    slow_list_handlers_stop_in_time(RedisKind::Single).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_list_handlers_stop_in_time_and_return_their_messages_on_redis_cluster() {
+    slow_list_handlers_stop_in_time(RedisKind::Cluster).await;
+}
+
 /// Defect: a Redis-list worker whose return step fails at shutdown only logged it and then
 /// removed its heartbeat, so the reaper never looked at its processing list and the messages in
 /// it never finished. The fault: the worker's Redis user loses `LMOVE` (what the return script
@@ -70,6 +143,9 @@ async fn a_worker_that_cannot_return_its_messages_leaves_them_to_the_reaper() {
     let stop_took = stopped.elapsed();
     let stranded = fx.llen(&processing).await;
     assert!(stranded >= 4, "the refused return left {stranded} messages");
+    // Within the shutdown bound all the same, and the leases released (not left to expire).
+    assert!(stop_took < DRAIN_BOUND, "stopping took {stop_took:?}");
+    assert_eq!(fx.pool().snapshot().await.unwrap().in_use, 0, "leases held");
 
     let _rescuer = fx.list_worker("rescuer", &list, "probe:10", &common);
     let rescued = Instant::now();
