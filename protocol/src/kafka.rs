@@ -107,7 +107,12 @@ pub fn client_config(
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)
-        .set("client.id", client_id);
+        .set("client.id", client_id)
+        // librdkafka backs off exponentially between reconnects, up to 10 s by default: after a
+        // broker outage a client could sit out up to 10 s more with the broker already back. A
+        // try per second at most is cheap for a broker that is down and bounds that wait (the
+        // broker-restart test reconnected 0.12 s after the broker had started).
+        .set("reconnect.backoff.max.ms", "1000");
     for (k, v) in properties {
         config.set(k, v);
     }

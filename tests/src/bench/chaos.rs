@@ -11,7 +11,10 @@
 //! - `chaos.max_stall_s`: the longest time a partition's stream paused from 10 s into the run
 //!   (the group has formed) to its end, measured at the handler's downstream (a Kafka restart
 //!   stops every stream: that pause is in it too), and `chaos.max_stall_before_kafka_restart_s`,
-//!   the same up to the Kafka restart (worker kills and the Redis crash).
+//!   the same up to the Kafka restart (worker kills and the Redis crash);
+//! - `chaos.kafka_restart_s`: from stopping the broker to its having started again (5 s down,
+//!   then the broker's own start), and `chaos.resume_after_kafka_restart_s`: from then until
+//!   every partition's stream has resumed (what the consumers add).
 //!
 //! Settings: `QP_BENCH_CHAOS_RATE` (messages per second, default 200),
 //! `QP_BENCH_CHAOS_SECONDS` (how long messages are produced, default 120).
@@ -95,6 +98,8 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
     };
 
     let mut in_flight_at_kills = 0;
+    // When Kafka was stopped and when it had started again.
+    let mut kafka_outage: Option<(std::time::Instant, std::time::Instant)> = None;
     for (at, fault) in SCHEDULE.iter().copied() {
         if at >= seconds {
             break;
@@ -116,9 +121,11 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
                 crash.end(&fx.conn).await;
             }
             Fault::RestartKafka => {
+                let stopping = std::time::Instant::now();
                 let mut outage = kafka::Outage::begin();
                 tokio::time::sleep(Duration::from_secs(5)).await;
-                outage.end();
+                outage.end(); // returns once the broker has started
+                kafka_outage = Some((stopping, std::time::Instant::now()));
             }
         }
     }
@@ -162,6 +169,28 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
     let stall_before_kafka = downstream
         .longest_pause_between(from, kafka_restart, partition_of)
         .map_or(f64::NAN, |(_, d)| d.as_secs_f64());
+    // After Kafka's restart: from the broker being back to the next fault, the longest a
+    // partition waited for its stream to resume (what the consumers add to the broker's own
+    // restart, whose length is `chaos.kafka_restart_s`).
+    let next_fault = |after: u64| {
+        SCHEDULE
+            .iter()
+            .find(|(at, _)| *at > after && *at < seconds)
+            .map(|(at, _)| (start + Duration::from_secs(*at)).into_std())
+    };
+    let restart_at = SCHEDULE
+        .iter()
+        .find(|(_, f)| matches!(f, Fault::RestartKafka))
+        .map_or(0, |(at, _)| *at);
+    let (kafka_restart_s, resume_after_kafka) = match kafka_outage {
+        Some((stopping, back)) => (
+            back.duration_since(stopping).as_secs_f64(),
+            downstream
+                .longest_pause_between(back, next_fault(restart_at), partition_of)
+                .map_or(f64::NAN, |(_, d)| d.as_secs_f64()),
+        ),
+        None => (f64::NAN, f64::NAN),
+    };
     let figures = vec![
         ("chaos.lost".to_owned(), lost as f64, "messages".to_owned()),
         (
@@ -183,6 +212,16 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
         (
             "chaos.max_stall_before_kafka_restart_s".to_owned(),
             stall_before_kafka,
+            "s".to_owned(),
+        ),
+        (
+            "chaos.kafka_restart_s".to_owned(),
+            kafka_restart_s,
+            "s".to_owned(),
+        ),
+        (
+            "chaos.resume_after_kafka_restart_s".to_owned(),
+            resume_after_kafka,
             "s".to_owned(),
         ),
         (
