@@ -14,7 +14,8 @@
 //!   the same up to the Kafka restart (worker kills and the Redis crash);
 //! - `chaos.kafka_restart_s`: from stopping the broker to its having started again (5 s down,
 //!   then the broker's own start), and `chaos.resume_after_kafka_restart_s`: from then until
-//!   every partition's stream has resumed (what the consumers add).
+//!   every partition's stream has resumed (what the consumers add);
+//!   `chaos.resume_after_redis_crash_s` the same after Redis (down 3 s) answers again.
 //!
 //! Settings: `QP_BENCH_CHAOS_RATE` (messages per second, default 200),
 //! `QP_BENCH_CHAOS_SECONDS` (how long messages are produced, default 120).
@@ -100,6 +101,8 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
     let mut in_flight_at_kills = 0;
     // When Kafka was stopped and when it had started again.
     let mut kafka_outage: Option<(std::time::Instant, std::time::Instant)> = None;
+    // When Redis had answered again after its crash.
+    let mut redis_back: Option<std::time::Instant> = None;
     for (at, fault) in SCHEDULE.iter().copied() {
         if at >= seconds {
             break;
@@ -119,6 +122,7 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
                 let crash = RedisCrash::now(&fx.conn).await;
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 crash.end(&fx.conn).await;
+                redis_back = Some(std::time::Instant::now());
             }
             Fault::RestartKafka => {
                 let stopping = std::time::Instant::now();
@@ -191,6 +195,13 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
         ),
         None => (f64::NAN, f64::NAN),
     };
+    let crash_at = SCHEDULE
+        .iter()
+        .find(|(_, f)| matches!(f, Fault::CrashRedis))
+        .map_or(0, |(at, _)| *at);
+    let resume_after_redis = redis_back
+        .and_then(|back| downstream.longest_pause_between(back, next_fault(crash_at), partition_of))
+        .map_or(f64::NAN, |(_, d)| d.as_secs_f64());
     let figures = vec![
         ("chaos.lost".to_owned(), lost as f64, "messages".to_owned()),
         (
@@ -222,6 +233,11 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
         (
             "chaos.resume_after_kafka_restart_s".to_owned(),
             resume_after_kafka,
+            "s".to_owned(),
+        ),
+        (
+            "chaos.resume_after_redis_crash_s".to_owned(),
+            resume_after_redis,
             "s".to_owned(),
         ),
         (
