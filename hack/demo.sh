@@ -96,18 +96,25 @@ done
 
 "$BIN/qp-demo" setup -f "$QP_FILE" --partitions 12
 
+# The gateway's tokens Secret as local mode reads it (<dir>/<secret>/<key>): one client, `demo`,
+# with a fresh token per run, readable only by us.
+SECRETS_DIR="$DEMO_DIR/secrets"
+mkdir -p "$SECRETS_DIR/demo-gateway"
+chmod 700 "$SECRETS_DIR"
+(umask 077 && echo "demo:$(openssl rand -hex 32)" >"$SECRETS_DIR/demo-gateway/tokens")
+
 log "starting local mode: qp-operator local -f $QP_FILE (logs: $DEMO_DIR/logs)"
 mkdir -p "$DEMO_DIR/logs"
 setsid "$BIN/qp-operator" local -f "$QP_FILE" --worker-bin "$BIN/qp-worker" \
   --listen "127.0.0.1:$OPERATOR_PORT" --base-port "$BASE_PORT" \
   --prometheus-targets "$QP_PROMETHEUS_TARGETS/demo.json" --log-dir "$DEMO_DIR/logs" \
-  >"$DEMO_DIR/logs/qp-operator.log" 2>&1 </dev/null &
+  --secrets-dir "$SECRETS_DIR" >"$DEMO_DIR/logs/qp-operator.log" 2>&1 </dev/null &
 local_pid=$!
-log "local mode: status http://127.0.0.1:$OPERATOR_PORT/status.json, gateway http://127.0.0.1:$((BASE_PORT - 1))"
+log "local mode: status http://127.0.0.1:$OPERATOR_PORT/status.json, gateway http://127.0.0.1:$((BASE_PORT - 1)) (token of client demo in $SECRETS_DIR/demo-gateway/tokens)"
 
 rc=0
 "$BIN/qp-demo" run -f "$QP_FILE" --operator "http://127.0.0.1:$OPERATOR_PORT" \
-  --requests "$DEMO_REQUESTS" --timeout "$DEMO_TIMEOUT" || rc=$?
+  --requests "$DEMO_REQUESTS" --timeout "$DEMO_TIMEOUT" --secrets-dir "$SECRETS_DIR" || rc=$?
 if ! kill -0 "$local_pid" 2>/dev/null; then
   tail -n 20 "$DEMO_DIR/logs/qp-operator.log" >&2
   die "local mode exited during the demo (log: $DEMO_DIR/logs/qp-operator.log)"

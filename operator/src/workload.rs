@@ -173,6 +173,9 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             let mut gw = GatewayArgs::new(common, kafka, kind);
             gw.list_key = list_key;
             gw.result_ttl_seconds = result_ttl_seconds;
+            refs.gateway_tokens_file = spec.gateway.auth.tokens_secret_ref.clone();
+            gw.no_auth = spec.gateway.auth.disabled;
+            gw.rate_limit_per_client = spec.gateway.rate_limit_per_client.max(0).unsigned_abs();
             gw.render(&refs)
         }
     };

@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -329,6 +330,20 @@ pub struct GatewayArgs {
     /// Longest accepted ?wait= for long polls.
     #[arg(long, env = "QP_MAX_WAIT_SECONDS", default_value_t = defaults::MAX_WAIT_SECONDS)]
     pub max_wait_seconds: u64,
+    /// Clients and their bearer tokens, one `<client>:<token>` per line (`#` comments; a
+    /// mounted Secret key). Re-read when it changes, so tokens rotate without a restart. Every
+    /// API request must carry `Authorization: Bearer <token>`, and a result is readable only by
+    /// the client that submitted it. Required unless --no-auth.
+    #[arg(long, env = "QP_GATEWAY_TOKENS_FILE", conflicts_with = "no_auth")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve the API without authentication: anyone who reaches the gateway may submit and read
+    /// any result. Only where the network alone decides who that is.
+    #[arg(long, env = "QP_GATEWAY_NO_AUTH")]
+    pub no_auth: bool,
+    /// Requests per second each client may make to the API, per gateway replica, with bursts of
+    /// as many; above it: 429 with Retry-After (0: no limit).
+    #[arg(long, env = "QP_GATEWAY_RATE_LIMIT", default_value_t = 0)]
+    pub rate_limit_per_client: u32,
 }
 
 impl CommonArgs {
@@ -388,6 +403,8 @@ pub struct Refs<R> {
     pub kafka_ca_file: Option<R>,
     pub kafka_cert_file: Option<R>,
     pub kafka_key_file: Option<R>,
+    /// The gateway's client tokens (a file).
+    pub gateway_tokens_file: Option<R>,
     /// Render `worker_id` as the pod's name.
     pub worker_id_is_pod_name: bool,
 }
@@ -402,6 +419,7 @@ impl<R> Default for Refs<R> {
             kafka_ca_file: None,
             kafka_cert_file: None,
             kafka_key_file: None,
+            gateway_tokens_file: None,
             worker_id_is_pod_name: false,
         }
     }
@@ -683,6 +701,9 @@ impl GatewayArgs {
             max_backlog: defaults::MAX_BACKLOG,
             result_ttl_seconds: defaults::RESULT_TTL_SECONDS,
             max_wait_seconds: defaults::MAX_WAIT_SECONDS,
+            tokens_file: None,
+            no_auth: false,
+            rate_limit_per_client: 0,
         }
     }
 
@@ -703,6 +724,10 @@ impl GatewayArgs {
             self.max_wait_seconds,
             defaults::MAX_WAIT_SECONDS,
         );
+        let tokens_file = self.tokens_file.as_ref().map(|p| p.display().to_string());
+        r.secret("tokens_file", &tokens_file, &refs.gateway_tokens_file, true);
+        r.flag("no_auth", self.no_auth);
+        r.tuned("rate_limit_per_client", self.rate_limit_per_client, 0);
         r.out
     }
 }
@@ -775,8 +800,21 @@ mod tests {
             kafka_ca_file: Some("kafka/ca"),
             kafka_cert_file: Some("kafka/cert"),
             kafka_key_file: Some("kafka/key"),
+            gateway_tokens_file: Some("gateway/tokens"),
             worker_id_is_pod_name: true,
         };
+        let mut gateway = GatewayArgs::new(
+            CommonArgs::new("shop", "orders"),
+            KafkaArgs::default(),
+            SourceKind::Kafka,
+        );
+        gateway.tokens_file = Some("/never/rendered".into());
+        let gw_env = gateway.render(&refs);
+        assert!(gw_env.contains(&(
+            "QP_GATEWAY_TOKENS_FILE".to_owned(),
+            Setting::SecretFile("gateway/tokens")
+        )));
+        assert!(!format!("{gw_env:?}").contains("never"));
         let env = run.render(&refs);
         let get = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         for (name, expected) in [

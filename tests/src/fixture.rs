@@ -168,6 +168,10 @@ impl Fixture {
                 cmd.args(["--source", "redis-list", "--list-key", list]);
             }
         }
+        // Authentication is required unless disabled; tests of other things disable it.
+        if !extra.contains(&"--tokens-file") {
+            cmd.arg("--no-auth");
+        }
         cmd.args(extra);
         let mut proc = Proc::spawn(&format!("{}-gateway-{port}", self.name), cmd);
         let base = format!("http://127.0.0.1:{port}");

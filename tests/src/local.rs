@@ -509,6 +509,8 @@ spec:
     ttlSeconds: 600
   gateway:
     enabled: true
+    auth:
+      disabled: true
 "#,
         name = fixture.name,
         ns = fixture.namespace,

@@ -252,7 +252,11 @@ async fn kafka_queue_processor(e: &E2e) {
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "orders-credentials"},
-        "stringData": {"redis-username": e.redis_user, "redis-password": password}
+        "stringData": {
+            "redis-username": e.redis_user,
+            "redis-password": password,
+            "gateway-tokens": format!("e2e:{}\n", gateway_token(e)),
+        }
     }))
     .unwrap();
     e.api::<Secret>()
@@ -285,7 +289,10 @@ async fn kafka_queue_processor(e: &E2e) {
             },
             "worker": e.worker_spec(),
             "results": {"ttlSeconds": 900},
-            "gateway": {"enabled": true, "replicas": 1}
+            "gateway": {
+                "enabled": true, "replicas": 1,
+                "auth": {"tokensSecretRef": {"name": "orders-credentials", "key": "gateway-tokens"}}
+            }
         }
     });
     let t = Instant::now();
@@ -404,7 +411,13 @@ async fn worker_pod_killed_mid_burst_loses_nothing(e: &E2e) {
     );
 }
 
-/// Submit and long-poll through the gateway's Service (the API server's service proxy).
+/// The gateway token of the test's client `e2e` (in the Secret `orders-credentials`).
+fn gateway_token(e: &E2e) -> String {
+    format!("{}-gateway-token-0123456789abcdef", e.ns)
+}
+
+/// Submit and long-poll through the gateway's Service (the API server's service proxy), as the
+/// client `e2e` with its bearer token.
 async fn gateway_answers_through_its_service(e: &E2e, prom: &str) {
     let svc: Service = e.api::<Service>().get("orders-gateway").await.unwrap();
     let port = svc.spec.unwrap().ports.unwrap()[0].name.clone().unwrap();
@@ -427,19 +440,24 @@ async fn gateway_answers_through_its_service(e: &E2e, prom: &str) {
             .await;
         }
         let body = json!({"order": i}).to_string().into_bytes();
+        let bearer = format!("Bearer {}", gateway_token(e));
         let req = http::Request::post(&base)
             .header("content-type", "application/json")
             .header("idempotency-key", format!("gw-{i}"))
+            .header("authorization", &bearer)
             .body(body)
             .unwrap();
         let sent = Instant::now();
         let accepted: Json = serde_json::from_str(&e.client.request_text(req).await.unwrap())
             .expect("JSON from the gateway");
         let id = accepted["id"].as_str().unwrap().to_owned();
-        assert_eq!(id, format!("gw-{i}"));
+        assert_eq!(id, format!("e2e:gw-{i}"), "ids are scoped to the client");
+        let poll = http::Request::get(format!("{base}/{id}?wait=20"))
+            .header("authorization", &bearer)
+            .body(Vec::new())
+            .unwrap();
         let answer: Json =
-            serde_json::from_str(&e.raw_get(&format!("{base}/{id}?wait=20")).await.unwrap())
-                .unwrap();
+            serde_json::from_str(&e.client.request_text(poll).await.unwrap()).unwrap();
         assert_eq!(answer["status"], "done", "{answer}");
         latencies.push(sent.elapsed());
     }

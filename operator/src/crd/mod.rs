@@ -41,7 +41,7 @@ mod worker;
 mod tests;
 
 pub use redis::{RedisEndpoint, RedisSpec};
-pub use results::{DeadLetter, DeadLetterSpec, GatewaySpec, ResultsSpec};
+pub use results::{DeadLetter, DeadLetterSpec, GatewayAuthSpec, GatewaySpec, ResultsSpec};
 pub use scaling::{ConcurrencySpec, ScalingSpec};
 pub use schema::{ALL_CEL_RULES, CelRule};
 pub use source::{
@@ -229,6 +229,9 @@ impl QueueProcessorSpec {
                 refs.extend(tls.client_cert_secret_ref.iter());
                 refs.extend(tls.client_key_secret_ref.iter());
             }
+        }
+        if self.gateway.enabled {
+            refs.extend(self.gateway.auth.tokens_secret_ref.iter());
         }
         refs
     }

@@ -4,9 +4,10 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::SecretKeyRef;
 use super::schema::{
     MAX_BACKOFF_MILLIS, MAX_GATEWAY_REPLICAS, MAX_RESULT_TTL_SECONDS, MAX_RETRIES,
-    dead_letter_rules, tidy_docs,
+    dead_letter_rules, gateway_rules, tidy_docs,
 };
 
 /// Results, retries and dead letters.
@@ -74,6 +75,7 @@ pub struct DeadLetterSpec {
 /// answers at once with an id, and serves the result to clients polling with that id.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
+#[schemars(transform = gateway_rules)]
 #[schemars(transform = tidy_docs)]
 pub struct GatewaySpec {
     /// Run the gateway (a Deployment and a Service named `<name>-gateway`).
@@ -82,6 +84,15 @@ pub struct GatewaySpec {
     /// Gateway replicas (when enabled). The gateway is stateless.
     #[schemars(range(min = 1, max = MAX_GATEWAY_REPLICAS))]
     pub replicas: i32,
+
+    /// Who may call the gateway. Required when it is enabled: a tokens Secret, or
+    /// `disabled: true` to serve without authentication.
+    pub auth: GatewayAuthSpec,
+
+    /// Requests per second each client may make, per gateway replica, with bursts of as many;
+    /// above it the gateway answers 429 with Retry-After. 0: no limit.
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub rate_limit_per_client: i32,
 }
 
 impl Default for GatewaySpec {
@@ -89,8 +100,27 @@ impl Default for GatewaySpec {
         Self {
             enabled: false,
             replicas: 1,
+            auth: GatewayAuthSpec::default(),
+            rate_limit_per_client: 0,
         }
     }
+}
+
+/// Gateway authentication: bearer tokens per client. A client reads only the results of
+/// requests it submitted; other ids answer 404 like unknown ones.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(transform = tidy_docs)]
+pub struct GatewayAuthSpec {
+    /// A Secret key holding one `<client>:<token>` per line (client names of [a-z0-9-], tokens
+    /// of at least 32 characters, e.g. `openssl rand -hex 32`). Mounted into the gateway pods
+    /// and re-read when it changes, so tokens rotate without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_secret_ref: Option<SecretKeyRef>,
+
+    /// Serve without authentication: anyone who reaches the Service may submit and read any
+    /// result. Only where a network policy or mesh alone decides who that is.
+    pub disabled: bool,
 }
 
 /// The configured dead-letter target, as an enum.

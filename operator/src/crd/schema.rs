@@ -123,6 +123,12 @@ pub(super) const DEAD_LETTER_RULES: &[CelRule] = &[CelRule {
     field_path: None,
 }];
 
+pub(super) const GATEWAY_RULES: &[CelRule] = &[CelRule {
+    rule: "!self.enabled || has(self.auth.tokensSecretRef) != self.auth.disabled",
+    message: "spec.gateway.auth: set tokensSecretRef (a Secret key of <client>:<token> lines) or, to serve without authentication, disabled: true (exactly one)",
+    field_path: Some(".auth"),
+}];
+
 /// Every CEL rule of the schema, for tests and documentation.
 pub const ALL_CEL_RULES: &[&[CelRule]] = &[
     SPEC_RULES,
@@ -134,6 +140,7 @@ pub const ALL_CEL_RULES: &[&[CelRule]] = &[
     HANDLER_RULES,
     BUILTIN_RULES,
     DEAD_LETTER_RULES,
+    GATEWAY_RULES,
 ];
 
 fn add_rules(schema: &mut schemars::Schema, rules: &[CelRule]) {
@@ -170,6 +177,10 @@ pub(super) fn handler_rules(s: &mut schemars::Schema) {
 pub(super) fn builtin_rules(s: &mut schemars::Schema) {
     add_rules(s, BUILTIN_RULES)
 }
+pub(super) fn gateway_rules(s: &mut schemars::Schema) {
+    add_rules(s, GATEWAY_RULES)
+}
+
 pub(super) fn dead_letter_rules(s: &mut schemars::Schema) {
     add_rules(s, DEAD_LETTER_RULES)
 }

@@ -2,8 +2,9 @@
 //! and `from_yaml` / `validate` against the repository's manifests.
 
 use super::schema::{
-    BUILTIN_RULES, CONCURRENCY_RULES, DEAD_LETTER_RULES, HANDLER_RULES, KAFKA_TLS_RULES,
-    MAX_REPLICAS, MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SOURCE_RULES, SPEC_RULES,
+    BUILTIN_RULES, CONCURRENCY_RULES, DEAD_LETTER_RULES, GATEWAY_RULES, HANDLER_RULES,
+    KAFKA_TLS_RULES, MAX_REPLICAS, MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SOURCE_RULES,
+    SPEC_RULES,
 };
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -98,7 +99,12 @@ fn minimal_spec_gets_every_default() {
         s.gateway,
         GatewaySpec {
             enabled: false,
-            replicas: 1
+            replicas: 1,
+            auth: GatewayAuthSpec {
+                tokens_secret_ref: None,
+                disabled: false
+            },
+            rate_limit_per_client: 0
         }
     );
 }
@@ -271,6 +277,10 @@ spec:
   gateway:
     enabled: true
     replicas: 2
+    auth:
+      tokensSecretRef: {name: orders-gateway, key: tokens}
+      disabled: false
+    rateLimitPerClient: 50
 "#;
     let qp = QueueProcessor::from_yaml(full).unwrap();
     assert!(qp.is_paused(), "the annotation pauses");
@@ -392,6 +402,7 @@ fn schema_contains_every_cel_rule_where_it_belongs() {
         (&["worker", "handler"], HANDLER_RULES),
         (&["worker", "handler", "builtin"], BUILTIN_RULES),
         (&["results", "deadLetter"], DEAD_LETTER_RULES),
+        (&["gateway"], GATEWAY_RULES),
     ];
     let mut count = 0;
     for (path, rules) in places {

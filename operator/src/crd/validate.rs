@@ -4,10 +4,10 @@
 use std::fmt;
 
 use super::schema::{
-    BUILTIN_RULES, CONCURRENCY_RULES, CelRule, DEAD_LETTER_RULES, HANDLER_RULES, KAFKA_TLS_RULES,
-    MAX_BACKOFF_MILLIS, MAX_CLUSTER_NODES, MAX_GATEWAY_REPLICAS, MAX_GLOBAL_TOKENS,
-    MAX_IN_FLIGHT_PER_PARTITION, MAX_LEASE_SECONDS, MAX_POLL_INTERVAL_SECONDS, MAX_REPLICAS,
-    MAX_RESULT_TTL_SECONDS, MAX_RETRIES, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS,
+    BUILTIN_RULES, CONCURRENCY_RULES, CelRule, DEAD_LETTER_RULES, GATEWAY_RULES, HANDLER_RULES,
+    KAFKA_TLS_RULES, MAX_BACKOFF_MILLIS, MAX_CLUSTER_NODES, MAX_GATEWAY_REPLICAS,
+    MAX_GLOBAL_TOKENS, MAX_IN_FLIGHT_PER_PARTITION, MAX_LEASE_SECONDS, MAX_POLL_INTERVAL_SECONDS,
+    MAX_REPLICAS, MAX_RESULT_TTL_SECONDS, MAX_RETRIES, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS,
     MAX_TOKENS_PER_REPLICA, MAX_WINDOW_SECONDS, MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES,
     SOURCE_RULES, SPEC_RULES,
 };
@@ -369,6 +369,17 @@ impl QueueProcessorSpec {
             self.gateway.replicas,
             1,
             Some(MAX_GATEWAY_REPLICAS),
+        );
+        let auth = &self.gateway.auth;
+        p.rule(
+            !self.gateway.enabled || auth.tokens_secret_ref.is_some() != auth.disabled,
+            &GATEWAY_RULES[0],
+        );
+        p.range(
+            "spec.gateway.rateLimitPerClient",
+            self.gateway.rate_limit_per_client,
+            0,
+            Some(1_000_000),
         );
 
         if p.0.is_empty() {

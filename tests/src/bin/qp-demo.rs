@@ -5,6 +5,7 @@
 //!     create the QueueProcessor's Kafka topic with N partitions (default 12), or grow an
 //!     existing one to N
 //! qp-demo run -f <queueprocessor.yaml> --operator <url> [--requests N] [--timeout SECONDS]
+//!             [--secrets-dir DIR]
 //!     submit a burst through the gateway of the local mode at <url> and print a live table
 //!     every second until the backlog is drained and the replicas are back at the minimum,
 //!     then a summary
@@ -12,7 +13,9 @@
 //!
 //! Results are followed in Redis (one pipelined read per second), latencies are from just
 //! before a request was submitted to the time its result was written, and at the end every
-//! result is fetched once more through the gateway, the way a client would.
+//! result is fetched once more through the gateway, the way a client would: with the token of
+//! the first client in the gateway's tokens Secret (`spec.gateway.auth.tokensSecretRef`), read
+//! from local mode's secrets directory (`<dir>/<secret>/<key>`).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -34,7 +37,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 const USAGE: &str = "usage:
   qp-demo setup -f <queueprocessor.yaml> [--partitions N]
-  qp-demo run -f <queueprocessor.yaml> --operator <url> [--requests N] [--timeout SECONDS]";
+  qp-demo run -f <queueprocessor.yaml> --operator <url> [--requests N] [--timeout SECONDS]
+              [--secrets-dir DIR]";
 
 /// The series counting redelivered messages that a worker skipped because the request already
 /// had its result.
@@ -47,6 +51,7 @@ struct Args {
     partitions: i32,
     requests: usize,
     timeout: Duration,
+    secrets_dir: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         partitions: 12,
         requests: 3000,
         timeout: Duration::from_secs(150),
+        secrets_dir: None,
     };
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -70,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
             "--timeout" => {
                 args.timeout = Duration::from_secs(value()?.parse().map_err(|e| format!("{e}"))?)
             }
+            "--secrets-dir" => args.secrets_dir = Some(PathBuf::from(value()?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -204,6 +211,7 @@ async fn run(qp: &QueueProcessor, args: &Args) -> anyhow::Result<ExitCode> {
     let conn = redis.connect().await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
+        .default_headers(gateway_auth(qp, args)?)
         .build()?;
     let mut interrupt = Box::pin(tokio::signal::ctrl_c());
 
@@ -451,6 +459,34 @@ fn print_row(
 }
 
 /// How many of `ids` the gateway returns as done (plain GETs, 32 at a time).
+/// `Authorization: Bearer <token>` of the first client in the gateway's tokens file, when the
+/// gateway has authentication on.
+fn gateway_auth(qp: &QueueProcessor, args: &Args) -> anyhow::Result<reqwest::header::HeaderMap> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let Some(r) = &qp.spec.gateway.auth.tokens_secret_ref else {
+        return Ok(headers);
+    };
+    let dir = args.secrets_dir.as_ref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the gateway takes tokens from Secret {}: pass --secrets-dir",
+            r.name
+        )
+    })?;
+    let path = dir.join(&r.name).join(&r.key);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let token = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .find_map(|l| l.split_once(':').map(|(_, t)| t.trim().to_owned()))
+        .ok_or_else(|| anyhow::anyhow!("no <client>:<token> line in {}", path.display()))?;
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?;
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    Ok(headers)
+}
+
 async fn fetch_results(http: &reqwest::Client, gateway: &str, ids: &[String]) -> usize {
     futures::stream::iter(ids)
         .map(|id| async move {

@@ -29,6 +29,7 @@
 //! `notify`). The gateway is ready as soon as it can reach Redis and its queue; notifications
 //! are not a condition, since submit and poll work without them.
 
+mod auth;
 mod notify;
 
 use std::sync::{Arc, Mutex};
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -58,6 +59,7 @@ use crate::server::{self, Readiness};
 use crate::source::redis_list::Envelope;
 use crate::source::valid_id;
 use crate::{Error, Result};
+use auth::{Auth, Caller, owns};
 use notify::{FALLBACK_POLL, Notifications};
 use qp_protocol::keys::Keys;
 use qp_protocol::observability;
@@ -111,6 +113,14 @@ struct WaitQuery {
 pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     let metrics = Metrics::new();
     let ready = Readiness::default();
+    let auth = Arc::new(Auth::new(
+        args.tokens_file.as_deref(),
+        args.no_auth,
+        args.rate_limit_per_client,
+    )?);
+    if let Some(path) = &args.tokens_file {
+        tokio::spawn(auth::reload(auth.clone(), path.clone(), stop.clone()));
+    }
     let keys = args.common.keys();
     let redis = args.common.redis()?;
     let conn = redis.connect().await?;
@@ -161,7 +171,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     }
 
     let probes = observability::router(move || metrics.render(), Some(ready.clone()));
-    let app = api(gw.clone(), args.max_request_bytes).merge(probes);
+    let app = api(gw.clone(), auth, args.max_request_bytes).merge(probes);
     let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
     ready.set(true);
     info!(%addr, keys = %gw.keys.prefix(), "gateway serving");
@@ -183,13 +193,20 @@ fn gateway_producer(kafka: &KafkaArgs, max_body: usize) -> Result<FutureProducer
         .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
 }
 
-/// The API routes, with the request body limit (larger bodies get 413).
-fn api(gw: Shared, max_request_bytes: usize) -> Router {
+/// The API routes, behind authentication and the rate limit (checked before a body is read),
+/// with the request body limit (larger bodies get 413).
+fn api(gw: Shared, auth: Arc<Auth>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/v1/requests", post(submit))
         .route("/v1/requests/{id}", get(status))
         .layer(DefaultBodyLimit::max(max_request_bytes))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::layer))
         .with_state(gw)
+}
+
+/// The authenticated client, if authentication is on.
+fn client_of(caller: &Option<Extension<Caller>>) -> Option<&str> {
+    caller.as_ref().map(|Extension(c)| c.0.as_str())
 }
 
 fn problem(code: StatusCode, msg: &str) -> Response {
@@ -218,12 +235,13 @@ fn observe(gw: &Gateway, route: &str, started: Instant, resp: &Response) {
 
 async fn submit(
     State(gw): State<Shared>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
     let resp = match body {
-        Ok(body) => submit_inner(&gw, &headers, body).await,
+        Ok(body) => submit_inner(&gw, client_of(&caller), &headers, body).await,
         // Too large (413, naming the limit) or cut off: answered in the API's JSON shape.
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => problem(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -238,9 +256,16 @@ async fn submit(
     resp
 }
 
-/// Its span gets the request id once it is known (after the checks that need none).
+/// Its span gets the request id once it is known (after the checks that need none). With
+/// authentication on, ids are `<client>:<key or uuid>`: one client's idempotency keys never
+/// meet another's, and [`status_inner`] serves a client only its own ids.
 #[instrument(name = "request", skip_all, fields(id = Empty))]
-async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Response {
+async fn submit_inner(
+    gw: &Gateway,
+    client: Option<&str>,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -262,17 +287,21 @@ async fn submit_inner(gw: &Gateway, headers: &HeaderMap, body: Bytes) -> Respons
     {
         return problem(StatusCode::BAD_REQUEST, "body is not valid JSON");
     }
+    let scope = client.map_or(String::new(), |c| format!("{c}:"));
     let id = match headers.get("idempotency-key") {
         Some(v) => match v.to_str() {
-            Ok(k) if valid_id(k) => k.to_owned(),
+            Ok(k) if valid_id(k) && valid_id(&format!("{scope}{k}")) => format!("{scope}{k}"),
             _ => {
                 return problem(
                     StatusCode::BAD_REQUEST,
-                    "Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-]",
+                    &format!(
+                        "Idempotency-Key must be 1-{} characters of [A-Za-z0-9._:-]",
+                        128 - scope.len()
+                    ),
                 );
             }
         },
-        None => uuid::Uuid::now_v7().to_string(),
+        None => format!("{scope}{}", uuid::Uuid::now_v7()),
     };
     Span::current().record("id", id.as_str());
     if gw.max_backlog > 0 {
@@ -400,11 +429,14 @@ impl Gateway {
 
 async fn status(
     State(gw): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Response {
     let started = Instant::now();
     let resp = match query {
+        // Another client's id answers exactly as an unknown one: nothing to learn from it.
+        Ok(_) if client_of(&caller).is_some_and(|c| !owns(c, &id)) => render(&id, None),
         Ok(Query(q)) => status_inner(&gw, &id, q.wait).await,
         Err(e) => problem(e.status(), &e.body_text()),
     };
