@@ -176,31 +176,25 @@ pub async fn run(_env: &Env) -> Vec<Figure> {
     // After Kafka's restart: from the broker being back to the next fault, the longest a
     // partition waited for its stream to resume (what the consumers add to the broker's own
     // restart, whose length is `chaos.kafka_restart_s`).
-    let next_fault = |after: u64| {
+    // The first fault that began after `t` (a slow restart can outlast the next fault's time:
+    // the pause then runs into the next fault's window, and it counts).
+    let next_fault = |t: std::time::Instant| {
         SCHEDULE
             .iter()
-            .find(|(at, _)| *at > after && *at < seconds)
             .map(|(at, _)| (start + Duration::from_secs(*at)).into_std())
+            .find(|when| *when > t && *when < (start + Duration::from_secs(seconds)).into_std())
     };
-    let restart_at = SCHEDULE
-        .iter()
-        .find(|(_, f)| matches!(f, Fault::RestartKafka))
-        .map_or(0, |(at, _)| *at);
     let (kafka_restart_s, resume_after_kafka) = match kafka_outage {
         Some((stopping, back)) => (
             back.duration_since(stopping).as_secs_f64(),
             downstream
-                .longest_pause_between(back, next_fault(restart_at), partition_of)
+                .longest_pause_between(back, next_fault(back), partition_of)
                 .map_or(f64::NAN, |(_, d)| d.as_secs_f64()),
         ),
         None => (f64::NAN, f64::NAN),
     };
-    let crash_at = SCHEDULE
-        .iter()
-        .find(|(_, f)| matches!(f, Fault::CrashRedis))
-        .map_or(0, |(at, _)| *at);
     let resume_after_redis = redis_back
-        .and_then(|back| downstream.longest_pause_between(back, next_fault(crash_at), partition_of))
+        .and_then(|back| downstream.longest_pause_between(back, next_fault(back), partition_of))
         .map_or(f64::NAN, |(_, d)| d.as_secs_f64());
     let figures = vec![
         ("chaos.lost".to_owned(), lost as f64, "messages".to_owned()),
