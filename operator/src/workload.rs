@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 pub use qp_protocol::settings::Refs;
 use qp_protocol::settings::{
     CommonArgs, GatewayArgs, HandlerSpec, KafkaArgs, LogFormat, OffsetReset, RunArgs, Setting,
-    SourceKind,
+    SourceKind, handler_header_env,
 };
 
 use crate::crd::{
@@ -167,7 +167,18 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
                 }
             }
             refs.worker_id_is_pod_name = true;
-            run.render(&refs)
+            let headers = spec.worker.handler.http.iter().flat_map(|h| &h.headers);
+            run.handler_header_names = headers.clone().map(|h| h.name.clone()).collect();
+            let mut env = run.render(&refs);
+            // Header values: from the Secret by reference, or the literal.
+            for (n, h) in headers.enumerate() {
+                let value = match (&h.secret_key_ref, &h.value) {
+                    (Some(r), _) => Setting::Secret(r.clone()),
+                    (None, v) => Setting::Value(v.clone().unwrap_or_default()),
+                };
+                env.push((handler_header_env(n), value));
+            }
+            env
         }
         Component::Gateway => {
             let mut gw = GatewayArgs::new(common, kafka, kind);
@@ -248,6 +259,34 @@ spec:
             Some(EnvValue::Secret(_))
         ));
         assert_eq!(get(&c, "QP_MAX_CONCURRENCY"), Some(&v("8")));
+    }
+
+    #[test]
+    fn handler_headers_come_from_secrets_by_reference() {
+        let mut q = qp(KAFKA);
+        q.spec.worker.handler = serde_yaml::from_str(
+            r#"http:
+  url: "http://127.0.0.1:8080/work"
+  headers:
+  - {name: Authorization, secretKeyRef: {name: downstream, key: authorization}}
+  - {name: X-Tenant, value: shop}"#,
+        )
+        .unwrap();
+        let c = process(&q, Component::Worker).unwrap();
+        assert_eq!(
+            get(&c, "QP_HANDLER_HEADER_NAMES"),
+            Some(&v("Authorization,X-Tenant"))
+        );
+        assert!(matches!(
+            get(&c, "QP_HANDLER_HEADER_0"),
+            Some(EnvValue::Secret(r)) if r.name == "downstream" && r.key == "authorization"
+        ));
+        assert_eq!(get(&c, "QP_HANDLER_HEADER_1"), Some(&v("shop")));
+        let gw = process(&q, Component::Gateway).unwrap();
+        assert!(
+            get(&gw, "QP_HANDLER_HEADER_0").is_none(),
+            "the gateway calls no handler"
+        );
     }
 
     #[test]

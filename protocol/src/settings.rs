@@ -49,6 +49,33 @@ pub enum HandlerSpec {
     },
 }
 
+/// The environment variable that holds the value of the n-th handler header.
+pub fn handler_header_env(n: usize) -> String {
+    format!("QP_HANDLER_HEADER_{n}")
+}
+
+/// Whether an `http(s)://` URL has userinfo (`user[:password]@` before the host).
+pub fn url_has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
+impl HandlerSpec {
+    /// An error (that does not repeat the URL) when an HTTP handler's URL carries credentials.
+    pub fn refuse_credentials(&self) -> Result<(), String> {
+        match self {
+            HandlerSpec::Http { url } if url_has_credentials(url) => Err(
+                "the handler URL carries credentials (user:password@); pass them as headers \
+                 from a Secret instead (--handler-header-names and QP_HANDLER_HEADER_<n>; \
+                 spec.worker.handler.http.headers)"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl FromStr for HandlerSpec {
     type Err = String;
 
@@ -58,6 +85,8 @@ impl FromStr for HandlerSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         if s.starts_with("http://") || s.starts_with("https://") {
+            // Credentials in the URL are refused by `refuse_credentials`, not here: clap prints
+            // a parse error with the value, credential and all.
             return Ok(HandlerSpec::Http { url: s.to_owned() });
         }
         let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
@@ -239,6 +268,12 @@ pub struct RunArgs {
     /// of the QueueProcessor's `spec.worker.env`.
     #[arg(long, env = "QP_EXEC_PASS_ENV", value_delimiter = ',')]
     pub exec_pass_env: Vec<String>,
+    /// Headers an HTTP handler sends with every message (names, comma-separated); the value of
+    /// the n-th is read from the environment variable `QP_HANDLER_HEADER_<n>` (counting from
+    /// 0), which the operator fills from a Secret: credentials never sit in the URL or on the
+    /// command line.
+    #[arg(long, env = "QP_HANDLER_HEADER_NAMES", value_delimiter = ',')]
+    pub handler_header_names: Vec<String>,
     /// Messages this worker handles at once, at most. The global token pool decides how many
     /// it actually may.
     #[arg(long, env = "QP_MAX_CONCURRENCY", default_value_t = defaults::MAX_CONCURRENCY)]
@@ -604,6 +639,7 @@ impl RunArgs {
             handler,
             handler_timeout_ms: defaults::HANDLER_TIMEOUT_MS,
             exec_pass_env: Vec::new(),
+            handler_header_names: Vec::new(),
             max_concurrency: defaults::MAX_CONCURRENCY,
             lease_ttl_ms: defaults::LEASE_TTL_MS,
             ungated: false,
@@ -633,6 +669,9 @@ impl RunArgs {
         r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
         r.value("handler", &self.handler);
         r.value("handler_timeout_ms", self.handler_timeout_ms);
+        if !self.handler_header_names.is_empty() {
+            r.value("handler_header_names", self.handler_header_names.join(","));
+        }
         if !self.exec_pass_env.is_empty() {
             r.value("exec_pass_env", self.exec_pass_env.join(","));
         }
@@ -830,6 +869,19 @@ mod tests {
             assert_eq!(get(name), Some(expected), "{name}");
         }
         assert!(!format!("{env:?}").contains("never rendered"));
+    }
+
+    #[test]
+    fn handler_urls_with_credentials_are_refused_without_echoing_them() {
+        let e = "http://user:S3CRETPASS@127.0.0.1:1/x"
+            .parse::<HandlerSpec>()
+            .unwrap()
+            .refuse_credentials()
+            .unwrap_err();
+        assert!(e.contains("credentials") && !e.contains("S3CRET"), "{e}");
+        assert!(url_has_credentials("https://u@h/x"));
+        assert!(!url_has_credentials("http://h:1/p?next=a@b"));
+        assert!(!url_has_credentials("http://h/p@x"));
     }
 
     #[test]

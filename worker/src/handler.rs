@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use qp_protocol::redis_conn::Conn;
 pub use qp_protocol::settings::HandlerSpec;
+use tracing::warn;
 
 /// Why a handler call failed, and whether trying again can help.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct Handler {
     probe: Option<(Conn, String)>,
     /// Variables of the worker's environment an exec handler sees, besides [`EXEC_BASE_ENV`].
     exec_env: Vec<String>,
+    /// Headers an HTTP handler sends with every message (credentials from a Secret).
+    headers: reqwest::header::HeaderMap,
 }
 
 /// What every exec handler sees of the worker's environment. The rest (the Redis and Kafka
@@ -87,7 +90,14 @@ impl Handler {
             http,
             probe,
             exec_env: Vec::new(),
+            headers: reqwest::header::HeaderMap::new(),
         }
+    }
+
+    /// Send these headers with every HTTP handler call.
+    pub fn with_headers(mut self, headers: reqwest::header::HeaderMap) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Pass these variables of the worker's environment to exec handlers too.
@@ -163,10 +173,18 @@ impl Handler {
         Ok(req.body.clone())
     }
 
+    /// POST the message. Failure reasons name the kind of failure only (they are stored for
+    /// clients and in dead letters); the URL (credentials redacted), the error and an excerpt of
+    /// the answer go to the worker's log.
     async fn http(&self, url: &str, req: &Request<'_>) -> Result<Bytes, HandlerError> {
+        let failed = |public: HandlerError, detail: &dyn std::fmt::Display| {
+            warn!(id = %req.id, url = %redact_url(url), %detail, reason = %public.reason(), "http handler failed");
+            public
+        };
         let resp = self
             .http
             .post(url)
+            .headers(self.headers.clone())
             .header(
                 "content-type",
                 req.content_type.unwrap_or("application/octet-stream"),
@@ -178,23 +196,31 @@ impl Handler {
             .map_err(|e| {
                 let what = if e.is_timeout() {
                     format!("timed out after {:?}", self.timeout)
+                } else if e.is_connect() {
+                    "could not connect".to_owned()
                 } else {
                     "request failed".to_owned()
                 };
-                // The URL is configuration, never user data, so it is safe to name.
-                HandlerError::Retryable(format!("http handler {url}: {what}: {e}"))
+                // reqwest's message names the URL: left out, the log has the redacted one.
+                failed(
+                    HandlerError::Retryable(format!("http handler: {what}")),
+                    &e.without_url(),
+                )
             })?;
         let status = resp.status();
         // Read at most one byte past the limit: a handler that answers with gigabytes (or
         // streams without end) must not be read to the end first (it was, into memory).
         let limit = self.max_result_bytes;
         if resp.content_length().is_some_and(|n| n > limit as u64) && status.is_success() {
-            return Err(too_large(&format!("http handler {url}"), limit));
+            return Err(too_large("http handler", limit));
         }
         let mut resp = resp;
         let mut body = bytes::BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            HandlerError::Retryable(format!("http handler {url}: reading body: {e}"))
+            failed(
+                HandlerError::Retryable("http handler: reading the answer failed".into()),
+                &e.without_url(),
+            )
         })? {
             let room = (limit + 1).saturating_sub(body.len());
             body.extend_from_slice(&chunk[..chunk.len().min(room)]);
@@ -204,18 +230,21 @@ impl Handler {
         }
         let body = body.freeze();
         if status.is_success() && body.len() > limit {
-            return Err(too_large(&format!("http handler {url}"), limit));
+            return Err(too_large("http handler", limit));
         }
         if status.is_success() {
             Ok(body)
         } else {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            let reason = format!("http handler {url} answered {status}: {text}");
-            if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
-                Err(HandlerError::Retryable(reason))
-            } else {
-                Err(HandlerError::Permanent(reason))
-            }
+            // The answer's body may carry anything (tokens, stack traces): the log only.
+            let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            let reason = format!("http handler answered {status}");
+            let public =
+                if status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408 {
+                    HandlerError::Retryable(reason)
+                } else {
+                    HandlerError::Permanent(reason)
+                };
+            Err(failed(public, &format!("answer: {excerpt}")))
         }
     }
 
@@ -241,7 +270,10 @@ impl Handler {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
+            .map_err(|e| {
+                warn!(id = %req.id, program = %command[0], error = %e, "exec handler did not start");
+                HandlerError::Retryable(format!("exec handler could not start: {}", e.kind()))
+            })?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
@@ -285,28 +317,56 @@ impl Handler {
         kill_group(&child);
         let (status, out, err) = finished
             .map_err(|_| {
-                HandlerError::Retryable(format!(
-                    "exec {}: timed out after {:?}",
-                    command[0], self.timeout
-                ))
+                HandlerError::Retryable(format!("exec handler: timed out after {:?}", self.timeout))
             })?
-            .map_err(|e| HandlerError::Retryable(format!("exec {}: {e}", command[0])))?;
+            .map_err(|e| HandlerError::Retryable(format!("exec handler: {}", e.kind())))?;
         if out.len() > self.max_result_bytes {
-            return Err(too_large(
-                &format!("exec {}", command[0]),
-                self.max_result_bytes,
-            ));
+            return Err(too_large("exec handler", self.max_result_bytes));
         }
         if status.success() {
             Ok(Bytes::from(out))
         } else {
+            // stderr may carry anything the program printed (tokens, paths): the log only.
             let err = String::from_utf8_lossy(&err);
-            Err(HandlerError::Retryable(format!(
-                "exec {} exited with {status}: {}",
-                command[0],
-                err.trim()
-            )))
+            let public = HandlerError::Retryable(format!("exec handler {status}"));
+            warn!(id = %req.id, program = %command[0], stderr = %err.trim(), reason = %public.reason(), "exec handler failed");
+            Err(public)
         }
+    }
+}
+
+/// The handler headers named in `names`, each value from `QP_HANDLER_HEADER_<n>` (see
+/// `--handler-header-names`). Values are marked sensitive and never appear in errors.
+pub fn headers_from_env(names: &[String]) -> Result<reqwest::header::HeaderMap, String> {
+    use reqwest::header::{HeaderName, HeaderValue};
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (n, name) in names.iter().enumerate() {
+        let var = qp_protocol::settings::handler_header_env(n);
+        let header = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("handler header {name:?} is not a valid header name"))?;
+        let value =
+            std::env::var(&var).map_err(|_| format!("handler header {name}: {var} is not set"))?;
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            format!("handler header {name}: the value in {var} is not a valid header value")
+        })?;
+        value.set_sensitive(true);
+        headers.insert(header, value);
+    }
+    Ok(headers)
+}
+
+/// A URL for the log: user and password replaced, so a credential put there by mistake is not
+/// written out (the worker refuses such URLs at start; this is the second line).
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                let _ = u.set_username("redacted");
+                let _ = u.set_password(None);
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
     }
 }
 
@@ -402,7 +462,24 @@ mod tests {
         let out = handler("exec:tr a-z A-Z").call(&r).await.unwrap();
         assert_eq!(&out[..], b"SHOUT");
         let err = handler("exec:false").call(&r).await.unwrap_err();
-        assert!(err.reason().contains("exited"), "{err:?}");
+        assert_eq!(err.reason(), "exec handler exit status: 1");
+    }
+
+    /// What a client reads of a failure names its kind, never what the program printed.
+    #[tokio::test]
+    async fn exec_failures_keep_stderr_out_of_the_reason() {
+        let h = exec_handler("echo SECRET-TOKEN >&2; exit 3", Duration::from_secs(5));
+        let err = call(&h, "m", b"x").await.unwrap_err();
+        assert_eq!(err.reason(), "exec handler exit status: 3");
+    }
+
+    #[test]
+    fn urls_are_logged_without_credentials() {
+        assert_eq!(
+            redact_url("http://user:S3CRET@127.0.0.1:1/x?q=1"),
+            "http://redacted@127.0.0.1:1/x?q=1"
+        );
+        assert_eq!(redact_url("http://h/x"), "http://h/x");
     }
 
     #[tokio::test]

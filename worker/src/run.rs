@@ -90,6 +90,7 @@ fn dead_letter(args: &RunArgs, keys: &Keys, conn: &Conn) -> Result<DeadLetter> {
 }
 
 pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
+    args.handler.refuse_credentials().map_err(Error::config)?;
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let keys = args.common.keys();
@@ -118,7 +119,10 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
         args.max_result_bytes,
         Some((conn.clone(), probe_prefix)),
     )
-    .with_exec_env(args.exec_pass_env.clone());
+    .with_exec_env(args.exec_pass_env.clone())
+    .with_headers(
+        crate::handler::headers_from_env(&args.handler_header_names).map_err(Error::config)?,
+    );
     let keeper = (!args.ungated).then(|| {
         let pool = TokenPool::new(
             conn.clone(),

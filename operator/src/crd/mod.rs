@@ -55,8 +55,8 @@ pub use status::{
 };
 pub use validate::SpecError;
 pub use worker::{
-    BuiltinHandler, BuiltinName, ExecHandler, Handler, HandlerSpec, HttpHandler, PullPolicy,
-    WorkerSpec,
+    BuiltinHandler, BuiltinName, ExecHandler, Handler, HandlerSpec, HttpHandler, HttpHeader,
+    PullPolicy, WorkerSpec,
 };
 
 use schema::{spec_rules, tidy_docs};
@@ -232,6 +232,13 @@ impl QueueProcessorSpec {
         }
         if self.gateway.enabled {
             refs.extend(self.gateway.auth.tokens_secret_ref.iter());
+        }
+        if let Some(http) = &self.worker.handler.http {
+            refs.extend(
+                http.headers
+                    .iter()
+                    .filter_map(|h| h.secret_key_ref.as_ref()),
+            );
         }
         refs
     }

@@ -123,6 +123,21 @@ pub(super) const DEAD_LETTER_RULES: &[CelRule] = &[CelRule {
     field_path: None,
 }];
 
+/// Most headers an HTTP handler sends.
+pub const MAX_HANDLER_HEADERS: usize = 16;
+
+pub(super) const HTTP_HANDLER_RULES: &[CelRule] = &[CelRule {
+    rule: "!self.url.matches('^https?://[^/?#]*@')",
+    message: "spec.worker.handler.http.url must not carry credentials (user:password@): send them as headers from a Secret (http.headers[].secretKeyRef)",
+    field_path: Some(".url"),
+}];
+
+pub(super) const HTTP_HEADER_RULES: &[CelRule] = &[CelRule {
+    rule: "has(self.value) != has(self.secretKeyRef)",
+    message: "spec.worker.handler.http.headers[]: exactly one of value or secretKeyRef must be set",
+    field_path: None,
+}];
+
 pub(super) const GATEWAY_RULES: &[CelRule] = &[CelRule {
     rule: "!self.enabled || has(self.auth.tokensSecretRef) != self.auth.disabled",
     message: "spec.gateway.auth: set tokensSecretRef (a Secret key of <client>:<token> lines) or, to serve without authentication, disabled: true (exactly one)",
@@ -141,6 +156,8 @@ pub const ALL_CEL_RULES: &[&[CelRule]] = &[
     BUILTIN_RULES,
     DEAD_LETTER_RULES,
     GATEWAY_RULES,
+    HTTP_HANDLER_RULES,
+    HTTP_HEADER_RULES,
 ];
 
 fn add_rules(schema: &mut schemars::Schema, rules: &[CelRule]) {
@@ -177,6 +194,14 @@ pub(super) fn handler_rules(s: &mut schemars::Schema) {
 pub(super) fn builtin_rules(s: &mut schemars::Schema) {
     add_rules(s, BUILTIN_RULES)
 }
+pub(super) fn http_handler_rules(s: &mut schemars::Schema) {
+    add_rules(s, HTTP_HANDLER_RULES)
+}
+
+pub(super) fn http_header_rules(s: &mut schemars::Schema) {
+    add_rules(s, HTTP_HEADER_RULES)
+}
+
 pub(super) fn gateway_rules(s: &mut schemars::Schema) {
     add_rules(s, GATEWAY_RULES)
 }

@@ -3,8 +3,8 @@
 
 use super::schema::{
     BUILTIN_RULES, CONCURRENCY_RULES, DEAD_LETTER_RULES, GATEWAY_RULES, HANDLER_RULES,
-    KAFKA_TLS_RULES, MAX_REPLICAS, MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SOURCE_RULES,
-    SPEC_RULES,
+    HTTP_HANDLER_RULES, HTTP_HEADER_RULES, KAFKA_TLS_RULES, MAX_REPLICAS, MIN_LEASE_SECONDS,
+    REDIS_RULES, SCALING_RULES, SOURCE_RULES, SPEC_RULES,
 };
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -385,10 +385,15 @@ fn status_round_trip_and_conditions() {
 fn schema_contains_every_cel_rule_where_it_belongs() {
     let s = schema();
     let spec = at(&s, &["properties", "spec"]);
+    // `[]` steps into an array's items.
     let p = |path: &[&str]| {
         let mut v = spec;
         for k in path {
-            v = &v["properties"][*k];
+            v = if *k == "[]" {
+                &v["items"]
+            } else {
+                &v["properties"][*k]
+            };
         }
         v.clone()
     };
@@ -403,6 +408,11 @@ fn schema_contains_every_cel_rule_where_it_belongs() {
         (&["worker", "handler", "builtin"], BUILTIN_RULES),
         (&["results", "deadLetter"], DEAD_LETTER_RULES),
         (&["gateway"], GATEWAY_RULES),
+        (&["worker", "handler", "http"], HTTP_HANDLER_RULES),
+        (
+            &["worker", "handler", "http", "headers", "[]"],
+            HTTP_HEADER_RULES,
+        ),
     ];
     let mut count = 0;
     for (path, rules) in places {

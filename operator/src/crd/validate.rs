@@ -5,11 +5,11 @@ use std::fmt;
 
 use super::schema::{
     BUILTIN_RULES, CONCURRENCY_RULES, CelRule, DEAD_LETTER_RULES, GATEWAY_RULES, HANDLER_RULES,
-    KAFKA_TLS_RULES, MAX_BACKOFF_MILLIS, MAX_CLUSTER_NODES, MAX_GATEWAY_REPLICAS,
-    MAX_GLOBAL_TOKENS, MAX_IN_FLIGHT_PER_PARTITION, MAX_LEASE_SECONDS, MAX_POLL_INTERVAL_SECONDS,
-    MAX_REPLICAS, MAX_RESULT_TTL_SECONDS, MAX_RETRIES, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS,
-    MAX_TOKENS_PER_REPLICA, MAX_WINDOW_SECONDS, MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES,
-    SOURCE_RULES, SPEC_RULES,
+    HTTP_HANDLER_RULES, HTTP_HEADER_RULES, KAFKA_TLS_RULES, MAX_BACKOFF_MILLIS, MAX_CLUSTER_NODES,
+    MAX_GATEWAY_REPLICAS, MAX_GLOBAL_TOKENS, MAX_HANDLER_HEADERS, MAX_IN_FLIGHT_PER_PARTITION,
+    MAX_LEASE_SECONDS, MAX_POLL_INTERVAL_SECONDS, MAX_REPLICAS, MAX_RESULT_TTL_SECONDS,
+    MAX_RETRIES, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS, MAX_TOKENS_PER_REPLICA, MAX_WINDOW_SECONDS,
+    MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SOURCE_RULES, SPEC_RULES,
 };
 use super::{API_VERSION, BuiltinName, KIND, QueueProcessor, QueueProcessorSpec};
 
@@ -293,6 +293,21 @@ impl QueueProcessorSpec {
                 1,
                 Some(MAX_TIMEOUT_SECONDS),
             );
+            p.rule(
+                !qp_protocol::settings::url_has_credentials(&h.url),
+                &HTTP_HANDLER_RULES[0],
+            );
+            if h.headers.len() > MAX_HANDLER_HEADERS {
+                p.0.push(format!(
+                    "spec.worker.handler.http.headers: should have at most {MAX_HANDLER_HEADERS} items"
+                ));
+            }
+            for header in &h.headers {
+                p.rule(
+                    header.value.is_some() != header.secret_key_ref.is_some(),
+                    &HTTP_HEADER_RULES[0],
+                );
+            }
         }
         if let Some(e) = &w.handler.exec {
             if e.command.is_empty() {

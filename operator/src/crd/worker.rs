@@ -9,8 +9,10 @@ use k8s_openapi::api::core::v1::{
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::SecretKeyRef;
 use super::schema::{
-    MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS, builtin_rules, handler_rules, tidy_docs,
+    MAX_HANDLER_HEADERS, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS, builtin_rules, handler_rules,
+    http_handler_rules, http_header_rules, tidy_docs,
 };
 
 /// The worker pods. The operator builds a Deployment from these settings (or, in local mode,
@@ -129,16 +131,45 @@ pub struct HandlerSpec {
 /// Call an HTTP endpoint for each message.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = http_handler_rules)]
 #[schemars(transform = tidy_docs)]
 pub struct HttpHandler {
-    /// The `http://` or `https://` URL that receives each message as a POST body.
+    /// The `http://` or `https://` URL that receives each message as a POST body. It must not
+    /// carry credentials (`user:password@`): send them as `headers` from a Secret.
     #[schemars(length(min = 1, max = 2048), pattern(r"^https?://"))]
     pub url: String,
+
+    /// Headers sent with every message, such as `Authorization` from a Secret. Failure reasons
+    /// that clients read never show them, nor the URL or the answer's body.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_HANDLER_HEADERS))]
+    pub headers: Vec<HttpHeader>,
 
     /// Seconds to wait for the response before the attempt counts as failed.
     #[serde(default = "default_handler_timeout_seconds")]
     #[schemars(range(min = 1, max = MAX_TIMEOUT_SECONDS))]
     pub timeout_seconds: i32,
+}
+
+/// One header of an HTTP handler: a literal `value` or a `secretKeyRef` (exactly one).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = http_header_rules)]
+#[schemars(transform = tidy_docs)]
+pub struct HttpHeader {
+    /// The header's name, for example `Authorization`.
+    #[schemars(length(min = 1, max = 256), pattern(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub name: String,
+
+    /// A literal value (not for credentials: it is visible in the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub value: Option<String>,
+
+    /// The value from a Secret key (an environment variable of the worker from a
+    /// `secretKeyRef`; never written into the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
 }
 
 fn default_handler_timeout_seconds() -> i32 {
