@@ -2,16 +2,41 @@
 //! `/healthz` (the process is alive) and `/readyz` (it is connected and taking work; false
 //! while draining). The routes are [`qp_protocol::observability::router`], shared with the
 //! operator; the gateway merges its API into them.
+//!
+//! The accept loop is written here on hyper rather than with `axum::serve`, which sets no timer
+//! on hyper's connections: without one, hyper's header read timeout does not apply, and a
+//! client that sends its headers a byte at a time (slowloris), or connects and says nothing,
+//! holds a connection and its memory for ever. Here a request's headers must arrive within
+//! [`HEADER_READ_TIMEOUT`], and at most [`MAX_CONNECTIONS`] connections are served at once (more
+//! wait in the kernel's backlog).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::{Error, Result};
 
 pub use qp_protocol::observability::Readiness;
+
+/// How long a client may take to send a request's headers, on a new connection or an idle
+/// kept-alive one; then the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// How long requests in flight may take to finish once `stop` fired (long polls answer at
+/// once on stop; this bounds everything else).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Bind and serve until `stop`; returns the bound address (useful with port 0).
 pub async fn serve(
@@ -26,10 +51,45 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::Http(e.to_string()))?;
     info!(%bound, "serving /metrics, /healthz, /readyz");
-    let handle = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-    });
+    let handle = tokio::spawn(accept_loop(listener, app, stop));
     Ok((bound, handle))
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: let connections close before trying again.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => debug!("connections still open after the grace period"),
+    }
 }
