@@ -741,3 +741,48 @@ fn status_writes_wait_for_live_numbers_but_not_for_changes() {
     // Unchanged: never written, however long ago.
     assert!(!old.write_due(Some(&old.clone()), later, refresh));
 }
+
+/// Properties of admission without an API server (local mode reads any file it is given).
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any text is parsed or refused with an error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = QueueProcessor::from_yaml(&text);
+        }
+
+        /// Numbers anywhere in range or out of it: accepted only when valid, and every
+        /// complaint names the field it is about.
+        #[test]
+        fn numbers_are_checked_and_complaints_name_fields(
+            min in -5i64..20, max in -5i64..60, tokens in -5i64..300, global in -5i64..5000,
+            lease in -5i64..4000, ttl in -5i64..100_000, replicas in -2i64..20, rate in -2i64..2_000_000,
+        ) {
+            let yaml = MINIMAL.replace("  worker:\n", &format!(
+                "  scaling:\n    minReplicas: {min}\n    maxReplicas: {max}\n\
+                 \x20 concurrency:\n    perReplicaTokens: {tokens}\n    globalMaxTokens: {global}\n    leaseSeconds: {lease}\n\
+                 \x20 results:\n    ttlSeconds: {ttl}\n\
+                 \x20 gateway:\n    enabled: true\n    replicas: {replicas}\n    rateLimitPerClient: {rate}\n    auth: {{disabled: true}}\n\
+                 \x20 worker:\n"));
+            match QueueProcessor::from_yaml(&yaml) {
+                Ok(qp) => {
+                    prop_assert!(qp.spec.validate().is_ok());
+                    prop_assert!(min >= 0 && max >= 1 && min <= max && tokens >= 1 && replicas >= 1);
+                    prop_assert!(rate >= 0);
+                }
+                Err(SpecError::Invalid(problems)) => {
+                    prop_assert!(!problems.is_empty());
+                    for p in &problems {
+                        prop_assert!(p.starts_with("spec."), "{}", p);
+                    }
+                }
+                Err(other) => prop_assert!(false, "unexpected {}", other),
+            }
+        }
+    }
+}

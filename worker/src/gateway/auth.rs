@@ -279,6 +279,65 @@ pub async fn reload(auth: Arc<Auth>, path: PathBuf, stop: CancellationToken) {
     }
 }
 
+/// Properties of the tokens file parser and of id ownership (both see outside input).
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn clients() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::btree_map("[a-z0-9][a-z0-9-]{0,20}", "[A-Za-z0-9_+/=.-]{32,64}", 1..8)
+            .prop_map(|m| m.into_iter().collect::<Vec<_>>())
+            .prop_filter("distinct tokens", |v| {
+                let t: HashSet<_> = v.iter().map(|(_, t)| t).collect();
+                t.len() == v.len()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Every client of a well-formed file is known by its token, and nothing else is.
+        #[test]
+        fn each_token_names_its_client(pairs in clients(), other in "[A-Za-z0-9]{32}") {
+            let text: String = pairs.iter().map(|(c, t)| format!("{c}:{t}\n")).collect();
+            let parsed = Clients::parse(&text).unwrap();
+            for (c, t) in &pairs {
+                prop_assert_eq!(parsed.identify(t.as_bytes()), Some(c.as_str()));
+            }
+            if pairs.iter().all(|(_, t)| *t != other) {
+                prop_assert_eq!(parsed.identify(other.as_bytes()), None);
+            }
+        }
+
+        /// A file with a bad line is refused, and the error names the line, never a token.
+        #[test]
+        fn errors_never_show_tokens(pairs in clients(), bad in "[^\n:]{0,40}", at in 0usize..8) {
+            let mut lines: Vec<String> = pairs.iter().map(|(c, t)| format!("{c}:{t}")).collect();
+            let at = at.min(lines.len());
+            lines.insert(at, format!("NOT A CLIENT {bad}"));
+            let e = Clients::parse(&lines.join("\n")).err().unwrap_or_default();
+            for (_, t) in &pairs {
+                prop_assert!(!e.contains(t.as_str()), "{}", e);
+            }
+        }
+
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn arbitrary_files_never_panic(text in "\\PC{0,400}") {
+            let _ = Clients::parse(&text);
+        }
+
+        /// A client owns exactly the ids made under its name.
+        #[test]
+        fn ownership_follows_the_prefix(c in "[a-z0-9-]{1,20}", d in "[a-z0-9-]{1,20}", k in "[A-Za-z0-9._:-]{1,60}") {
+            let id = format!("{c}:{k}");
+            prop_assert!(owns(&c, &id));
+            prop_assert_eq!(owns(&d, &id), c == d || id.starts_with(&format!("{d}:")));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

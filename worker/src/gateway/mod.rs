@@ -266,16 +266,7 @@ async fn submit_inner(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Response {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/octet-stream");
-    let media = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let media = media_type(headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()));
     if !ACCEPTED_TYPES.contains(&media.as_str()) {
         return problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -287,21 +278,10 @@ async fn submit_inner(
     {
         return problem(StatusCode::BAD_REQUEST, "body is not valid JSON");
     }
-    let scope = client.map_or(String::new(), |c| format!("{c}:"));
-    let id = match headers.get("idempotency-key") {
-        Some(v) => match v.to_str() {
-            Ok(k) if valid_id(k) && valid_id(&format!("{scope}{k}")) => format!("{scope}{k}"),
-            _ => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "Idempotency-Key must be 1-{} characters of [A-Za-z0-9._:-]",
-                        128 - scope.len()
-                    ),
-                );
-            }
-        },
-        None => format!("{scope}{}", uuid::Uuid::now_v7()),
+    let key = headers.get("idempotency-key").map(|v| v.as_bytes());
+    let id = match request_id(client, key) {
+        Ok(id) => id,
+        Err(msg) => return problem(StatusCode::BAD_REQUEST, &msg),
     };
     Span::current().record("id", id.as_str());
     if gw.max_backlog > 0 {
@@ -369,6 +349,37 @@ async fn submit_inner(
         .query_async(&mut gw.conn.clone())
         .await;
     accepted(&id, "pending", true)
+}
+
+/// The media type of a `Content-Type` header, lower-cased without parameters; a missing (or
+/// non-text) header is `application/octet-stream`.
+fn media_type(content_type: Option<&[u8]>) -> String {
+    let Some(raw) = content_type else {
+        return "application/octet-stream".to_owned();
+    };
+    std::str::from_utf8(raw)
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The request id: the `Idempotency-Key` if given and valid, else a fresh UUIDv7; under
+/// authentication prefixed with `<client>:`. `Err` is the 400's message.
+fn request_id(client: Option<&str>, key: Option<&[u8]>) -> std::result::Result<String, String> {
+    let scope = client.map_or(String::new(), |c| format!("{c}:"));
+    match key {
+        Some(k) => match std::str::from_utf8(k) {
+            Ok(k) if valid_id(k) && valid_id(&format!("{scope}{k}")) => Ok(format!("{scope}{k}")),
+            _ => Err(format!(
+                "Idempotency-Key must be 1-{} characters of [A-Za-z0-9._:-]",
+                128 - scope.len()
+            )),
+        },
+        None => Ok(format!("{scope}{}", uuid::Uuid::now_v7())),
+    }
 }
 
 fn accepted(id: &str, state: &str, new: bool) -> Response {
@@ -567,6 +578,53 @@ async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) 
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Properties of the parts of a request the gateway reads before anything else.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Any header bytes give a media type without parameters or surrounding space.
+        #[test]
+        fn media_types_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let m = media_type(Some(&raw));
+            prop_assert!(!m.contains(';'));
+            prop_assert_eq!(m.trim(), m.as_str());
+        }
+
+        /// An id the gateway makes is always a valid id, scoped to its client; an invalid key
+        /// is refused, never passed on.
+        #[test]
+        fn request_ids_are_valid_and_scoped(
+            client in proptest::option::of("[a-z0-9][a-z0-9-]{0,47}"),
+            key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..160)),
+        ) {
+            match request_id(client.as_deref(), key.as_deref()) {
+                Ok(id) => {
+                    prop_assert!(valid_id(&id), "{}", id);
+                    if let Some(c) = &client {
+                        prop_assert!(owns(c, &id));
+                    }
+                    if let Some(k) = &key {
+                        prop_assert!(id.ends_with(std::str::from_utf8(k).unwrap()));
+                    }
+                }
+                Err(msg) => prop_assert!(key.is_some() && msg.starts_with("Idempotency-Key")),
+            }
+        }
+
+        /// Valid keys are taken as they are.
+        #[test]
+        fn valid_keys_are_kept(key in "[A-Za-z0-9._:-]{1,60}", client in "[a-z0-9]{1,20}") {
+            prop_assert_eq!(request_id(Some(&client), Some(key.as_bytes())), Ok(format!("{client}:{key}")));
+            prop_assert_eq!(request_id(None, Some(key.as_bytes())), Ok(key.clone()));
         }
     }
 }

@@ -298,6 +298,71 @@ pub const BODY_BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
+/// Properties of the list item parser, which reads whatever anyone pushed to the list.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn settings(max: usize) -> RedisListSettings {
+        RedisListSettings {
+            key: "q".into(),
+            worker_id: "w".into(),
+            max_message_bytes: max,
+            dead_after: Duration::from_secs(5),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// What a producer wraps comes out unchanged: id, content type and every byte of the
+        /// body, text or binary.
+        #[test]
+        fn envelopes_round_trip(
+            id in "[A-Za-z0-9._:-]{1,128}",
+            content_type in proptest::option::of("[a-z]{1,10}/[a-z+.-]{1,20}"),
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let raw = Bytes::from(Envelope::new(&id, content_type.as_deref(), &body).to_bytes());
+            let job = to_job(raw, &settings(1000));
+            prop_assert_eq!(&job.id, &id);
+            prop_assert_eq!(job.content_type.as_deref(), content_type.as_deref());
+            prop_assert_eq!(&job.body[..], &body[..]);
+            prop_assert!(job.malformed.is_none(), "{:?}", job.malformed);
+        }
+
+        /// Any bytes at all become a job: parsed, or malformed with a reason (dead-lettered),
+        /// never a panic; a malformed item keeps its raw bytes, bounded by the limit's envelope.
+        #[test]
+        fn arbitrary_items_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let job = to_job(Bytes::from(raw.clone()), &settings(64));
+            prop_assert!(valid_id(&job.id), "{}", job.id);
+            if job.malformed.is_some() {
+                prop_assert_eq!(&job.body[..], &raw[..]);
+            } else {
+                prop_assert!(job.body.len() <= 64);
+            }
+        }
+
+        /// JSON-shaped garbage (the likelier kind) is classified, never accepted with an
+        /// invalid id.
+        #[test]
+        fn json_shaped_items_are_checked(
+            id in ".{0,140}",
+            body in proptest::option::of(".{0,80}"),
+            b64 in proptest::option::of("[A-Za-z0-9+/=!]{0,40}"),
+        ) {
+            let raw = serde_json::json!({"id": id, "body": body, "bodyBase64": b64}).to_string();
+            let job = to_job(Bytes::from(raw), &settings(64));
+            if job.malformed.is_none() {
+                prop_assert!(valid_id(&job.id));
+                prop_assert_eq!(&job.id, &id);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
