@@ -24,9 +24,10 @@ env-status: ## list local services with version and address, the node, its image
 build: ## build the qp-operator and qp-worker binaries (debug)
 	$(CARGO) build --workspace --bins
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt and clippy (warnings are errors), and kube-score on the chart's renders
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	bash hack/lint-chart.sh
 
 unit: ## every crate's unit tests; no service needed (black-box tests live in tests/)
 	$(CARGO) test --workspace --exclude qp-tests

@@ -11,6 +11,7 @@ t0=$SECONDS
 log "lint: rustfmt and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+bash hack/lint-chart.sh
 log "unit tests (no services)"
 cargo test --workspace --exclude qp-tests
 log "lint and unit tests passed in $((SECONDS - t0))s"

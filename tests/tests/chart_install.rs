@@ -18,6 +18,7 @@ async fn rendered_chart_passes_a_server_side_dry_run() {
     let variants: Vec<Vec<&str>> = vec![
         vec!["grafanaDashboard.enabled=true"],
         vec![watch_set.as_str(), "operator.replicas=2"],
+        vec![watch_set.as_str(), "networkPolicy.enabled=true"],
         vec![
             "crds.install=false",
             "rbac.create=false",

@@ -307,6 +307,71 @@ async fn crd_template_is_the_generated_crd_and_is_kept() {
 }
 
 #[tokio::test]
+async fn network_policies_are_a_toggle_that_admits_only_the_served_port() {
+    let off = documents(&render("qp", "qp-system", &[]));
+    assert!(
+        !kinds(&off).contains(&"NetworkPolicy".to_string()),
+        "off by default"
+    );
+    let docs = documents(&render(
+        "qp",
+        "qp-system",
+        &["networkPolicy.enabled=true", "operator.watchNamespace=apps"],
+    ));
+    let policies: Vec<&Yaml> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    let placed: Vec<(String, String)> = policies
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["namespace"].as_str().unwrap().to_owned(),
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("qp-system".into(), "qp-queue-processor".into()),
+            ("apps".into(), "qp-queue-processor-workers".into()),
+            ("apps".into(), "qp-queue-processor-gateways".into()),
+        ]
+    );
+    let operator = find(&docs, "Deployment");
+    let pod_labels = &operator["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in policies[0]["spec"]["podSelector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            pod_labels.get(k),
+            Some(v),
+            "the operator's policy selects its pods"
+        );
+    }
+    for (p, port) in policies.iter().zip([8080, 9090, 9090]) {
+        assert_eq!(
+            p["spec"]["policyTypes"],
+            serde_yaml::from_str::<Yaml>("[Ingress, Egress]").unwrap()
+        );
+        assert_eq!(
+            p["spec"]["ingress"][0]["ports"][0]["port"], port,
+            "only the served port"
+        );
+    }
+    assert_eq!(
+        policies[1]["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "qp-worker"
+    );
+    assert_eq!(
+        policies[2]["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "qp-gateway"
+    );
+}
+
+#[tokio::test]
 async fn monitoring_objects_are_built_from_the_tested_files() {
     let docs = documents(&render(
         "qp",
