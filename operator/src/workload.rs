@@ -157,6 +157,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
                 Source::Kafka(k) => {
                     run.max_pending_per_partition =
                         non_negative(k.max_in_flight_per_partition.into()) as usize;
+                    run.kafka_session_timeout_ms = non_negative(k.session_timeout_millis.into());
                     run.kafka_auto_offset_reset = match k.auto_offset_reset {
                         crate::crd::OffsetReset::Earliest => OffsetReset::Earliest,
                         crate::crd::OffsetReset::Latest => OffsetReset::Latest,
@@ -259,6 +260,12 @@ spec:
             Some(EnvValue::Secret(_))
         ));
         assert_eq!(get(&c, "QP_MAX_CONCURRENCY"), Some(&v("8")));
+        // The session timeout is a tuning setting: absent at its default, rendered otherwise.
+        assert_eq!(get(&c, "QP_KAFKA_SESSION_TIMEOUT_MS"), None);
+        let mut q = qp(KAFKA);
+        q.spec.source.kafka.as_mut().unwrap().session_timeout_millis = 2000;
+        let c = process(&q, Component::Worker).unwrap();
+        assert_eq!(get(&c, "QP_KAFKA_SESSION_TIMEOUT_MS"), Some(&v("2000")));
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub struct KafkaSource {
     #[schemars(range(min = 1, max = MAX_IN_FLIGHT_PER_PARTITION))]
     pub max_in_flight_per_partition: i32,
 
+    /// How long the group waits for a worker that stopped answering (killed, or its node gone)
+    /// before its partitions go to the others: the stream of those partitions stalls this
+    /// long. Lower means shorter stalls and more sensitivity to pauses; the broker only accepts
+    /// values within its `group.min.session.timeout.ms` (6000 by default) and
+    /// `group.max.session.timeout.ms`.
+    #[serde(default = "default_session_timeout_millis")]
+    #[schemars(range(min = 1000, max = 300_000))]
+    pub session_timeout_millis: i32,
+
     /// SASL authentication. Omit for brokers without authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl: Option<KafkaSasl>,
@@ -77,6 +86,10 @@ pub struct KafkaSource {
 
 fn default_max_in_flight_per_partition() -> i32 {
     1000
+}
+
+fn default_session_timeout_millis() -> i32 {
+    qp_protocol::settings::defaults::KAFKA_SESSION_TIMEOUT_MS as i32
 }
 
 /// Where a consumer group without committed offsets starts reading.

@@ -142,6 +142,7 @@ fn schema_defaults_match_serde_defaults() {
     let kafka = at(&props, &["source", "properties", "kafka", "properties"]);
     assert_eq!(kafka["autoOffsetReset"]["default"], json!("earliest"));
     assert_eq!(kafka["maxInFlightPerPartition"]["default"], json!(1000));
+    assert_eq!(kafka["sessionTimeoutMillis"]["default"], json!(6000));
     let handler = at(&props, &["worker", "properties", "handler", "properties"]);
     assert_eq!(
         handler["http"]["properties"]["timeoutSeconds"]["default"],
@@ -210,6 +211,7 @@ spec:
       consumerGroup: orders-workers
       autoOffsetReset: latest
       maxInFlightPerPartition: 500
+      sessionTimeoutMillis: 3000
       sasl:
         mechanism: SCRAM-SHA-512
         usernameSecretRef: {name: kafka-user, key: username}

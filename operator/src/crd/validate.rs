@@ -158,6 +158,12 @@ impl QueueProcessorSpec {
                 1,
                 Some(MAX_IN_FLIGHT_PER_PARTITION),
             );
+            p.range(
+                "spec.source.kafka.sessionTimeoutMillis",
+                k.session_timeout_millis,
+                1000,
+                Some(300_000),
+            );
             if let Some(tls) = &k.tls {
                 p.rule(
                     tls.client_cert_secret_ref.is_some() == tls.client_key_secret_ref.is_some(),
