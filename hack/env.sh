@@ -46,6 +46,8 @@ PORT_PROXY_METRICS=$((QP_PORT_BASE + 16))
 PORT_PROXY_HEALTHZ=$((QP_PORT_BASE + 17))
 PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
 PORT_KAFKA_BROKER2=$((QP_PORT_BASE + 19))
+# Kafka's SASL_SSL listener (SCRAM-SHA-512 users, a certificate from the environment's own CA).
+PORT_KAFKA_SASL=$((QP_PORT_BASE + 33))
 # One replica per Redis Cluster master (the failover fault test promotes one).
 PORTS_REDIS_CLUSTER_REPLICAS=($((QP_PORT_BASE + 30)) $((QP_PORT_BASE + 31)) $((QP_PORT_BASE + 32)))
 
@@ -157,7 +159,7 @@ require_ports() {
   for p in "$@"; do
     port_free "$p" || die "port $p (for $svc) on 127.0.0.1 is already in use by another program.
   Fix: stop that program (\`ss -ltnp 'sport = :$p'\` shows it), or pick another range with
-  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+19 and n+30 .. n+32 are used; make demo adds n+20 .. n+28)"
+  QP_PORT_BASE=<n> make env-up   (ports n+1 .. n+19 and n+30 .. n+33 are used; make demo adds n+20 .. n+28)"
   done
 }
 
@@ -333,12 +335,43 @@ kafka_java() {
     -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" "$@"
 }
 
+# kafka_tls: a CA made by the environment (its own, so that `make demo` needs no Kubernetes PKI)
+# and the certificate of the broker's SASL_SSL listener, for 127.0.0.1 and localhost. Kafka reads
+# the key and the chain from one PEM file.
+kafka_tls() {
+  local dir="$QP_RUN/kafka/tls"
+  [[ -f "$dir/broker.pem" ]] && return 0
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=qp-kafka-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$dir/broker.key" -out "$dir/broker.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+    >"$dir/broker.ext"
+  openssl x509 -req -in "$dir/broker.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$dir/broker.ext" -out "$dir/broker.crt" 2>/dev/null
+  cat "$dir/broker.key" "$dir/broker.crt" >"$dir/broker.pem"
+  chmod 600 "$dir"/*.key "$dir/broker.pem"
+}
+
+# kafka_scram_user NAME PASSWORD: a SCRAM-SHA-512 user, made with Kafka's own tool.
+kafka_scram_user() {
+  kafka_java kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$PORT_KAFKA" --alter \
+    --add-config "SCRAM-SHA-512=[iterations=4096,password=$2]" \
+    --entity-type users --entity-name "$1" >>"$LOGS/kafka-users.log" 2>&1 \
+    || { tail "$LOGS/kafka-users.log" >&2; die "creating the Kafka SCRAM user $1 failed"; }
+}
+
 start_kafka() {
-  require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER"
+  require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER" "$PORT_KAFKA_SASL"
   mkdir -p "$QP_RUN/kafka" "$DATA/kafka"
+  kafka_tls
   # With the node up, a second listener on the node address, advertised as such, serves pods.
-  local listeners="PLAINTEXT://127.0.0.1:$PORT_KAFKA" advertised="PLAINTEXT://127.0.0.1:$PORT_KAFKA"
-  local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  # A third demands SASL (SCRAM-SHA-512) over TLS, as production brokers do.
+  local listeners="PLAINTEXT://127.0.0.1:$PORT_KAFKA,SASL_SSL://127.0.0.1:$PORT_KAFKA_SASL"
+  local advertised="PLAINTEXT://127.0.0.1:$PORT_KAFKA,SASL_SSL://127.0.0.1:$PORT_KAFKA_SASL"
+  local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL"
   if node_network_up; then
     listeners+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
     advertised+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
@@ -366,6 +399,10 @@ group.initial.rebalance.delay.ms=0
 # default refuses anything below 6 s.
 group.min.session.timeout.ms=1000
 auto.create.topics.enable=false
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$QP_RUN/kafka/tls/broker.pem
 PROPS
   cat >"$QP_RUN/kafka/log4j2.properties" <<'L4J'
 status = warn
@@ -391,6 +428,12 @@ L4J
     -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" \
     kafka.Kafka "$QP_RUN/kafka/server.properties"
   wait_for kafka 90 grep -q "Kafka Server started" "$LOGS/kafka.log"
+  # Users live in the cluster's metadata log: made once per data directory, not per start (a
+  # restart test measures from the broker being back).
+  if [[ ! -f "$DATA/kafka/.scram-qp-client" ]]; then
+    kafka_scram_user qp-client "$(secret kafka_scram_password)"
+    touch "$DATA/kafka/.scram-qp-client"
+  fi
 }
 
 # A second broker (broker role only, node id 2) in the cluster of `kafka`, for tests that need a
@@ -591,6 +634,10 @@ QP_KUBE_APISERVER=https://$NODE_IP:$PORT_APISERVER
 QP_ETCD=http://127.0.0.1:$PORT_ETCD
 QP_KAFKA_BOOTSTRAP=127.0.0.1:$PORT_KAFKA
 QP_KAFKA_LIBS=$KAFKA_LIBS
+QP_ENV_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$PORT_KAFKA_SASL
+QP_ENV_KAFKA_SASL_USER=qp-client
+QP_ENV_KAFKA_SASL_PASSWORD=$(secret kafka_scram_password)
+QP_ENV_KAFKA_CA=$QP_RUN/kafka/tls/ca.crt
 QP_REDIS_URL=redis://127.0.0.1:$PORT_REDIS
 QP_REDIS_CLUSTER_NODES=$cluster_nodes
 QP_REDIS_CLUSTER_PASSWORD=$pass
@@ -674,7 +721,7 @@ address_of() {
     containerd) echo "$CONTAINERD_SOCK" ;;
     kubelet) echo "node $NODE_NAME, https://$NODE_IP:$PORT_KUBELET" ;;
     kube-proxy) echo "iptables mode, http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz" ;;
-    kafka) echo "127.0.0.1:$PORT_KAFKA$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
+    kafka) echo "127.0.0.1:$PORT_KAFKA, SASL_SSL 127.0.0.1:$PORT_KAFKA_SASL$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
     redis) echo "redis://127.0.0.1:$PORT_REDIS$(node_network_up && echo ", pods: $NODE_IP")" ;;
     redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]}, replicas ${PORTS_REDIS_CLUSTER_REPLICAS[0]}-${PORTS_REDIS_CLUSTER_REPLICAS[2]} (password in $SECRETS_FILE)" ;;
     prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;

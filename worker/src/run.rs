@@ -192,8 +192,9 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                     drain_timeout: args.drain_timeout(),
                     max_message_bytes: args.max_message_bytes,
                 };
-            let (source, acker, jobs) = KafkaSource::start(settings, metrics.clone())?;
             ready.set(true);
+            let (source, acker, jobs) =
+                KafkaSource::start(settings, metrics.clone(), ready.clone())?;
             let stopper = {
                 let stop = stop.clone();
                 let flag = source.stop_handle();

@@ -29,12 +29,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use qp_protocol::kafka::client_config;
+use qp_protocol::observability::Readiness;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -80,6 +83,18 @@ struct Shared {
     revoked: Mutex<HashSet<i32>>,
     drain_timeout: Duration,
     metrics: Metrics,
+    /// The worker's readiness: false while the brokers refuse us (credentials, certificate),
+    /// true again once the group assigns partitions or a message arrives, until `stop`.
+    ready: Readiness,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn healthy(&self) {
+        if !self.stop.load(Ordering::SeqCst) {
+            self.ready.set(true);
+        }
+    }
 }
 
 impl Shared {
@@ -152,6 +167,26 @@ impl ClientContext for Context {
         }
     }
 
+    /// Authentication and TLS failures are configuration errors that retrying will not fix:
+    /// said plainly, and the worker is unready (its pod shows it) instead of looking healthy
+    /// while it consumes nothing. librdkafka keeps retrying, so fixing the Secret heals it.
+    fn error(&self, error: KafkaError, reason: &str) {
+        let refused = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        );
+        if refused {
+            self.shared.ready.set(false);
+            warn!(error = %error, %reason, "Kafka refused this worker (check the SASL credentials and the CA / certificates); not ready until it is accepted");
+        } else {
+            warn!(target: "librdkafka", error = %error, %reason, "Kafka client error");
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
         match level {
             RDKafkaLogLevel::Emerg
@@ -214,6 +249,8 @@ impl ConsumerContext for Context {
                 if let Err(e) = consumer.resume(tpl) {
                     warn!(error = %e, "resuming newly assigned partitions failed");
                 }
+                // Accepted by the group: whatever refused us before is fixed.
+                self.shared.healthy();
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let mut revoked = self.shared.revoked.lock().expect("revoked lock");
                 for p in &partitions {
@@ -305,8 +342,12 @@ impl KafkaSource {
     pub fn start(
         settings: KafkaSettings,
         metrics: Metrics,
+        ready: Readiness,
     ) -> Result<(Self, KafkaAcker, mpsc::UnboundedReceiver<Job>)> {
+        let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
+            ready,
+            stop: stop.clone(),
             topic: settings.topic.clone(),
             tracker: Mutex::new(OffsetTracker::default()),
             finished: Condvar::new(),
@@ -360,7 +401,6 @@ impl KafkaSource {
             .map_err(|e| Error::Kafka(format!("subscribing to {}: {e}", settings.topic)))?;
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::unbounded_channel();
-        let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let consumer = consumer.clone();
             let shared = shared.clone();
@@ -463,6 +503,7 @@ fn poll_loop(
                 warn!(error = %e, "kafka poll error");
             }
             Some(Ok(msg)) => {
+                shared.healthy();
                 let partition = msg.partition();
                 let offset = msg.offset();
                 let job = to_job(&msg, settings);
