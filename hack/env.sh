@@ -16,6 +16,7 @@
 #
 # Usage: hack/env.sh up|down|status|start|stop [service...]
 #   up       install/build what is missing, then start every service that is not running
+#   build-deps  install only the Debian packages a `cargo build` needs (librdkafka's headers)
 #   down     stop every service this script started and undo the node's host changes
 #   leftovers  list what of a stopped environment is still on the host (status 1 if anything)
 #   load-image FILE  import an OCI archive (make image) into the node's containerd
@@ -793,6 +794,7 @@ case "$cmd" in
       if ! node_leftovers >&2; then die "the node left traces on the host (above)"; fi
     fi
     ;;
+  build-deps) mkdir -p "$QP_CACHE/build"; apt_install ;;
   leftovers) node_leftovers ;;
   revive-cluster-node) revive_cluster_node "${services[0]:?usage: hack/env.sh revive-cluster-node PORT}" ;;
   load-image) load_image "${services[0]:?usage: hack/env.sh load-image FILE}" ;;

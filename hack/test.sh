@@ -8,6 +8,9 @@ cd "$QP_ROOT"
 need cargo "install Rust with rustup (https://rustup.rs)"
 
 t0=$SECONDS
+# clippy builds librdkafka from source, which needs system headers; on a new machine nothing
+# else has installed them yet.
+bash hack/env.sh build-deps >&2
 log "lint: rustfmt and clippy"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
