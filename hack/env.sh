@@ -49,6 +49,8 @@ PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
 PORT_KAFKA_BROKER2=$((QP_PORT_BASE + 19))
 # Kafka's SASL_SSL listener (SCRAM-SHA-512 users, a certificate from the environment's own CA).
 PORT_KAFKA_SASL=$((QP_PORT_BASE + 33))
+# Redis's TLS port (same server; certificate from the environment's CA, an ACL user).
+PORT_REDIS_TLS=$((QP_PORT_BASE + 34))
 # One replica per Redis Cluster master (the failover fault test promotes one).
 PORTS_REDIS_CLUSTER_REPLICAS=($((QP_PORT_BASE + 30)) $((QP_PORT_BASE + 31)) $((QP_PORT_BASE + 32)))
 
@@ -336,24 +338,27 @@ kafka_java() {
     -Dlog4j2.configurationFile="$QP_RUN/kafka/log4j2.properties" -cp "$KAFKA_LIBS/*" "$@"
 }
 
-# kafka_tls: a CA made by the environment (its own, so that `make demo` needs no Kubernetes PKI)
-# and the certificate of the broker's SASL_SSL listener, for 127.0.0.1 and localhost. Kafka reads
-# the key and the chain from one PEM file.
-kafka_tls() {
-  local dir="$QP_RUN/kafka/tls"
-  [[ -f "$dir/broker.pem" ]] && return 0
+# services_tls NAME: a CA made by the environment for its services (its own, so that `make demo`
+# needs no Kubernetes PKI; made once) and a server certificate it signs for NAME, for 127.0.0.1
+# and localhost, in $QP_RUN/tls: NAME.crt, NAME.key, and NAME.pem (key and chain in one file, as
+# Kafka reads them).
+services_tls() {
+  local dir="$QP_RUN/tls"
   mkdir -p "$dir"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=qp-kafka-ca" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  if [[ ! -f "$dir/ca.crt" ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=qp-services-ca" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  fi
+  [[ -f "$dir/$1.pem" ]] && return 0
   openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
-    -keyout "$dir/broker.key" -out "$dir/broker.csr" 2>/dev/null
+    -keyout "$dir/$1.key" -out "$dir/$1.csr" 2>/dev/null
   printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
-    >"$dir/broker.ext"
-  openssl x509 -req -in "$dir/broker.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$dir/broker.ext" -out "$dir/broker.crt" 2>/dev/null
-  cat "$dir/broker.key" "$dir/broker.crt" >"$dir/broker.pem"
-  chmod 600 "$dir"/*.key "$dir/broker.pem"
+    >"$dir/$1.ext"
+  openssl x509 -req -in "$dir/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$dir/$1.ext" -out "$dir/$1.crt" 2>/dev/null
+  cat "$dir/$1.key" "$dir/$1.crt" >"$dir/$1.pem"
+  chmod 600 "$dir"/*.key "$dir/$1.pem"
 }
 
 # kafka_scram_user NAME PASSWORD: a SCRAM-SHA-512 user, made with Kafka's own tool.
@@ -367,7 +372,7 @@ kafka_scram_user() {
 start_kafka() {
   require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER" "$PORT_KAFKA_SASL"
   mkdir -p "$QP_RUN/kafka" "$DATA/kafka"
-  kafka_tls
+  services_tls kafka
   # With the node up, a second listener on the node address, advertised as such, serves pods.
   # A third demands SASL (SCRAM-SHA-512) over TLS, as production brokers do.
   local listeners="PLAINTEXT://127.0.0.1:$PORT_KAFKA,SASL_SSL://127.0.0.1:$PORT_KAFKA_SASL"
@@ -403,7 +408,7 @@ auto.create.topics.enable=false
 sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.ssl.keystore.type=PEM
-listener.name.sasl_ssl.ssl.keystore.location=$QP_RUN/kafka/tls/broker.pem
+listener.name.sasl_ssl.ssl.keystore.location=$QP_RUN/tls/kafka.pem
 PROPS
   cat >"$QP_RUN/kafka/log4j2.properties" <<'L4J'
 status = warn
@@ -479,8 +484,21 @@ PROPS
 }
 
 start_redis() {
-  require_ports redis "$PORT_REDIS"
+  require_ports redis "$PORT_REDIS" "$PORT_REDIS_TLS"
   mkdir -p "$DATA/redis"
+  # A TLS port as production Redis has (clients present no certificate; the server's comes from
+  # the environment's CA), and an ACL user with a password: the tests of TLS and of refused
+  # credentials use it. The password stays out of the command line (ps shows that).
+  services_tls redis
+  cat >"$DATA/redis/tls.conf" <<CONF
+tls-port $PORT_REDIS_TLS
+tls-cert-file $QP_RUN/tls/redis.crt
+tls-key-file $QP_RUN/tls/redis.key
+tls-ca-cert-file $QP_RUN/tls/ca.crt
+tls-auth-clients no
+user qp-app on >$(secret redis_app_password) ~* &* +@all
+CONF
+  chmod 600 "$DATA/redis/tls.conf"
   local bind=127.0.0.1
   node_network_up && bind+=" $NODE_IP"
   # Protected mode would refuse the pods (not loopback); the node address is reachable only
@@ -488,7 +506,7 @@ start_redis() {
   # AOF on, fsync every second, as production runs it: a restart keeps the data (the Redis
   # restart fault test relies on it).
   # shellcheck disable=SC2086 # two addresses, one argument each
-  spawn redis redis redis-server --bind $bind --port "$PORT_REDIS" --save "" \
+  spawn redis redis redis-server "$DATA/redis/tls.conf" --bind $bind --port "$PORT_REDIS" --save "" \
     --appendonly yes --appendfsync everysec \
     --dir "$DATA/redis" --protected-mode "$(node_network_up && echo no || echo yes)"
   wait_for redis 20 redis-cli -p "$PORT_REDIS" ping
@@ -638,8 +656,12 @@ QP_KAFKA_LIBS=$KAFKA_LIBS
 QP_ENV_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$PORT_KAFKA_SASL
 QP_ENV_KAFKA_SASL_USER=qp-client
 QP_ENV_KAFKA_SASL_PASSWORD=$(secret kafka_scram_password)
-QP_ENV_KAFKA_CA=$QP_RUN/kafka/tls/ca.crt
+QP_ENV_KAFKA_CA=$QP_RUN/tls/ca.crt
 QP_REDIS_URL=redis://127.0.0.1:$PORT_REDIS
+QP_ENV_REDIS_TLS_URL=rediss://127.0.0.1:$PORT_REDIS_TLS
+QP_ENV_REDIS_USER=qp-app
+QP_ENV_REDIS_PASSWORD=$(secret redis_app_password)
+QP_ENV_SERVICES_CA=$QP_RUN/tls/ca.crt
 QP_REDIS_CLUSTER_NODES=$cluster_nodes
 QP_REDIS_CLUSTER_PASSWORD=$pass
 QP_PROMETHEUS_URL=http://127.0.0.1:$PORT_PROMETHEUS
@@ -723,7 +745,7 @@ address_of() {
     kubelet) echo "node $NODE_NAME, https://$NODE_IP:$PORT_KUBELET" ;;
     kube-proxy) echo "iptables mode, http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz" ;;
     kafka) echo "127.0.0.1:$PORT_KAFKA, SASL_SSL 127.0.0.1:$PORT_KAFKA_SASL$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
-    redis) echo "redis://127.0.0.1:$PORT_REDIS$(node_network_up && echo ", pods: $NODE_IP")" ;;
+    redis) echo "redis://127.0.0.1:$PORT_REDIS, TLS rediss://127.0.0.1:$PORT_REDIS_TLS (user qp-app)$(node_network_up && echo ", pods: $NODE_IP")" ;;
     redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]}, replicas ${PORTS_REDIS_CLUSTER_REPLICAS[0]}-${PORTS_REDIS_CLUSTER_REPLICAS[2]} (password in $SECRETS_FILE)" ;;
     prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;
   esac

@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
 use crate::crd::{QueueProcessor, SecretKeyRef};
-use crate::workload::{Component, EnvValue, PORT, ProcessConfig};
+use crate::workload::{API_TLS_PORT, Component, EnvValue, PORT, ProcessConfig};
 
 /// The field manager of every server-side apply by the operator.
 pub const FIELD_MANAGER: &str = "qp-operator";
@@ -235,12 +235,7 @@ pub fn deployment(
         command: Some(vec!["qp-worker".into()]),
         args: Some(config.args.clone()),
         env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some("metrics".into()),
-            container_port: i32::from(PORT),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(container_ports(qp, component)),
         liveness_probe: Some(http_probe("/healthz", 10)),
         readiness_probe: Some(http_probe("/readyz", 2)),
         resources: if component == Component::Worker {
@@ -335,8 +330,34 @@ pub fn deployment(
     }
 }
 
-/// The gateway's Service: port 80 to the gateway's HTTP port.
+/// Whether the gateway serves its API over TLS, on a port of its own.
+fn gateway_tls(qp: &QueueProcessor) -> bool {
+    qp.spec.gateway.auth.mtls.is_some()
+}
+
+/// `metrics` (metrics, probes and, without TLS, the gateway's API), and `https` for a gateway
+/// with TLS.
+fn container_ports(qp: &QueueProcessor, component: Component) -> Vec<ContainerPort> {
+    let port = |name: &str, number: u16| ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let mut ports = vec![port("metrics", PORT)];
+    if component == Component::Gateway && gateway_tls(qp) {
+        ports.push(port("https", API_TLS_PORT));
+    }
+    ports
+}
+
+/// The gateway's Service: port 80 to the gateway's HTTP port, or 443 to its TLS port.
 pub fn gateway_service(qp: &QueueProcessor) -> Service {
+    let (name, number, target) = if gateway_tls(qp) {
+        ("https", 443, "https")
+    } else {
+        ("http", 80, "metrics")
+    };
     Service {
         metadata: ObjectMeta {
             name: Some(object_name(qp, Component::Gateway)),
@@ -348,9 +369,9 @@ pub fn gateway_service(qp: &QueueProcessor) -> Service {
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(qp, Component::Gateway)),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                target_port: Some(IntOrString::String("metrics".into())),
+                name: Some(name.into()),
+                port: number,
+                target_port: Some(IntOrString::String(target.into())),
                 protocol: Some("TCP".into()),
                 ..Default::default()
             }]),
@@ -514,6 +535,61 @@ mod tests {
             "qp-gateway"
         );
         assert_eq!(spec.ports.unwrap()[0].port, 80);
+    }
+
+    #[test]
+    fn a_gateway_with_mtls_serves_its_api_on_a_tls_port_of_its_own() {
+        use crate::crd::{GatewayMtlsSpec, SecretKeyRef};
+        let mut qp = fixture("kafka-sasl-tls.yaml");
+        let key = |k: &str| SecretKeyRef {
+            name: "gw-tls".into(),
+            key: k.into(),
+        };
+        qp.spec.gateway.auth.mtls = Some(GatewayMtlsSpec {
+            cert_secret_ref: key("tls.crt"),
+            key_secret_ref: key("tls.key"),
+            client_ca_secret_ref: key("ca.crt"),
+        });
+        let g = deployment(&qp, &process(&qp, Component::Gateway).unwrap(), 1, &opts());
+        let c = &pod(&g).containers[0];
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [("metrics".into(), 9090), ("https".into(), 8443)],
+            "probes stay on the plain port"
+        );
+        let env = |n: &str| {
+            c.env
+                .iter()
+                .flatten()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            env("QP_GATEWAY_CLIENT_CA_FILE").as_deref(),
+            Some("/var/run/secrets/queueprocessing.dev/gw-tls/ca.crt")
+        );
+        assert_eq!(
+            env("QP_GATEWAY_API_LISTEN").as_deref(),
+            Some("0.0.0.0:8443")
+        );
+        let mounted: Vec<_> = pod(&g)
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.secret.as_ref()?.secret_name.clone())
+            .collect();
+        assert!(mounted.contains(&"gw-tls".to_owned()), "{mounted:?}");
+        let port = &gateway_service(&qp).spec.unwrap().ports.unwrap()[0];
+        assert_eq!(
+            (port.port, port.target_port.clone()),
+            (443, Some(IntOrString::String("https".into())))
+        );
     }
 
     #[test]

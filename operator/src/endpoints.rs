@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qp_protocol::redis_conn::{Conn, RedisSettings};
+use qp_protocol::redis_conn::{Conn, RedisSettings, is_refusal};
 
 use crate::error::{Error, Result};
 
@@ -32,6 +32,8 @@ enum State {
         retry_at: Instant,
         backoff: Duration,
         why: String,
+        /// Redis refused the settings (credentials, certificate), rather than being away.
+        refused: bool,
     },
 }
 
@@ -49,33 +51,50 @@ impl Endpoint {
                 retry_at,
                 backoff,
                 why,
+                refused,
             } => {
                 let now = Instant::now();
                 if now < *retry_at {
-                    return Err(Error::Redis(format!(
-                        "{why} (next attempt in {:.0?})",
-                        *retry_at - now
-                    )));
+                    let why = format!("{why} (next attempt in {:.0?})", *retry_at - now);
+                    return Err(if *refused {
+                        Error::RedisRefused(why)
+                    } else {
+                        Error::Redis(why)
+                    });
                 }
                 Some(*backoff)
             }
             State::Idle => None,
         };
-        let why = match tokio::time::timeout(CONNECT_TIMEOUT, self.settings.connect()).await {
+        let (why, refused) = match tokio::time::timeout(CONNECT_TIMEOUT, self.settings.connect())
+            .await
+        {
             Ok(Ok(conn)) => {
                 *state = State::Connected(conn.clone());
                 return Ok(conn);
             }
-            Ok(Err(e)) => format!("connecting: {e}"),
-            Err(_) => format!("connecting timed out after {CONNECT_TIMEOUT:?}"),
+            // The connection manager retries a refused password like a network error;
+            // one attempt without retries says which it is.
+            failed => match (self.settings.diagnose().await, failed) {
+                (Some(e), _) | (None, Ok(Err(e))) => (format!("connecting: {e}"), is_refusal(&e)),
+                (None, _) => (
+                    format!("connecting timed out after {CONNECT_TIMEOUT:?}"),
+                    false,
+                ),
+            },
         };
         let backoff = previous.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
         *state = State::Failed {
             retry_at: Instant::now() + backoff,
             backoff,
             why: why.clone(),
+            refused,
         };
-        Err(Error::Redis(why))
+        Err(if refused {
+            Error::RedisRefused(why)
+        } else {
+            Error::Redis(why)
+        })
     }
 }
 

@@ -22,9 +22,16 @@ pub enum Error {
     /// Measuring the source (Kafka lag, Redis list length) failed.
     #[error("source unreachable: {0}")]
     Source(String),
+    /// The source refused the operator's credentials or certificate: a Secret to fix, not an
+    /// outage to wait out.
+    #[error("{0}")]
+    SourceRefused(String),
     /// Redis (token pool, counters) failed.
     #[error("redis: {0}")]
     Redis(String),
+    /// Redis refused the operator's user, password or certificate check: a Secret to fix.
+    #[error("Redis refused the connection (check the user, the password and the CA): {0}")]
+    RedisRefused(String),
     /// Serializing an object failed (a bug).
     #[error("serialization: {0}")]
     Serialization(#[from] serde_json::Error),
@@ -37,6 +44,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a source or Redis refused the credentials or certificate the Secrets give.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Error::SourceRefused(_) | Error::RedisRefused(_))
+    }
+
     /// Short, stable name: event reason suffix and metric label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -45,7 +57,9 @@ impl Error {
             Error::Kube(_) => "KubeApi",
             Error::Apply(_) => "ApplyFailed",
             Error::Source(_) => "SourceUnreachable",
+            Error::SourceRefused(_) => "SourceRefused",
             Error::Redis(_) => "RedisUnavailable",
+            Error::RedisRefused(_) => "RedisRefused",
             Error::Serialization(_) => "Serialization",
             Error::Local(_) => "LocalMode",
             Error::Finalizer(_) => "Finalizer",
@@ -57,6 +71,8 @@ impl From<qp_protocol::Error> for Error {
     fn from(e: qp_protocol::Error) -> Self {
         match e {
             qp_protocol::Error::Kafka(m) => Error::Source(m),
+            e @ qp_protocol::Error::KafkaRefused(_) => Error::SourceRefused(e.to_string()),
+            e if qp_protocol::redis_conn::is_refusal(&e) => Error::RedisRefused(e.to_string()),
             other => Error::Redis(other.to_string()),
         }
     }

@@ -54,6 +54,9 @@ pub struct ProcessConfig {
 /// Port of `/metrics`, the probes and (gateway) the API, inside the pod.
 pub const PORT: u16 = 9090;
 
+/// Port of the gateway's API when it is served over TLS (`spec.gateway.auth.mtls`).
+pub const API_TLS_PORT: u16 = 8443;
+
 /// The worker's handler and its timeout in milliseconds.
 pub fn handler(qp: &QueueProcessor) -> Option<(HandlerSpec, u64)> {
     let ms = |seconds: i32| u64::from(seconds.max(0).unsigned_abs()) * 1000;
@@ -103,6 +106,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
     let mut refs = Refs {
         redis_password: spec.redis.password_secret_ref.clone(),
         redis_username: spec.redis.username_secret_ref.clone(),
+        redis_ca_file: spec.redis.ca_secret_ref.clone(),
         ..Refs::default()
     };
     let mut kafka = KafkaArgs::default();
@@ -186,6 +190,12 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             gw.list_key = list_key;
             gw.result_ttl_seconds = result_ttl_seconds;
             refs.gateway_tokens_file = spec.gateway.auth.tokens_secret_ref.clone();
+            if let Some(m) = &spec.gateway.auth.mtls {
+                refs.gateway_tls_cert_file = Some(m.cert_secret_ref.clone());
+                refs.gateway_tls_key_file = Some(m.key_secret_ref.clone());
+                refs.gateway_client_ca_file = Some(m.client_ca_secret_ref.clone());
+                gw.api_listen = SocketAddr::from(([0, 0, 0, 0], API_TLS_PORT));
+            }
             gw.no_auth = spec.gateway.auth.disabled;
             gw.rate_limit_per_client = spec.gateway.rate_limit_per_client.max(0).unsigned_abs();
             gw.render(&refs)

@@ -26,6 +26,13 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(String),
 
+    /// The brokers refused the client: SASL credentials or a TLS certificate. The text is
+    /// librdkafka's reason, which names the mechanism or the certificate check, never a secret.
+    #[error(
+        "Kafka refused the connection (check the SASL credentials and the CA or certificates): {0}"
+    )]
+    KafkaRefused(String),
+
     /// The token pool was shut down.
     #[error("token pool is closed")]
     Closed,

@@ -2,8 +2,13 @@
 //! client of the project (worker consumer, producers, the gateway's producer, the lag probe)
 //! starts from [`KafkaArgs::client_config`], so brokers and security settings are applied alike.
 
+use std::sync::{Arc, Mutex};
+
 use clap::Args;
 use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::{Error, Result};
 
@@ -117,6 +122,56 @@ pub fn client_config(
         config.set(k, v);
     }
     config
+}
+
+/// The last refusal a client met ([`is_refusal`]), until a broker accepts it again.
+///
+/// librdkafka reports an identical connection error at most every 30 s, so "refused recently"
+/// would be a guess; instead the refusal stands until the client's statistics show a broker
+/// in state `UP` (connected and authenticated), which they do every statistics interval.
+#[derive(Debug, Clone, Default)]
+pub struct Refusal(Arc<Mutex<Option<String>>>);
+
+impl Refusal {
+    /// Record `error` if it is a refusal; says whether it was.
+    pub fn error(&self, error: &KafkaError, reason: &str) -> bool {
+        let refused = is_refusal(error);
+        if refused {
+            *self.0.lock().expect("refusal lock") = Some(format!("{error} ({reason})"));
+        }
+        refused
+    }
+
+    /// A broker this client reaches is up: whatever refused it before has been fixed.
+    pub fn stats(&self, stats: &Statistics) {
+        let accepted = stats
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && matches!(b.source.as_str(), "configured" | "learned"));
+        if accepted {
+            *self.0.lock().expect("refusal lock") = None;
+        }
+    }
+
+    /// Why the brokers refuse this client, if they do.
+    pub fn reason(&self) -> Option<String> {
+        self.0.lock().expect("refusal lock").clone()
+    }
+}
+
+/// Whether a librdkafka error means the brokers refused this client (SASL credentials, or the
+/// TLS handshake: an untrusted or expired certificate). Retrying will not fix these; a
+/// changed Secret will, so callers report them plainly (an unready worker, a condition) and
+/// keep their client, which librdkafka keeps retrying.
+pub fn is_refusal(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+        )
+    )
 }
 
 #[cfg(test)]

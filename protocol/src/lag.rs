@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::kafka::{KafkaArgs, client_config};
+use crate::kafka::{KafkaArgs, Refusal, client_config};
 use crate::{Error, Result};
 
 /// librdkafka's sentinel timestamps for ListOffsets.
@@ -46,16 +47,25 @@ pub struct PartitionLag {
     pub lag: u64,
 }
 
-/// Counts requests sent to brokers, from librdkafka's periodic statistics.
+/// Counts requests sent to brokers, from librdkafka's periodic statistics, and remembers
+/// whether the brokers refuse the client.
 #[derive(Default)]
 struct Counting {
     tx: Arc<AtomicU64>,
+    refusal: Refusal,
 }
 
 impl ClientContext for Counting {
     fn stats(&self, stats: Statistics) {
         let tx: u64 = stats.brokers.values().map(|b| b.tx).sum();
         self.tx.store(tx, Ordering::Relaxed);
+        self.refusal.stats(&stats);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !self.refusal.error(&error, reason) {
+            tracing::debug!(target: "librdkafka", %error, reason, "lag client error");
+        }
     }
 }
 
@@ -65,6 +75,7 @@ impl ConsumerContext for Counting {}
 pub struct GroupLag {
     consumer: BaseConsumer<Counting>,
     tx: Arc<AtomicU64>,
+    refusal: Refusal,
     group: String,
     topic: String,
     timeout: Duration,
@@ -85,12 +96,14 @@ impl GroupLag {
             .set("statistics.interval.ms", "1000");
         let context = Counting::default();
         let tx = context.tx.clone();
+        let refusal = context.refusal.clone();
         let consumer: BaseConsumer<Counting> = config
             .create_with_context(context)
             .map_err(|e| Error::Kafka(format!("creating lag consumer: {e}")))?;
         Ok(GroupLag {
             consumer,
             tx,
+            refusal,
             group: group.to_owned(),
             topic: topic.to_owned(),
             timeout: Duration::from_secs(5),
@@ -101,6 +114,19 @@ impl GroupLag {
     /// second; statistics are only delivered while the client is polled, which every call
     /// here does).
     pub fn requests_sent(&self) -> u64 {
+        self.serve_events();
+        self.tx.load(Ordering::Relaxed)
+    }
+
+    /// Why the brokers refuse this client, if they do (SASL or TLS; see [`Refusal`]). Serves
+    /// the events queued meanwhile: librdkafka reports the refusal as an event, while the
+    /// blocking call that met it only times out.
+    pub fn refusal(&self) -> Option<String> {
+        self.serve_events();
+        self.refusal.reason()
+    }
+
+    fn serve_events(&self) {
         // Each poll serves one queued event; drain what accumulated since the last call (the
         // synchronous calls above do not serve the queue). The consumer never subscribes, so
         // no message can be consumed here.
@@ -109,7 +135,6 @@ impl GroupLag {
         for _ in 0..256 {
             self.consumer.poll(Duration::ZERO);
         }
-        self.tx.load(Ordering::Relaxed)
     }
 
     /// The group's state as the coordinator reports it (`Stable`, `PreparingRebalance`,
@@ -271,8 +296,12 @@ impl LagProbe {
                 }
             }
         };
-        let out = f(&client);
+        let mut out = f(&client);
         if out.is_err() {
+            // A refusal says what to fix; the timeout it caused does not.
+            if let Some(reason) = client.refusal() {
+                out = Err(Error::KafkaRefused(reason));
+            }
             let mut slot = self.client.lock().expect("lag client lock");
             // Only retire the client that failed: a concurrent call may have replaced it.
             if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {

@@ -29,7 +29,8 @@
 //!
 //! `tls: true` (or a `rediss://` URL) connects with rustls and verifies the server against the
 //! system's trust store (`rustls-native-certs`, which also honours `SSL_CERT_FILE` and
-//! `SSL_CERT_DIR`, the way to trust a private CA).
+//! `SSL_CERT_DIR`), or only against a given CA ([`RedisSettings::with_ca`], from a Secret: the
+//! way to trust a private CA without changing the process's trust store).
 //!
 //! # Secrets
 //!
@@ -44,8 +45,11 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+    Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture,
+    TlsCertificates, Value,
 };
+
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 
@@ -81,6 +85,8 @@ pub struct RedisSettings {
     pub username: Option<String>,
     /// Use TLS (`rediss://`) even if the URLs say `redis://`.
     pub tls: bool,
+    /// The CA (PEM) that the server's certificate must chain to, instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for RedisTarget {
@@ -102,6 +108,7 @@ impl fmt::Debug for RedisSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("username", &self.username.as_ref().map(|_| "<redacted>"))
             .field("tls", &self.tls)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
             .finish()
     }
 }
@@ -123,6 +130,22 @@ impl fmt::Display for RedisTarget {
             }
         }
     }
+}
+
+/// Whether Redis refused these settings: a wrong user or password, a missing permission, or a
+/// server certificate that does not verify. Retrying will not fix these; a changed Secret will.
+pub fn is_refusal(error: &Error) -> bool {
+    let Error::Redis(e) = error else {
+        return false;
+    };
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
+    {
+        return true;
+    }
+    // A certificate rustls rejects reaches us only as the text of an I/O error ("invalid peer
+    // certificate: UnknownIssuer"): the `redis` crate does not expose the I/O error's source.
+    e.is_io_error() && e.to_string().contains("invalid peer certificate")
 }
 
 /// Replaces the `user:password@` part of a URL, if any, so the URL can be logged.
@@ -155,6 +178,7 @@ impl RedisSettings {
             password: None,
             username: None,
             tls: false,
+            ca_pem: None,
         }
     }
 
@@ -167,6 +191,7 @@ impl RedisSettings {
             password: None,
             username: None,
             tls: false,
+            ca_pem: None,
         }
     }
 
@@ -180,6 +205,46 @@ impl RedisSettings {
     pub fn with_username(mut self, username: Option<String>) -> Self {
         self.username = username.filter(|u| !u.is_empty());
         self
+    }
+
+    /// Trust only this CA (PEM) for the server's certificate; turns TLS on.
+    pub fn with_ca(mut self, ca_pem: Option<Vec<u8>>) -> Self {
+        if ca_pem.is_some() {
+            self.tls = true;
+        }
+        self.ca_pem = ca_pem;
+        self
+    }
+
+    /// The CA to trust, for the `redis` crate's TLS builders.
+    fn certificates(&self) -> Option<TlsCertificates> {
+        self.ca_pem.as_ref().map(|ca| TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        })
+    }
+
+    /// A client for one server, with the CA if one is set.
+    fn client(&self, info: ConnectionInfo) -> Result<redis::Client> {
+        Ok(match self.certificates() {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        })
+    }
+
+    /// A cluster client builder with the credentials and the CA applied.
+    fn cluster_builder(&self) -> Result<ClusterClientBuilder> {
+        let mut builder = ClusterClientBuilder::new(self.connection_infos()?);
+        if let Some(password) = &self.password {
+            builder = builder.password(password);
+        }
+        if let Some(username) = &self.username {
+            builder = builder.username(username);
+        }
+        if let Some(certs) = self.certificates() {
+            builder = builder.certs(certs);
+        }
+        Ok(builder)
     }
 
     /// Builds settings from command-line style parts: exactly one of `url` (a single server)
@@ -223,6 +288,7 @@ impl RedisSettings {
             password: password.filter(|p| !p.is_empty()),
             username: None,
             tls,
+            ca_pem: None,
         };
         // Parse now so a typo fails at startup with a clear message, not at first use.
         settings.connection_infos()?;
@@ -277,10 +343,9 @@ impl RedisSettings {
     }
 
     async fn open(&self, response_timeout: Duration) -> Result<Conn> {
-        let mut infos = self.connection_infos()?;
         match &self.target {
             RedisTarget::Single(_) => {
-                let client = redis::Client::open(infos.remove(0))?;
+                let client = self.client(self.connection_infos()?.remove(0))?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(response_timeout))
                     .set_connection_timeout(Some(CONNECTION_TIMEOUT));
@@ -289,16 +354,11 @@ impl RedisSettings {
                 ))
             }
             RedisTarget::Cluster(_) => {
-                let mut builder = ClusterClientBuilder::new(infos)
+                let client = self
+                    .cluster_builder()?
                     .response_timeout(response_timeout)
-                    .connection_timeout(CONNECTION_TIMEOUT);
-                if let Some(password) = &self.password {
-                    builder = builder.password(password);
-                }
-                if let Some(username) = &self.username {
-                    builder = builder.username(username);
-                }
-                let client = builder.build()?;
+                    .connection_timeout(CONNECTION_TIMEOUT)
+                    .build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
             }
         }
@@ -306,8 +366,7 @@ impl RedisSettings {
 
     /// A plain client for `SUBSCRIBE` on a single server.
     pub fn pubsub_client(&self) -> Result<redis::Client> {
-        let mut infos = self.connection_infos()?;
-        Ok(redis::Client::open(infos.remove(0))?)
+        self.client(self.connection_infos()?.remove(0))
     }
 
     /// Whether notifications use sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`): on a cluster, where
@@ -323,22 +382,81 @@ impl RedisSettings {
         &self,
         pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
     ) -> Result<ClusterConnection> {
-        let mut builder = ClusterClientBuilder::new(self.connection_infos()?)
+        let builder = self
+            .cluster_builder()?
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(pushes)
             .connection_timeout(CONNECTION_TIMEOUT);
-        if let Some(password) = &self.password {
-            builder = builder.password(password);
-        }
-        if let Some(username) = &self.username {
-            builder = builder.username(username);
-        }
         Ok(builder.build()?.get_async_connection().await?)
     }
 
     /// Opens the shared, multiplexed connection. Clone the returned [`Conn`] to share it.
     pub async fn connect(&self) -> Result<Conn> {
         self.open(RESPONSE_TIMEOUT).await
+    }
+
+    /// Why connecting fails, from one attempt without retries: the connection manager retries
+    /// a refused password or certificate like a network error, until its caller's timeout,
+    /// which then says only "timed out". Called after a connect failed, for a clear message.
+    pub async fn diagnose(&self) -> Option<Error> {
+        let attempt = async {
+            match &self.target {
+                RedisTarget::Single(_) => {
+                    let client = self.client(self.connection_infos()?.remove(0))?;
+                    client.get_multiplexed_async_connection().await?;
+                }
+                RedisTarget::Cluster(_) => {
+                    self.cluster_builder()?
+                        .retries(0)
+                        .connection_timeout(CONNECTION_TIMEOUT)
+                        .build()?
+                        .get_async_connection()
+                        .await?;
+                }
+            }
+            Ok::<(), Error>(())
+        };
+        match tokio::time::timeout(CONNECTION_TIMEOUT * 2, attempt).await {
+            Ok(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// [`RedisSettings::connect`], trying again (1 s, doubling to 30 s) while Redis cannot be
+    /// reached or refuses, until `stop`. A process whose Redis is down or whose Secret is wrong
+    /// stays up, unready, and says why in its log, instead of exiting into a crash loop whose
+    /// back-off outlasts the outage. `None` when stopped first.
+    pub async fn connect_patiently(&self, stop: &CancellationToken) -> Option<Conn> {
+        let mut backoff = Duration::from_secs(1);
+        let mut said = String::new();
+        loop {
+            let failed = match tokio::time::timeout(CONNECTION_TIMEOUT * 2, self.connect()).await {
+                Ok(Ok(conn)) => {
+                    if !said.is_empty() {
+                        tracing::info!(redis = %self.target, "connected to Redis");
+                    }
+                    return Some(conn);
+                }
+                Ok(Err(e)) => Some(e),
+                Err(_) => None,
+            };
+            let why = match self.diagnose().await.or(failed) {
+                Some(e) if is_refusal(&e) => format!(
+                    "Redis refused this process (check the user, the password and the CA): {e}"
+                ),
+                Some(e) => format!("Redis cannot be reached: {e}"),
+                None => "Redis cannot be reached: connecting timed out".to_owned(),
+            };
+            if why != said {
+                tracing::warn!(redis = %self.target, retry_in = ?backoff, "{why}");
+                said = why;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
     }
 
     /// Opens a dedicated connection for blocking commands, whose response timeout

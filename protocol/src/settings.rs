@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::Result;
 pub use crate::kafka::KafkaArgs;
 use crate::keys::Keys;
 use crate::redis_conn::RedisSettings;
+use crate::{Error, Result};
 
 /// The handler specification as given on the command line (`--handler`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +201,10 @@ pub struct CommonArgs {
     /// Connect to Redis over TLS.
     #[arg(long, env = "QP_REDIS_TLS")]
     pub redis_tls: bool,
+    /// CA bundle (PEM file) that the Redis server's certificate must chain to, instead of the
+    /// system's trust store; implies --redis-tls.
+    #[arg(long, env = "QP_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
     /// Address for /metrics, /healthz and /readyz (the gateway serves its API here too).
     #[arg(long, env = "QP_LISTEN", default_value = "0.0.0.0:9090")]
     pub listen: SocketAddr,
@@ -369,12 +373,33 @@ pub struct GatewayArgs {
     /// mounted Secret key). Re-read when it changes, so tokens rotate without a restart. Every
     /// API request must carry `Authorization: Bearer <token>`, and a result is readable only by
     /// the client that submitted it. Required unless --no-auth.
-    #[arg(long, env = "QP_GATEWAY_TOKENS_FILE", conflicts_with = "no_auth")]
+    #[arg(
+        long,
+        env = "QP_GATEWAY_TOKENS_FILE",
+        conflicts_with_all = ["no_auth", "client_ca_file"]
+    )]
     pub tokens_file: Option<PathBuf>,
     /// Serve the API without authentication: anyone who reaches the gateway may submit and read
     /// any result. Only where the network alone decides who that is.
-    #[arg(long, env = "QP_GATEWAY_NO_AUTH")]
+    #[arg(long, env = "QP_GATEWAY_NO_AUTH", conflicts_with = "client_ca_file")]
     pub no_auth: bool,
+    /// Serve the API over TLS with this certificate (PEM, a mounted Secret key), on
+    /// --api-listen; /metrics and the probes stay plain HTTP on --listen for the kubelet and
+    /// Prometheus.
+    #[arg(long, env = "QP_GATEWAY_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "QP_GATEWAY_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Mutual TLS: every API connection must present a client certificate that chains to this
+    /// CA (PEM); its subject common name is the client's name (as a token's client would be:
+    /// [a-z0-9-], results readable only by the same name). Needs --tls-cert-file; replaces
+    /// --tokens-file.
+    #[arg(long, env = "QP_GATEWAY_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Address of the API when it is served over TLS.
+    #[arg(long, env = "QP_GATEWAY_API_LISTEN", default_value = "0.0.0.0:8443")]
+    pub api_listen: SocketAddr,
     /// Requests per second each client may make to the API, per gateway replica, with bursts of
     /// as many; above it: 429 with Retry-After (0: no limit).
     #[arg(long, env = "QP_GATEWAY_RATE_LIMIT", default_value_t = 0)]
@@ -387,13 +412,21 @@ impl CommonArgs {
     }
 
     pub fn redis(&self) -> Result<RedisSettings> {
+        let ca = match &self.redis_ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| Error::config(format!("--redis-ca-file {path}: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(RedisSettings::from_parts(
             self.redis_url.as_deref(),
             self.redis_cluster_nodes.as_deref(),
             self.redis_password.clone(),
             self.redis_tls,
         )?
-        .with_username(self.redis_username.clone()))
+        .with_username(self.redis_username.clone())
+        .with_ca(ca))
     }
 }
 
@@ -433,6 +466,7 @@ pub enum Setting<R> {
 pub struct Refs<R> {
     pub redis_password: Option<R>,
     pub redis_username: Option<R>,
+    pub redis_ca_file: Option<R>,
     pub kafka_username: Option<R>,
     pub kafka_password: Option<R>,
     pub kafka_ca_file: Option<R>,
@@ -440,6 +474,10 @@ pub struct Refs<R> {
     pub kafka_key_file: Option<R>,
     /// The gateway's client tokens (a file).
     pub gateway_tokens_file: Option<R>,
+    /// The gateway's serving certificate, its key, and the CA of client certificates (files).
+    pub gateway_tls_cert_file: Option<R>,
+    pub gateway_tls_key_file: Option<R>,
+    pub gateway_client_ca_file: Option<R>,
     /// Render `worker_id` as the pod's name.
     pub worker_id_is_pod_name: bool,
 }
@@ -449,12 +487,16 @@ impl<R> Default for Refs<R> {
         Refs {
             redis_password: None,
             redis_username: None,
+            redis_ca_file: None,
             kafka_username: None,
             kafka_password: None,
             kafka_ca_file: None,
             kafka_cert_file: None,
             kafka_key_file: None,
             gateway_tokens_file: None,
+            gateway_tls_cert_file: None,
+            gateway_tls_key_file: None,
+            gateway_client_ca_file: None,
             worker_id_is_pod_name: false,
         }
     }
@@ -568,6 +610,7 @@ impl<R: Clone> Renderer<R> {
             false,
         );
         self.flag("redis_tls", c.redis_tls);
+        self.secret("redis_ca_file", &c.redis_ca_file, &refs.redis_ca_file, true);
         self.value("listen", c.listen);
         self.enumerated("log_format", c.log_format);
     }
@@ -617,6 +660,7 @@ impl CommonArgs {
             redis_password: None,
             redis_username: None,
             redis_tls: false,
+            redis_ca_file: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             log_format: LogFormat::Text,
         }
@@ -743,6 +787,10 @@ impl GatewayArgs {
             tokens_file: None,
             no_auth: false,
             rate_limit_per_client: 0,
+            tls_cert_file: None,
+            tls_key_file: None,
+            client_ca_file: None,
+            api_listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
         }
     }
 
@@ -766,6 +814,29 @@ impl GatewayArgs {
         let tokens_file = self.tokens_file.as_ref().map(|p| p.display().to_string());
         r.secret("tokens_file", &tokens_file, &refs.gateway_tokens_file, true);
         r.flag("no_auth", self.no_auth);
+        for (field, path, reference) in [
+            (
+                "tls_cert_file",
+                &self.tls_cert_file,
+                &refs.gateway_tls_cert_file,
+            ),
+            (
+                "tls_key_file",
+                &self.tls_key_file,
+                &refs.gateway_tls_key_file,
+            ),
+            (
+                "client_ca_file",
+                &self.client_ca_file,
+                &refs.gateway_client_ca_file,
+            ),
+        ] {
+            let path = path.as_ref().map(|p| p.display().to_string());
+            r.secret(field, &path, reference, true);
+        }
+        if self.tls_cert_file.is_some() || refs.gateway_tls_cert_file.is_some() {
+            r.value("api_listen", self.api_listen);
+        }
         r.tuned("rate_limit_per_client", self.rate_limit_per_client, 0);
         r.out
     }
@@ -834,12 +905,16 @@ mod tests {
         let refs = Refs {
             redis_password: Some("redis/password"),
             redis_username: Some("redis/user"),
+            redis_ca_file: Some("redis/ca"),
             kafka_username: Some("kafka/user"),
             kafka_password: Some("kafka/password"),
             kafka_ca_file: Some("kafka/ca"),
             kafka_cert_file: Some("kafka/cert"),
             kafka_key_file: Some("kafka/key"),
             gateway_tokens_file: Some("gateway/tokens"),
+            gateway_tls_cert_file: Some("gateway/tls.crt"),
+            gateway_tls_key_file: Some("gateway/tls.key"),
+            gateway_client_ca_file: Some("gateway/ca.crt"),
             worker_id_is_pod_name: true,
         };
         let mut gateway = GatewayArgs::new(

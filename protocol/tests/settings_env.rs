@@ -37,6 +37,7 @@ fn every_common_field() -> CommonArgs {
         redis_password: Some("pw with spaces".into()),
         redis_username: Some("user".into()),
         redis_tls: true,
+        redis_ca_file: Some("/secrets/redis/ca.crt".into()),
         listen: "127.0.0.1:9191".parse().unwrap(),
         log_format: LogFormat::Json,
     }
@@ -104,6 +105,10 @@ fn every_gateway_setting_survives_render_and_parse() {
     gw.max_backlog += 1;
     gw.result_ttl_seconds += 1;
     gw.max_wait_seconds += 1;
+    gw.tls_cert_file = Some("/secrets/gw/tls.crt".into());
+    gw.tls_key_file = Some("/secrets/gw/tls.key".into());
+    gw.client_ca_file = Some("/secrets/gw/ca.crt".into());
+    gw.api_listen = "127.0.0.1:9443".parse().unwrap();
     let parsed: GatewayArgs = parse_env(&gw.render::<String>(&Refs::default()));
     assert_eq!(parsed, gw);
 }

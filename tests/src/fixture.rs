@@ -18,6 +18,8 @@ use crate::procs::{self, Proc};
 pub enum RedisKind {
     Single,
     Cluster,
+    /// The single Redis through its TLS port, as its ACL user, trusting the environment's CA.
+    Tls,
 }
 
 /// Where a gateway started by [`Fixture::gateway`] queues requests.
@@ -100,6 +102,12 @@ impl Fixture {
                     .collect::<Vec<_>>(),
             )
             .with_password(Some(env.get("QP_REDIS_CLUSTER_PASSWORD"))),
+            RedisKind::Tls => RedisSettings::single(env.get("QP_ENV_REDIS_TLS_URL"))
+                .with_username(Some(env.get("QP_ENV_REDIS_USER")))
+                .with_password(Some(env.get("QP_ENV_REDIS_PASSWORD")))
+                .with_ca(Some(
+                    std::fs::read(env.get("QP_ENV_SERVICES_CA")).expect("the services' CA"),
+                )),
         };
         let conn = redis.connect().await.expect("connect to redis");
         let bootstrap = env.get("QP_KAFKA_BOOTSTRAP");
@@ -169,7 +177,7 @@ impl Fixture {
             }
         }
         // Authentication is required unless disabled; tests of other things disable it.
-        if !extra.contains(&"--tokens-file") {
+        if !extra.contains(&"--tokens-file") && !extra.contains(&"--client-ca-file") {
             cmd.arg("--no-auth");
         }
         cmd.args(extra);
@@ -205,6 +213,14 @@ impl Fixture {
                     "QP_REDIS_PASSWORD",
                     self.env.get("QP_REDIS_CLUSTER_PASSWORD"),
                 );
+            }
+            // Credentials as the operator passes them (environment variables from Secrets),
+            // the CA as a mounted file.
+            RedisKind::Tls => {
+                cmd.args(["--redis-url", &self.env.get("QP_ENV_REDIS_TLS_URL")])
+                    .args(["--redis-ca-file", &self.env.get("QP_ENV_SERVICES_CA")])
+                    .env("QP_REDIS_USERNAME", self.env.get("QP_ENV_REDIS_USER"))
+                    .env("QP_REDIS_PASSWORD", self.env.get("QP_ENV_REDIS_PASSWORD"));
             }
         }
     }

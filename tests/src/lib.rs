@@ -12,6 +12,7 @@ pub mod fixture;
 pub mod kafka;
 pub mod local;
 pub mod operator;
+pub mod pki;
 pub mod procs;
 pub mod proxy;
 pub mod restart;

@@ -108,6 +108,23 @@ pub async fn apply_qp(s: &Setup, qp: &serde_json::Value) {
     .expect("apply the QueueProcessor");
 }
 
+/// Make or replace Secret `name` of the test's namespace with these string values.
+pub async fn put_secret(s: &Setup, name: &str, values: serde_json::Value) {
+    let body = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": s.ns},
+        "stringData": values
+    });
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(s.client.clone(), &s.ns)
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .expect("apply the Secret");
+}
+
 pub async fn deployment(s: &Setup, name: &str) -> Option<Deployment> {
     Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
         .get_opt(name)

@@ -26,7 +26,9 @@ impl Crashed {
     /// SIGKILL the single Redis, or every master that serves one of the fixtures' slots.
     async fn now(kind: RedisKind, fixtures: &[&Fixture]) -> Crashed {
         match kind {
-            RedisKind::Single => Crashed::Single(RedisCrash::now(&fixtures[0].conn).await),
+            RedisKind::Single | RedisKind::Tls => {
+                Crashed::Single(RedisCrash::now(&fixtures[0].conn).await)
+            }
             RedisKind::Cluster => {
                 let mut masters: Vec<ClusterNode> = Vec::new();
                 for fx in fixtures {

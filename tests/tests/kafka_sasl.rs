@@ -1,13 +1,16 @@
-//! Workers and the gateway against a broker that demands SASL (SCRAM-SHA-512) over TLS: the
-//! environment's second Kafka listener, with a user made by Kafka's own tool and a certificate
-//! from the environment's CA. Credentials reach the processes as the operator passes them from
-//! Secrets (environment variables); a wrong password and an untrusted certificate are refused
-//! with a clear reason in the log, and the worker stays up (unready) instead of crash-looping.
+//! Workers, the gateway and the operator's lag measurement against a broker that demands SASL
+//! (SCRAM-SHA-512) over TLS: the environment's second Kafka listener, with a user made by
+//! Kafka's own tool and a certificate from the environment's CA. Credentials reach the workers
+//! and the gateway as the operator passes them from Secrets (environment variables), and the
+//! operator reads them from Kubernetes Secrets. A wrong password and an untrusted certificate
+//! are refused with a clear reason (log, readiness, condition and event), and nothing
+//! crash-loops.
 
 use std::time::Duration;
 
 use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::kafka;
+use qp_tests::pki::Pki;
 use qp_tests::procs::{self, Proc};
 
 struct Sasl {
@@ -38,18 +41,8 @@ fn sasl_worker(fx: &Fixture, id: &str, s: &Sasl, password: &str, ca: &str, port:
     Proc::spawn(&format!("{}-{id}", fx.name), cmd)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn workers_and_the_gateway_work_through_sasl_over_tls() {
-    let fx = Fixture::new("sasl", RedisKind::Single, 2).await;
-    fx.pool().set_limit(4).await.unwrap();
-    let s = sasl(&fx);
-    let ids: Vec<String> = (0..20).map(|i| format!("s-{i}")).collect();
-    kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &ids).await;
-    let _worker = sasl_worker(&fx, "w0", &s, &s.password, &s.ca, procs::free_port());
-    fx.wait_finished(&ids, Duration::from_secs(60)).await;
-
-    // The gateway produces through the same listener.
-    let port = procs::free_port();
+/// A gateway of `fx` that produces through the SASL_SSL listener with these credentials.
+fn sasl_gateway(fx: &Fixture, id: &str, s: &Sasl, password: &str, ca: &str, port: u16) -> Proc {
     let mut cmd = std::process::Command::new(procs::binary("qp-worker"));
     cmd.arg("gateway")
         .args([
@@ -64,10 +57,25 @@ async fn workers_and_the_gateway_work_through_sasl_over_tls() {
         .args(["--source", "kafka", "--kafka-bootstrap", &s.bootstrap])
         .args(["--kafka-topic", &fx.topic, "--kafka-group", &fx.group])
         .args(["--kafka-sasl-mechanism", "SCRAM-SHA-512", "--kafka-tls"])
-        .args(["--kafka-ca-file", &s.ca])
+        .args(["--kafka-ca-file", ca])
         .env("QP_KAFKA_USERNAME", &s.user)
-        .env("QP_KAFKA_PASSWORD", &s.password);
-    let _gateway = Proc::spawn(&format!("{}-gateway", fx.name), cmd);
+        .env("QP_KAFKA_PASSWORD", password);
+    Proc::spawn(&format!("{}-{id}", fx.name), cmd)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_and_the_gateway_work_through_sasl_over_tls() {
+    let fx = Fixture::new("sasl", RedisKind::Single, 2).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let s = sasl(&fx);
+    let ids: Vec<String> = (0..20).map(|i| format!("s-{i}")).collect();
+    kafka::send_many(&kafka::producer(&fx.bootstrap), &fx.topic, &ids).await;
+    let _worker = sasl_worker(&fx, "w0", &s, &s.password, &s.ca, procs::free_port());
+    fx.wait_finished(&ids, Duration::from_secs(60)).await;
+
+    // The gateway produces through the same listener.
+    let port = procs::free_port();
+    let _gateway = sasl_gateway(&fx, "gateway", &s, &s.password, &s.ca, port);
     let base = format!("http://127.0.0.1:{port}");
     eventually(Duration::from_secs(30), "the gateway ready", || async {
         let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
@@ -104,18 +112,9 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_refused_clearly() {
     let fx = Fixture::new("saslbad", RedisKind::Single, 1).await;
     fx.pool().set_limit(4).await.unwrap();
     let s = sasl(&fx);
-    // An unrelated CA: the broker's certificate does not verify against it.
-    let other_ca = std::env::temp_dir().join(format!("qp-other-ca-{}.crt", fx.name));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", "/CN=someone-else", "-keyout", "/dev/null", "-out"])
-        .arg(&other_ca)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
-    let other_ca = other_ca.display().to_string();
+    let pki = Pki::new(&fx.name);
+    pki.ca("someone-else");
+    let other_ca = pki.path("someone-else.crt");
 
     let cases = [
         (
@@ -151,7 +150,169 @@ async fn a_wrong_password_or_an_untrusted_certificate_is_refused_clearly() {
             w.alive()
         );
         assert!(w.alive(), "{name}: the worker stays up");
+
+        // The gateway leaves the Service (unready) instead of answering 503 while ready.
+        let port = procs::free_port();
+        let mut g = sasl_gateway(&fx, &format!("gw-{name}"), &s, password, ca, port);
+        let readyz = format!("http://127.0.0.1:{port}/readyz");
+        eventually(Duration::from_secs(30), "the gateway unready", || async {
+            let r = reqwest::get(&readyz).await.ok()?;
+            (r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+        })
+        .await;
+        let log = g.log_text();
+        assert!(
+            log.contains(expect),
+            "{name}: the gateway's log names the refusal"
+        );
+        assert!(!log.contains(&s.password) && !log.contains("not-the-password"));
+        assert!(g.alive(), "{name}: the gateway stays up");
+        println!("{name}: gateway unready and alive");
     }
-    let _ = std::fs::remove_file(&other_ca);
     fx.cleanup().await;
+}
+
+/// The operator measures lag through SASL over TLS with credentials from Kubernetes Secrets,
+/// and a refused password or certificate is a condition and an event that name the refusal
+/// (not a timeout), with replicas held and the operator running; fixing the Secret heals it
+/// within a few polls (a refusal makes the operator read its Secrets again at once).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_measures_through_sasl_and_names_a_refusal() {
+    use qp_tests::cluster;
+    use qp_tests::operator::{apply_qp, condition, events, put_secret, qp_status, replicas, setup};
+    use qp_tests::pki::untrusted_ca;
+    use serde_json::json;
+
+    let s = setup("op-sasl").await;
+    let sasl_bootstrap = s.env.get("QP_ENV_KAFKA_SASL_BOOTSTRAP");
+    let password = s.env.get("QP_ENV_KAFKA_SASL_PASSWORD");
+    let ca = std::fs::read_to_string(s.env.get("QP_ENV_KAFKA_CA")).unwrap();
+    let other_ca = untrusted_ca(&s.ns);
+
+    let topic = format!("sasl-{}", s.ns);
+    let plain = s.env.get("QP_KAFKA_BOOTSTRAP");
+    kafka::create_topic(&plain, &topic, 4).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    kafka::send_many(&kafka::producer(&plain), &topic, &ids).await;
+
+    let user = s.env.get("QP_ENV_KAFKA_SASL_USER");
+    let secret_with = |name: &str, password: &str, ca: &str| {
+        let (s, name) = (&s, name.to_owned());
+        let values = json!({"username": user, "password": password, "ca.crt": ca});
+        async move { put_secret(s, &name, values).await }
+    };
+    // The QueueProcessor, its credentials from Secret `secret`.
+    let qp = |secret: &str| {
+        let reference = |key: &str| json!({"name": secret, "key": key});
+        json!({
+            "apiVersion": "queueprocessing.dev/v1alpha1",
+            "kind": "QueueProcessor",
+            "metadata": {"name": "secured", "namespace": s.ns},
+            "spec": {
+                "source": {"kafka": {
+                    "bootstrapServers": sasl_bootstrap, "topic": topic,
+                    "consumerGroup": format!("{topic}-group"),
+                    "sasl": {"mechanism": "SCRAM-SHA-512",
+                             "usernameSecretRef": reference("username"),
+                             "passwordSecretRef": reference("password")},
+                    "tls": {"caSecretRef": reference("ca.crt")}
+                }},
+                "redis": {"url": s.env.get("QP_REDIS_URL")},
+                "scaling": {"minReplicas": 0, "maxReplicas": 4, "targetBacklogPerReplica": 10,
+                            "pollIntervalSeconds": 1, "cooldownSeconds": 2,
+                            "scaleDownStabilizationSeconds": 2},
+                "worker": {"handler": {"builtin": {"name": "echo"}}}
+            }
+        })
+    };
+    secret_with("kafka-client", &password, &ca).await;
+    let (mut op, _) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    apply_qp(&s, &qp("kafka-client")).await;
+    // 30 messages measured through SASL_SSL: 3 replicas.
+    eventually(
+        Duration::from_secs(40),
+        "3 replicas for a backlog of 30",
+        || async {
+            let st = qp_status(&s, "secured").await.status?;
+            (replicas(&s, "secured-worker").await == Some(3) && st.backlog == Some(30))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let cases = [
+        (
+            "wrong-password",
+            "not-the-password".to_owned(),
+            ca.clone(),
+            "Authentication failed",
+        ),
+        (
+            "untrusted-ca",
+            password.clone(),
+            other_ca,
+            "certificate verify failed",
+        ),
+    ];
+    for (case, bad_password, bad_ca, expect) in cases {
+        let since = jiff::Timestamp::now();
+        let secret = format!("kafka-client-{case}");
+        secret_with(&secret, &bad_password, &bad_ca).await;
+        apply_qp(&s, &qp(&secret)).await;
+        let (reason, message) = eventually(
+            Duration::from_secs(60),
+            "SourceReachable False, naming the refusal",
+            || async {
+                let qp = qp_status(&s, "secured").await;
+                let (status, reason, message) = condition(&qp, "SourceReachable")?;
+                (status == "False" && message.contains(expect)).then_some((reason, message))
+            },
+        )
+        .await;
+        println!("{case}: SourceReachable False, {reason}: {message}");
+        assert_eq!(reason, "SourceRefused", "{case}");
+        assert!(!message.contains("not-the-password") && !message.contains(&password));
+        let event = eventually(Duration::from_secs(20), "a SourceRefused event", || async {
+            events(&s, "SourceRefused")
+                .await
+                .into_iter()
+                .find(|e| e.event_time.as_ref().is_some_and(|t| t.0 >= since))
+        })
+        .await;
+        let note = event.note.unwrap_or_default();
+        println!("{case}: event {note}");
+        assert!(
+            note.contains(expect) && note.contains("holding 3 replicas"),
+            "{note}"
+        );
+        assert_eq!(
+            replicas(&s, "secured-worker").await,
+            Some(3),
+            "{case}: replicas held"
+        );
+        assert!(op.alive(), "{case}: the operator keeps running");
+
+        // The Secret fixed: measured again without a restart or an edit, within a few polls.
+        let fixed = std::time::Instant::now();
+        secret_with(&secret, &password, &ca).await;
+        eventually(
+            Duration::from_secs(30),
+            "SourceReachable True again",
+            || async {
+                let qp = qp_status(&s, "secured").await;
+                let (status, ..) = condition(&qp, "SourceReachable")?;
+                (status == "True").then_some(())
+            },
+        )
+        .await;
+        println!(
+            "{case}: measured again {:.1?} after the Secret was fixed",
+            fixed.elapsed()
+        );
+    }
+    let log = op.log_text();
+    assert!(
+        !log.contains(&password) && !log.contains("not-the-password"),
+        "a password in the operator's log"
+    );
 }

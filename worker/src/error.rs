@@ -63,6 +63,7 @@ impl From<qp_protocol::Error> for Error {
             qp_protocol::Error::Redis(e) => Error::Redis(e),
             qp_protocol::Error::Config(m) => Error::Config(m),
             qp_protocol::Error::Kafka(m) => Error::Kafka(m),
+            e @ qp_protocol::Error::KafkaRefused(_) => Error::Kafka(e.to_string()),
             qp_protocol::Error::Closed => Error::Closed,
             other @ qp_protocol::Error::Protocol { .. } => Error::Shared(other),
         }

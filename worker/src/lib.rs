@@ -25,5 +25,6 @@ pub mod retry;
 pub mod run;
 pub mod server;
 pub mod source;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -105,7 +105,13 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
     };
     let (_, http) = server::serve(args.common.listen, probes, http_stop.clone()).await?;
 
-    let conn = redis.connect().await?;
+    // Unready until Redis answers: a Redis that is away or refuses the Secret's credentials is
+    // waited out in the open (the log says which), not a crash loop.
+    let Some(conn) = redis.connect_patiently(&stop).await else {
+        http_stop.cancel();
+        let _ = http.await;
+        return Ok(());
+    };
     let store = ResultStore::start(
         keys.clone(),
         conn.clone(),

@@ -20,9 +20,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::tls::PeerName;
 use crate::{Error, Result};
 
 pub use qp_protocol::observability::Readiness;
@@ -44,18 +46,53 @@ pub async fn serve(
     app: Router,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, app, None, stop).await
+}
+
+/// [`serve`] over TLS: the handshake must finish within [`HEADER_READ_TIMEOUT`], and with
+/// client certificates on, each request carries the client's [`PeerName`].
+pub async fn serve_with(
+    addr: SocketAddr,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Http(format!("binding {addr}: {e}")))?;
     let bound = listener
         .local_addr()
         .map_err(|e| Error::Http(e.to_string()))?;
-    info!(%bound, "serving /metrics, /healthz, /readyz");
-    let handle = tokio::spawn(accept_loop(listener, app, stop));
+    info!(%bound, tls = tls.is_some(), "serving HTTP");
+    let handle = tokio::spawn(accept_loop(listener, app, tls, stop));
     Ok((bound, handle))
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+/// One HTTP/1.1 connection with the header read timeout.
+fn connection<S, A>(stream: S, app: A) -> http1::Connection<TokioIo<S>, TowerToHyperService<A>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    A: tower::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    A::Future: Send + 'static,
+{
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) {
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -75,13 +112,45 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: Router, stop: Cance
             },
             _ = stop.cancelled() => break,
         };
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let (app, tls) = (app.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => watcher.watch(connection(stream, app)).await,
+                Some(tls) => {
+                    // The handshake is bounded like the headers: a client that never finishes
+                    // it holds nothing for long.
+                    let stream =
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let peer = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(crate::tls::common_name)
+                        .map(PeerName);
+                    let app = tower::ServiceBuilder::new()
+                        .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                            if let Some(p) = &peer {
+                                req.extensions_mut().insert(p.clone());
+                            }
+                            req
+                        })
+                        .service(app);
+                    watcher.watch(connection(stream, app)).await
+                }
+            };
+            if let Err(e) = result {
                 debug!(error = %e, "connection ended with an error");
             }
             drop(slot);

@@ -364,6 +364,20 @@ async fn apply_with(qp: &QueueProcessor, ctx: &Context, memory: &mut Memory) -> 
     // A token limit that could not be written makes Ready False with its own Warning: the
     // workers keep the old limit, which no longer matches the replicas.
     let failure = tick.tokens.as_ref().err();
+    // Refused credentials are most likely rotated ones: read the Secrets again at the next tick
+    // rather than within a minute (`secrets::MAX_AGE`), so a fixed Secret heals at once. It
+    // costs a read per Secret per tick only while refused.
+    let refused = [
+        tick.observed.source.as_ref().err(),
+        tick.observed.workers.as_ref().err(),
+        failure,
+    ]
+    .into_iter()
+    .flatten()
+    .any(Error::is_refusal);
+    if refused {
+        memory.secrets = None;
+    }
     // Someone else set the replica count (an HPA, `kubectl scale`): the apply took it back,
     // and both sides would go on fighting unseen. Say who.
     let contested = deployment.contested.take().map(|(manager, replicas)| {

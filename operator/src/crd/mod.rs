@@ -41,7 +41,9 @@ mod worker;
 mod tests;
 
 pub use redis::{RedisEndpoint, RedisSpec};
-pub use results::{DeadLetter, DeadLetterSpec, GatewayAuthSpec, GatewaySpec, ResultsSpec};
+pub use results::{
+    DeadLetter, DeadLetterSpec, GatewayAuthSpec, GatewayMtlsSpec, GatewaySpec, ResultsSpec,
+};
 pub use scaling::{ConcurrencySpec, ScalingSpec};
 pub use schema::{ALL_CEL_RULES, CelRule};
 pub use source::{
@@ -219,6 +221,7 @@ impl QueueProcessorSpec {
         let mut refs: Vec<&SecretKeyRef> = Vec::new();
         refs.extend(self.redis.username_secret_ref.iter());
         refs.extend(self.redis.password_secret_ref.iter());
+        refs.extend(self.redis.ca_secret_ref.iter());
         if let Some(kafka) = &self.source.kafka {
             if let Some(sasl) = &kafka.sasl {
                 refs.push(&sasl.username_secret_ref);
@@ -232,6 +235,13 @@ impl QueueProcessorSpec {
         }
         if self.gateway.enabled {
             refs.extend(self.gateway.auth.tokens_secret_ref.iter());
+            if let Some(m) = &self.gateway.auth.mtls {
+                refs.extend([
+                    &m.cert_secret_ref,
+                    &m.key_secret_ref,
+                    &m.client_ca_secret_ref,
+                ]);
+            }
         }
         if let Some(http) = &self.worker.handler.http {
             refs.extend(

@@ -40,6 +40,12 @@ pub struct RedisSpec {
     /// Secret key holding the Redis password (`requirepass`, or the ACL user's password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+
+    /// Secret key holding the PEM CA that the Redis server's certificate must chain to, for a
+    /// private CA; the system's trust store is used when omitted. Implies `tls`. Mounted into
+    /// the pods as a file; the operator reads it to measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// Where Redis is, as an enum.
@@ -69,6 +75,7 @@ impl RedisSpec {
     /// True if connections must use TLS (`tls: true` or a `rediss://` url).
     pub fn uses_tls(&self) -> bool {
         self.tls
+            || self.ca_secret_ref.is_some()
             || self
                 .url
                 .as_deref()

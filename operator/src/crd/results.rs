@@ -121,6 +121,26 @@ pub struct GatewayAuthSpec {
     /// Serve without authentication: anyone who reaches the Service may submit and read any
     /// result. Only where a network policy or mesh alone decides who that is.
     pub disabled: bool,
+
+    /// Mutual TLS for in-mesh callers, instead of tokens: the API is served over TLS (Service
+    /// port 443) and every caller presents a certificate signed by the client CA; its subject
+    /// common name is the client's name ([a-z0-9-]). The probes and /metrics stay plain HTTP
+    /// on the metrics port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<GatewayMtlsSpec>,
+}
+
+/// The gateway's TLS material, from Secrets (mounted as files).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = tidy_docs)]
+pub struct GatewayMtlsSpec {
+    /// Secret key holding the gateway's serving certificate (PEM, with its chain).
+    pub cert_secret_ref: SecretKeyRef,
+    /// Secret key holding the serving certificate's private key (PEM).
+    pub key_secret_ref: SecretKeyRef,
+    /// Secret key holding the CA (PEM) that client certificates must chain to.
+    pub client_ca_secret_ref: SecretKeyRef,
 }
 
 /// The configured dead-letter target, as an enum.

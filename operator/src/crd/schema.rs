@@ -139,8 +139,8 @@ pub(super) const HTTP_HEADER_RULES: &[CelRule] = &[CelRule {
 }];
 
 pub(super) const GATEWAY_RULES: &[CelRule] = &[CelRule {
-    rule: "!self.enabled || has(self.auth.tokensSecretRef) != self.auth.disabled",
-    message: "spec.gateway.auth: set tokensSecretRef (a Secret key of <client>:<token> lines) or, to serve without authentication, disabled: true (exactly one)",
+    rule: "!self.enabled || (has(self.auth.tokensSecretRef) ? 1 : 0) + (self.auth.disabled ? 1 : 0) + (has(self.auth.mtls) ? 1 : 0) == 1",
+    message: "spec.gateway.auth: set tokensSecretRef (a Secret key of <client>:<token> lines), mtls (client certificates) or, to serve without authentication, disabled: true (exactly one)",
     field_path: Some(".auth"),
 }];
 

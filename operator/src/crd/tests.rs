@@ -102,7 +102,8 @@ fn minimal_spec_gets_every_default() {
             replicas: 1,
             auth: GatewayAuthSpec {
                 tokens_secret_ref: None,
-                disabled: false
+                disabled: false,
+                mtls: None
             },
             rate_limit_per_client: 0
         }

@@ -393,7 +393,11 @@ impl QueueProcessorSpec {
         );
         let auth = &self.gateway.auth;
         p.rule(
-            !self.gateway.enabled || auth.tokens_secret_ref.is_some() != auth.disabled,
+            !self.gateway.enabled
+                || usize::from(auth.tokens_secret_ref.is_some())
+                    + usize::from(auth.disabled)
+                    + usize::from(auth.mtls.is_some())
+                    == 1,
             &GATEWAY_RULES[0],
         );
         p.range(

@@ -49,10 +49,16 @@ pub fn redis_settings(spec: &RedisSpec, secrets: &SecretValues) -> Result<RedisS
         .as_ref()
         .map(|r| secret(secrets, r))
         .transpose()?;
+    let ca = spec
+        .ca_secret_ref
+        .as_ref()
+        .map(|r| secret(secrets, r).map(String::into_bytes))
+        .transpose()?;
     Ok(
         RedisSettings::from_parts(url.as_deref(), nodes.as_deref(), password, spec.uses_tls())
             .map_err(|e| Error::InvalidSpec(e.to_string()))?
-            .with_username(username),
+            .with_username(username)
+            .with_ca(ca),
     )
 }
 

@@ -25,6 +25,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::tls::PeerName;
 use crate::{Error, Result};
 
 /// Shortest token accepted: 128 bits of hex (a token is a password nobody types).
@@ -126,26 +127,33 @@ pub fn owns(client: &str, id: &str) -> bool {
 
 /// The gateway's authentication and rate limit.
 pub struct Auth {
-    /// `None`: authentication explicitly disabled (`--no-auth`).
+    /// `None`: no tokens (authentication disabled, or by client certificate).
     clients: Option<RwLock<Arc<Clients>>>,
+    /// Callers are named by their verified client certificate (mTLS, `--client-ca-file`).
+    certificates: bool,
     limiter: Option<DefaultKeyedRateLimiter<String>>,
 }
 
 impl Auth {
-    /// From the flags: a tokens file (read now: a bad file stops the gateway at start) or
-    /// `--no-auth`; one of them is required.
+    /// From the flags: a tokens file (read now: a bad file stops the gateway at start), client
+    /// certificates, or `--no-auth`; exactly one of them is required.
     pub fn new(
         tokens_file: Option<&Path>,
         no_auth: bool,
+        certificates: bool,
         rate_limit_per_client: u32,
     ) -> Result<Auth> {
-        let clients = match (tokens_file, no_auth) {
-            (Some(path), false) => {
+        let clients = match (tokens_file, no_auth, certificates) {
+            (None, false, true) => {
+                info!("gateway authentication by client certificate (mTLS)");
+                None
+            }
+            (Some(path), false, false) => {
                 let clients = load(path)?;
                 info!(clients = clients.len(), file = %path.display(), "gateway authentication on");
                 Some(RwLock::new(Arc::new(clients)))
             }
-            (None, true) => {
+            (None, true, false) => {
                 warn!(
                     "gateway authentication is off (--no-auth): anyone who reaches it may submit and read any result"
                 );
@@ -153,21 +161,35 @@ impl Auth {
             }
             _ => {
                 return Err(Error::config(
-                    "the gateway needs --tokens-file (QP_GATEWAY_TOKENS_FILE: lines of \
-                     <client>:<token>) or, to serve without authentication, --no-auth",
+                    "the gateway needs one of --tokens-file (QP_GATEWAY_TOKENS_FILE: lines of \
+                     <client>:<token>), --client-ca-file (mTLS) or, to serve without \
+                     authentication, --no-auth",
                 ));
             }
         };
         let limiter = NonZeroU32::new(rate_limit_per_client)
             .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n)));
-        Ok(Auth { clients, limiter })
+        Ok(Auth {
+            clients,
+            certificates,
+            limiter,
+        })
     }
 
-    /// Who presents this `Authorization` header value (`None` with authentication off).
+    /// Who presents this `Authorization` header value or client certificate (`None` with
+    /// authentication off). A certificate's name must be a valid client name, since it
+    /// prefixes the ids the client makes.
     fn authenticate(
         &self,
         authorization: Option<&HeaderValue>,
+        peer: Option<&PeerName>,
     ) -> std::result::Result<Option<Caller>, Refusal> {
+        if self.certificates {
+            return match peer {
+                Some(PeerName(name)) if valid_client(name) => Ok(Some(Caller(name.clone()))),
+                _ => Err(Refusal::Unauthorized),
+            };
+        }
         let Some(clients) = &self.clients else {
             return Ok(None);
         };
@@ -238,7 +260,8 @@ fn load(path: &Path) -> Result<Clients> {
 
 /// The middleware in front of the API: authenticate, rate-limit, and hand the caller on.
 pub async fn layer(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
-    let caller = match auth.authenticate(req.headers().get(header::AUTHORIZATION)) {
+    let peer = req.extensions().get::<PeerName>();
+    let caller = match auth.authenticate(req.headers().get(header::AUTHORIZATION), peer) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -397,17 +420,43 @@ mod tests {
 
     #[test]
     fn auth_is_required_unless_explicitly_disabled() {
-        let e = Auth::new(None, false, 0).err().unwrap().to_string();
+        let e = Auth::new(None, false, false, 0).err().unwrap().to_string();
         assert!(
-            e.contains("--tokens-file") && e.contains("--no-auth"),
+            e.contains("--tokens-file")
+                && e.contains("--client-ca-file")
+                && e.contains("--no-auth"),
             "{e}"
         );
-        assert!(Auth::new(None, true, 0).is_ok());
+        assert!(Auth::new(None, true, false, 0).is_ok());
+        assert!(Auth::new(None, true, true, 0).is_err(), "two modes at once");
+    }
+
+    #[test]
+    fn a_certificate_names_the_client_if_the_name_fits_ids() {
+        let auth = Auth::new(None, false, true, 0).unwrap();
+        let peer = |n: &str| PeerName(n.to_owned());
+        assert_eq!(
+            auth.authenticate(None, Some(&peer("orders"))),
+            Ok(Some(Caller("orders".into())))
+        );
+        for bad in ["Orders", "a:b", ""] {
+            assert_eq!(
+                auth.authenticate(None, Some(&peer(bad))),
+                Err(Refusal::Unauthorized),
+                "{bad:?}"
+            );
+        }
+        // A bearer token is no substitute for the certificate.
+        let token = HeaderValue::from_static("Bearer 0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            auth.authenticate(Some(&token), None),
+            Err(Refusal::Unauthorized)
+        );
     }
 
     #[test]
     fn a_client_over_its_rate_gets_429_with_retry_after() {
-        let auth = Auth::new(None, true, 2).unwrap();
+        let auth = Auth::new(None, true, false, 2).unwrap();
         assert!(auth.admit("orders").is_ok());
         assert!(auth.admit("orders").is_ok());
         let refused = auth.admit("orders").unwrap_err();

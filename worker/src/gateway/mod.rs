@@ -31,8 +31,9 @@
 
 mod auth;
 mod notify;
+mod producer;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -45,7 +46,7 @@ use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -64,7 +65,7 @@ use notify::{FALLBACK_POLL, Notifications};
 use qp_protocol::keys::Keys;
 use qp_protocol::observability;
 use qp_protocol::redis_conn::Conn;
-use qp_protocol::settings::{GatewayArgs, KafkaArgs, SourceKind};
+use qp_protocol::settings::{GatewayArgs, SourceKind};
 
 /// How long a `pending` state lives before the message is known to be queued.
 const RESERVATION: Duration = Duration::from_secs(30);
@@ -75,7 +76,7 @@ const ACCEPTED_TYPES: [&str; 3] = ["application/json", "text/plain", "applicatio
 /// Where submitted requests go.
 enum Queue {
     Kafka {
-        producer: FutureProducer,
+        producer: producer::Producer,
         topic: String,
     },
     RedisList {
@@ -116,15 +117,61 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     let auth = Arc::new(Auth::new(
         args.tokens_file.as_deref(),
         args.no_auth,
+        args.client_ca_file.is_some(),
         args.rate_limit_per_client,
     )?);
+    // Read now: a missing or broken certificate stops the gateway at start, naming the file.
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(&crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: args.client_ca_file.as_deref(),
+        })?),
+        _ => None,
+    };
     if let Some(path) = &args.tokens_file {
         tokio::spawn(auth::reload(auth.clone(), path.clone(), stop.clone()));
     }
     let keys = args.common.keys();
     let redis = args.common.redis()?;
-    let conn = redis.connect().await?;
+    // Serve at once: probes answer (alive, not ready) while Redis is away or refuses the
+    // Secret's credentials, and the API answers 503 until it is there (see `late_api`).
+    let probes = {
+        let metrics = metrics.clone();
+        observability::router(move || metrics.render(), Some(ready.clone()))
+    };
+    let api_slot = Arc::new(OnceLock::new());
+    let late = Router::new().fallback({
+        let slot = api_slot.clone();
+        move |request| late_api(slot.clone(), request)
+    });
+    // Without TLS the API shares the probes' port; with TLS it has its own, and the kubelet
+    // and Prometheus keep plain HTTP without a client certificate.
+    let mut servers = Vec::new();
+    let addr = match tls {
+        None => {
+            let (addr, http) =
+                server::serve(args.common.listen, probes.merge(late), stop.clone()).await?;
+            servers.push(http);
+            addr
+        }
+        Some(tls) => {
+            let (_, http) = server::serve(args.common.listen, probes, stop.clone()).await?;
+            servers.push(http);
+            let (addr, https) =
+                server::serve_with(args.api_listen, late, Some(tls), stop.clone()).await?;
+            servers.push(https);
+            addr
+        }
+    };
+    let Some(conn) = redis.connect_patiently(&stop).await else {
+        for http in servers {
+            let _ = http.await;
+        }
+        return Ok(());
+    };
     let result_ttl = Duration::from_secs(args.result_ttl_seconds);
+    let mut refusal = None;
     let queue = match args.source {
         SourceKind::Kafka => {
             if args.max_backlog > 0 && args.kafka.kafka_group.is_none() {
@@ -133,8 +180,10 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
                      the backlog is the consumer group's lag",
                 ));
             }
+            let (producer, refused) = producer::producer(&args.kafka, args.max_request_bytes)?;
+            refusal = Some(refused);
             Queue::Kafka {
-                producer: gateway_producer(&args.kafka, args.max_request_bytes)?,
+                producer,
                 topic: args.kafka.topic()?.to_owned(),
             }
         }
@@ -170,27 +219,35 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         tokio::spawn(sample_backlog(gw.clone(), args.clone(), stop.clone()));
     }
 
-    let probes = observability::router(move || metrics.render(), Some(ready.clone()));
-    let app = api(gw.clone(), auth, args.max_request_bytes).merge(probes);
-    let (addr, http) = server::serve(args.common.listen, app, stop.clone()).await?;
-    ready.set(true);
+    let _ = api_slot.set(api(gw.clone(), auth, args.max_request_bytes));
+    match refusal {
+        Some(refusal) => {
+            tokio::spawn(producer::follow_refusal(
+                refusal,
+                ready.clone(),
+                stop.clone(),
+            ));
+        }
+        None => ready.set(true),
+    }
     info!(%addr, keys = %gw.keys.prefix(), "gateway serving");
-    let _ = http.await;
+    for http in servers {
+        let _ = http.await;
+    }
     Ok(())
 }
 
-/// The producer fails a send after 5 s without an acknowledgement, so a broker that is down
-/// turns into a 503 within seconds instead of a request that hangs. Its `message.max.bytes`
-/// (librdkafka's default is 1,000,000) leaves room for the largest body plus its headers.
-fn gateway_producer(kafka: &KafkaArgs, max_body: usize) -> Result<FutureProducer> {
-    kafka
-        .client_config("qp-gateway")?
-        .set("enable.idempotence", "true")
-        .set("message.max.bytes", (max_body + 64 * 1024).to_string())
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", "5000")
-        .create()
-        .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
+/// The API once it exists: until then a 503 that says the gateway is starting (Kubernetes sends
+/// no traffic to an unready pod, but a client that reaches it directly gets an answer).
+async fn late_api(slot: Arc<OnceLock<Router>>, request: axum::extract::Request) -> Response {
+    use tower::ServiceExt;
+    match slot.get().cloned() {
+        Some(api) => match api.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        },
+        None => unavailable("the gateway is starting (waiting for Redis)"),
+    }
 }
 
 /// The API routes, behind authentication and the rate limit (checked before a body is read),

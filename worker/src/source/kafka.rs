@@ -37,7 +37,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -171,15 +170,7 @@ impl ClientContext for Context {
     /// said plainly, and the worker is unready (its pod shows it) instead of looking healthy
     /// while it consumes nothing. librdkafka keeps retrying, so fixing the Secret heals it.
     fn error(&self, error: KafkaError, reason: &str) {
-        let refused = matches!(
-            error.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::SSL
-            )
-        );
-        if refused {
+        if qp_protocol::kafka::is_refusal(&error) {
             self.shared.ready.set(false);
             warn!(error = %error, %reason, "Kafka refused this worker (check the SASL credentials and the CA / certificates); not ready until it is accepted");
         } else {
