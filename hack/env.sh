@@ -49,6 +49,8 @@ PORT_KAFKA_POD=$((QP_PORT_BASE + 18))
 PORT_KAFKA_BROKER2=$((QP_PORT_BASE + 19))
 # Kafka's SASL_SSL listener (SCRAM-SHA-512 users, a certificate from the environment's own CA).
 PORT_KAFKA_SASL=$((QP_PORT_BASE + 33))
+# The same for pods, on the node address.
+PORT_KAFKA_SASL_POD=$((QP_PORT_BASE + 35))
 # Redis's TLS port (same server; certificate from the environment's CA, an ACL user).
 PORT_REDIS_TLS=$((QP_PORT_BASE + 34))
 # One replica per Redis Cluster master (the failover fault test promotes one).
@@ -339,8 +341,8 @@ kafka_java() {
 }
 
 # services_tls NAME: a CA made by the environment for its services (its own, so that `make demo`
-# needs no Kubernetes PKI; made once) and a server certificate it signs for NAME, for 127.0.0.1
-# and localhost, in $QP_RUN/tls: NAME.crt, NAME.key, and NAME.pem (key and chain in one file, as
+# needs no Kubernetes PKI; made once) and a server certificate it signs for NAME, for 127.0.0.1,
+# localhost and the node address (pods connect there), in $QP_RUN/tls: NAME.crt, NAME.key, and NAME.pem (key and chain in one file, as
 # Kafka reads them).
 services_tls() {
   local dir="$QP_RUN/tls"
@@ -350,11 +352,12 @@ services_tls() {
       -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
       -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
   fi
-  [[ -f "$dir/$1.pem" ]] && return 0
+  # Remade when it predates the node address in its names.
+  [[ -f "$dir/$1.pem" ]] && grep -q "IP:$NODE_IP" "$dir/$1.ext" 2>/dev/null && return 0
   openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
     -keyout "$dir/$1.key" -out "$dir/$1.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
-    >"$dir/$1.ext"
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,IP:%s\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' \
+    "$NODE_IP" >"$dir/$1.ext"
   openssl x509 -req -in "$dir/$1.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
     -days 3650 -extfile "$dir/$1.ext" -out "$dir/$1.crt" 2>/dev/null
   cat "$dir/$1.key" "$dir/$1.crt" >"$dir/$1.pem"
@@ -370,7 +373,7 @@ kafka_scram_user() {
 }
 
 start_kafka() {
-  require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER" "$PORT_KAFKA_SASL"
+  require_ports kafka "$PORT_KAFKA" "$PORT_KAFKA_CONTROLLER" "$PORT_KAFKA_SASL" "$PORT_KAFKA_SASL_POD"
   mkdir -p "$QP_RUN/kafka" "$DATA/kafka"
   services_tls kafka
   # With the node up, a second listener on the node address, advertised as such, serves pods.
@@ -379,9 +382,9 @@ start_kafka() {
   local advertised="PLAINTEXT://127.0.0.1:$PORT_KAFKA,SASL_SSL://127.0.0.1:$PORT_KAFKA_SASL"
   local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL"
   if node_network_up; then
-    listeners+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
-    advertised+=",PODS://$NODE_IP:$PORT_KAFKA_POD"
-    protocols+=",PODS:PLAINTEXT"
+    listeners+=",PODS://$NODE_IP:$PORT_KAFKA_POD,PODS_SASL_SSL://$NODE_IP:$PORT_KAFKA_SASL_POD"
+    advertised+=",PODS://$NODE_IP:$PORT_KAFKA_POD,PODS_SASL_SSL://$NODE_IP:$PORT_KAFKA_SASL_POD"
+    protocols+=",PODS:PLAINTEXT,PODS_SASL_SSL:SASL_SSL"
   fi
   cat >"$QP_RUN/kafka/server.properties" <<PROPS
 process.roles=broker,controller
@@ -409,6 +412,9 @@ sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.ssl.keystore.type=PEM
 listener.name.sasl_ssl.ssl.keystore.location=$QP_RUN/tls/kafka.pem
+listener.name.pods_sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.pods_sasl_ssl.ssl.keystore.type=PEM
+listener.name.pods_sasl_ssl.ssl.keystore.location=$QP_RUN/tls/kafka.pem
 PROPS
   cat >"$QP_RUN/kafka/log4j2.properties" <<'L4J'
 status = warn
@@ -681,6 +687,8 @@ QP_NODE_IP=$NODE_IP
 QP_NODE_TAINT=$NODE_TAINT
 QP_POD_CIDR=$POD_CIDR
 QP_POD_KAFKA_BOOTSTRAP=$NODE_IP:$PORT_KAFKA_POD
+QP_POD_KAFKA_SASL_BOOTSTRAP=$NODE_IP:$PORT_KAFKA_SASL_POD
+QP_POD_REDIS_TLS_URL=rediss://$NODE_IP:$PORT_REDIS_TLS
 QP_POD_REDIS_URL=redis://$NODE_IP:$PORT_REDIS
 QP_CONTAINERD_SOCK=$CONTAINERD_SOCK
 QP_KUBE_CA=$CERTS/ca.crt
@@ -744,7 +752,7 @@ address_of() {
     containerd) echo "$CONTAINERD_SOCK" ;;
     kubelet) echo "node $NODE_NAME, https://$NODE_IP:$PORT_KUBELET" ;;
     kube-proxy) echo "iptables mode, http://127.0.0.1:$PORT_PROXY_HEALTHZ/healthz" ;;
-    kafka) echo "127.0.0.1:$PORT_KAFKA, SASL_SSL 127.0.0.1:$PORT_KAFKA_SASL$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD")" ;;
+    kafka) echo "127.0.0.1:$PORT_KAFKA, SASL_SSL 127.0.0.1:$PORT_KAFKA_SASL$(node_network_up && echo ", pods: $NODE_IP:$PORT_KAFKA_POD, SASL_SSL $NODE_IP:$PORT_KAFKA_SASL_POD")" ;;
     redis) echo "redis://127.0.0.1:$PORT_REDIS, TLS rediss://127.0.0.1:$PORT_REDIS_TLS (user qp-app)$(node_network_up && echo ", pods: $NODE_IP")" ;;
     redis-cluster) echo "127.0.0.1:${PORTS_REDIS_CLUSTER[0]}-${PORTS_REDIS_CLUSTER[2]}, replicas ${PORTS_REDIS_CLUSTER_REPLICAS[0]}-${PORTS_REDIS_CLUSTER_REPLICAS[2]} (password in $SECRETS_FILE)" ;;
     prometheus) echo "http://127.0.0.1:$PORT_PROMETHEUS" ;;

@@ -6,6 +6,7 @@ pub mod chart;
 pub mod cluster;
 pub mod downstream;
 pub mod e2e;
+pub mod e2e_secured;
 pub mod env;
 pub mod faults;
 pub mod fixture;

@@ -100,6 +100,11 @@ impl Pki {
 
     /// An HTTPS client trusting CA `ca`, presenting certificate `identity` if given.
     pub fn client(&self, ca: &str, identity: Option<&str>) -> reqwest::Client {
+        self.client_builder(ca, identity).build().unwrap()
+    }
+
+    /// [`Pki::client`], still to be built.
+    pub fn client_builder(&self, ca: &str, identity: Option<&str>) -> reqwest::ClientBuilder {
         let read = |f: String| std::fs::read(self.path(&f)).unwrap();
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
@@ -112,7 +117,7 @@ impl Pki {
             pem.extend(read(format!("{name}.key")));
             b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
         }
-        b.build().unwrap()
+        b
     }
 }
 
