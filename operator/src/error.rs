@@ -29,6 +29,9 @@ pub enum Error {
     /// Redis (token pool, counters) failed.
     #[error("redis: {0}")]
     Redis(String),
+    /// A scaling signal could not be read: a key of the wrong type, a missing stream group.
+    #[error("{0}")]
+    Signal(String),
     /// Redis refused the operator's user, password or certificate check: a Secret to fix.
     #[error("Redis refused the connection (check the user, the password and the CA): {0}")]
     RedisRefused(String),
@@ -60,6 +63,7 @@ impl Error {
             Error::SourceRefused(_) => "SourceRefused",
             Error::Redis(_) => "RedisUnavailable",
             Error::RedisRefused(_) => "RedisRefused",
+            Error::Signal(_) => "SignalUnreadable",
             Error::Serialization(_) => "Serialization",
             Error::Local(_) => "LocalMode",
             Error::Finalizer(_) => "Finalizer",

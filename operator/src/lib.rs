@@ -25,5 +25,6 @@ pub mod policy;
 pub mod rates;
 pub mod run;
 pub mod scaler;
+pub mod signals;
 pub mod tick;
 pub mod workload;

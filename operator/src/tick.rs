@@ -13,7 +13,7 @@ use qp_protocol::keys::Keys;
 use qp_protocol::redis_conn::RedisSettings;
 use tracing::warn;
 
-use crate::crd::QueueProcessor;
+use crate::crd::{QueueProcessor, SignalSpec};
 use crate::error::{Error, Result};
 use crate::health::Problem;
 use crate::measure::{Probes, SourceTarget};
@@ -50,6 +50,8 @@ pub struct Resolved {
     pub gateway: Option<ProcessConfig>,
     pub poll: Duration,
     pub paused: bool,
+    /// `spec.scaling.signals`.
+    pub signals: Vec<SignalSpec>,
 }
 
 impl Resolved {
@@ -89,6 +91,7 @@ impl Resolved {
             gateway,
             poll: Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64),
             paused: qp.is_paused(),
+            signals: qp.spec.scaling.signals.clone(),
             namespace,
             name,
         })
@@ -153,7 +156,7 @@ pub(crate) async fn run(
     scaler.measure_on(&r.target);
     probes.use_redis(&r.key(), &r.redis);
     tracing::debug!("measuring");
-    let observed = scaler::observe(probes, &r.key(), &r.target, &r.redis, &r.keys).await;
+    let observed = scaler::observe(probes, r).await;
     tracing::debug!(
         source_ok = observed.source.is_ok(),
         workers_ok = observed.workers.is_ok(),

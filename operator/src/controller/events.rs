@@ -89,11 +89,7 @@ pub(super) async fn publish_events(
         info!(%note, "scaled");
         publish(ctx, qp, EventType::Normal, verb, "Scale", note).await;
     }
-    let error = observed
-        .source
-        .as_ref()
-        .err()
-        .or(observed.workers.as_ref().err());
+    let error = observed.error();
     if remember_error(ctx, qp, error.map(Error::kind)) {
         match error {
             Some(e) => {

@@ -32,6 +32,7 @@ mod redis;
 mod results;
 mod scaling;
 mod schema;
+mod signals;
 mod source;
 mod status;
 mod validate;
@@ -46,14 +47,15 @@ pub use results::{
 };
 pub use scaling::{ConcurrencySpec, ScalingSpec};
 pub use schema::{ALL_CEL_RULES, CelRule};
+pub use signals::{MAX_SIGNALS, SignalKind, SignalSpec};
 pub use source::{
     KafkaSasl, KafkaSource, KafkaTls, OffsetReset, RedisListSource, SaslMechanism, Source,
     SourceSpec,
 };
 pub use status::{
     CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,
-    QueueProcessorStatus, Recommendation, ScalingMemory, StatusSummary, ThroughputStatus,
-    TokenStatus,
+    QueueProcessorStatus, Recommendation, ScalingMemory, SignalStatus, StatusSummary,
+    ThroughputStatus, TokenStatus,
 };
 pub use validate::SpecError;
 pub use worker::{
@@ -142,6 +144,13 @@ pub const PAUSED_ANNOTATION: &str = "queueprocessing.dev/paused";
         type_ = "number",
         json_path = ".status.throughput.processedPerSecond",
         description = "Messages processed per second",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Signal",
+        type_ = "string",
+        json_path = ".status.summary.dominant",
+        description = "What wants the most replicas: backlog, or a scaling signal and its value",
         priority = 1
     ),
     printcolumn(

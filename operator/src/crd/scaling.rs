@@ -9,6 +9,7 @@ use super::schema::{
     MAX_TOKENS_PER_REPLICA, MAX_WINDOW_SECONDS, MIN_LEASE_SECONDS, concurrency_rules,
     scaling_rules, tidy_docs,
 };
+use super::signals::{MAX_SIGNALS, SignalSpec};
 
 /// The concurrency budget. A worker takes a token (an expiring lease in Redis) before it starts
 /// a message and gives it back when the message is done; a crashed worker's tokens come back
@@ -108,6 +109,12 @@ pub struct ScalingSpec {
     /// step per poll.
     #[schemars(range(min = 1, max = MAX_REPLICAS))]
     pub max_step: i32,
+
+    /// More demand to scale on, read from Redis at every poll (see `SignalSpec`): the replicas
+    /// are the most that the source's backlog or any signal wants.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SIGNALS), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub signals: Vec<SignalSpec>,
 }
 
 impl Default for ScalingSpec {
@@ -122,6 +129,7 @@ impl Default for ScalingSpec {
             cooldown_seconds: 300,
             scale_down_stabilization_seconds: 60,
             max_step: MAX_REPLICAS,
+            signals: Vec::new(),
         }
     }
 }

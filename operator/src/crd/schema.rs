@@ -98,6 +98,24 @@ pub(super) const SCALING_RULES: &[CelRule] = &[CelRule {
     field_path: Some(".minReplicas"),
 }];
 
+pub(super) const SIGNAL_RULES: &[CelRule] = &[
+    CelRule {
+        rule: "(self.type == 'hashField') == has(self.field)",
+        message: "spec.scaling.signals[].field: set for a hashField signal, and only for it",
+        field_path: Some(".field"),
+    },
+    CelRule {
+        rule: "(self.type == 'streamLag' || self.type == 'streamPending') == has(self.group)",
+        message: "spec.scaling.signals[].group: set for a streamLag or streamPending signal, and only for them",
+        field_path: Some(".group"),
+    },
+    CelRule {
+        rule: "!self.dueOnly || self.type == 'sortedSetSize'",
+        message: "spec.scaling.signals[].dueOnly: only for a sortedSetSize signal",
+        field_path: Some(".dueOnly"),
+    },
+];
+
 pub(super) const HANDLER_RULES: &[CelRule] = &[CelRule {
     rule: "(has(self.http) ? 1 : 0) + (has(self.exec) ? 1 : 0) + (has(self.builtin) ? 1 : 0) == 1",
     message: "spec.worker.handler: exactly one of http, exec or builtin must be set",
@@ -152,6 +170,7 @@ pub const ALL_CEL_RULES: &[&[CelRule]] = &[
     REDIS_RULES,
     CONCURRENCY_RULES,
     SCALING_RULES,
+    SIGNAL_RULES,
     HANDLER_RULES,
     BUILTIN_RULES,
     DEAD_LETTER_RULES,
@@ -187,6 +206,9 @@ pub(super) fn concurrency_rules(s: &mut schemars::Schema) {
 }
 pub(super) fn scaling_rules(s: &mut schemars::Schema) {
     add_rules(s, SCALING_RULES)
+}
+pub(super) fn signal_rules(s: &mut schemars::Schema) {
+    add_rules(s, SIGNAL_RULES)
 }
 pub(super) fn handler_rules(s: &mut schemars::Schema) {
     add_rules(s, HANDLER_RULES)

@@ -48,6 +48,10 @@ pub struct QueueProcessorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<i32>,
 
+    /// Each scaling signal's last value and the replicas it wants (`spec.scaling.signals`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signals: Vec<SignalStatus>,
+
     /// Token pool usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<TokenStatus>,
@@ -186,6 +190,23 @@ pub struct StatusSummary {
     /// `<in use>/<limit>` tokens.
     #[serde(default)]
     pub tokens: String,
+    /// What wants the most replicas: `backlog`, or a signal as `<name>=<value>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dominant: String,
+}
+
+/// One scaling signal in the status.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignalStatus {
+    /// The signal's name, as in `spec.scaling.signals`.
+    pub name: String,
+    /// The last value read (for `counterRate`, per second); absent when it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// The replicas this signal alone wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
 }
 
 /// Status of a condition, as Kubernetes spells it.
@@ -297,6 +318,9 @@ impl QueueProcessorStatus {
         s.backlog = None;
         s.throughput = None;
         s.summary = None;
+        for sig in &mut s.signals {
+            sig.value = None;
+        }
         s.scaling_memory = s.scaling_memory.as_ref().map(ScalingMemory::settled);
         if let Some(t) = &mut s.tokens {
             t.in_use = 0;
@@ -305,6 +329,25 @@ impl QueueProcessorStatus {
             c.message.clear();
         }
         s
+    }
+
+    /// The signal that wants the most replicas, if it wants more than one and at least as
+    /// many as the backlog alone would; else `backlog`.
+    fn dominant(&self) -> String {
+        let top = self
+            .signals
+            .iter()
+            .filter(|s| s.replicas.unwrap_or(0) > 0)
+            .max_by_key(|s| s.replicas.unwrap_or(0));
+        match top {
+            Some(s) if s.replicas >= self.desired_replicas => format!(
+                "{}={}",
+                s.name,
+                s.value.map_or_else(|| "?".into(), |v| v.to_string())
+            ),
+            _ if self.signals.is_empty() => String::new(),
+            _ => "backlog".into(),
+        }
     }
 
     /// Recompute [`StatusSummary`] (the `kubectl get` columns) from the structured fields and
@@ -319,6 +362,7 @@ impl QueueProcessorStatus {
                 self.desired_replicas.unwrap_or(0)
             ),
             tokens: format!("{}/{}", tokens.in_use, tokens.limit),
+            dominant: self.dominant(),
         });
     }
 }

@@ -4,7 +4,7 @@
 use super::schema::{
     BUILTIN_RULES, CONCURRENCY_RULES, DEAD_LETTER_RULES, GATEWAY_RULES, HANDLER_RULES,
     HTTP_HANDLER_RULES, HTTP_HEADER_RULES, KAFKA_TLS_RULES, MAX_REPLICAS, MIN_LEASE_SECONDS,
-    REDIS_RULES, SCALING_RULES, SOURCE_RULES, SPEC_RULES,
+    REDIS_RULES, SCALING_RULES, SIGNAL_RULES, SOURCE_RULES, SPEC_RULES,
 };
 use super::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -81,6 +81,7 @@ fn minimal_spec_gets_every_default() {
             cooldown_seconds: 300,
             scale_down_stabilization_seconds: 60,
             max_step: 1000,
+            signals: Vec::new(),
         }
     );
     assert_eq!(s.worker.shutdown_timeout_seconds, 30);
@@ -372,7 +373,8 @@ fn status_round_trip_and_conditions() {
         Some(StatusSummary {
             source: "kafka:orders".into(),
             replicas: "2/4".into(),
-            tokens: "5/16".into()
+            tokens: "5/16".into(),
+            dominant: String::new()
         })
     );
     let yaml = serde_yaml::to_string(&st).unwrap();
@@ -411,6 +413,7 @@ fn schema_contains_every_cel_rule_where_it_belongs() {
         (&["worker", "handler", "builtin"], BUILTIN_RULES),
         (&["results", "deadLetter"], DEAD_LETTER_RULES),
         (&["gateway"], GATEWAY_RULES),
+        (&["scaling", "signals", "[]"], SIGNAL_RULES),
         (&["worker", "handler", "http"], HTTP_HANDLER_RULES),
         (
             &["worker", "handler", "http", "headers", "[]"],

@@ -9,8 +9,9 @@ use super::schema::{
     MAX_GATEWAY_REPLICAS, MAX_GLOBAL_TOKENS, MAX_HANDLER_HEADERS, MAX_IN_FLIGHT_PER_PARTITION,
     MAX_LEASE_SECONDS, MAX_POLL_INTERVAL_SECONDS, MAX_REPLICAS, MAX_RESULT_TTL_SECONDS,
     MAX_RETRIES, MAX_SLEEP_MILLIS, MAX_TIMEOUT_SECONDS, MAX_TOKENS_PER_REPLICA, MAX_WINDOW_SECONDS,
-    MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SOURCE_RULES, SPEC_RULES,
+    MIN_LEASE_SECONDS, REDIS_RULES, SCALING_RULES, SIGNAL_RULES, SOURCE_RULES, SPEC_RULES,
 };
+use super::signals::{MAX_SIGNALS, SignalKind};
 use super::{API_VERSION, BuiltinName, KIND, QueueProcessor, QueueProcessorSpec};
 
 impl QueueProcessor {
@@ -277,6 +278,33 @@ impl QueueProcessorSpec {
         );
         p.range("spec.scaling.maxStep", s.max_step, 1, Some(MAX_REPLICAS));
         p.rule(s.min_replicas <= s.max_replicas, &SCALING_RULES[0]);
+        if s.signals.len() > MAX_SIGNALS {
+            p.0.push(format!(
+                "spec.scaling.signals: Too many: {}: must have at most {MAX_SIGNALS} items",
+                s.signals.len()
+            ));
+        }
+        for (i, sig) in s.signals.iter().enumerate() {
+            let at = |f: &str| format!("spec.scaling.signals[{i}].{f}");
+            p.non_empty(&at("name"), &sig.name);
+            p.non_empty(&at("key"), &sig.key);
+            p.range(&at("targetPerReplica"), sig.target_per_replica, 1, None);
+            p.range(&at("activation"), sig.activation, 0, None);
+            let stream_group =
+                matches!(sig.kind, SignalKind::StreamLag | SignalKind::StreamPending);
+            p.rule(
+                (sig.kind == SignalKind::HashField) == sig.field.is_some(),
+                &SIGNAL_RULES[0],
+            );
+            p.rule(stream_group == sig.group.is_some(), &SIGNAL_RULES[1]);
+            p.rule(
+                !sig.due_only || sig.kind == SignalKind::SortedSetSize,
+                &SIGNAL_RULES[2],
+            );
+            if s.signals[..i].iter().any(|o| o.name == sig.name) {
+                p.0.push(format!("{}: Duplicate value: {:?}", at("name"), sig.name));
+            }
+        }
 
         // spec.worker
         let w = &self.worker;

@@ -28,6 +28,11 @@
 //!    the number goes straight to what is needed: no tolerance band (the HPA's 10 % tolerance
 //!    makes KEDA stall one or two replicas below the partition count) and no staircase. A
 //!    positive backlog always wants at least one replica.
+//!    **Signals** (`spec.scaling.signals`): each wants `ceil(value / target_per_replica)`
+//!    replicas (a rate: `ceil(rate / per_replica_rate)` once throughput is measured); the most
+//!    any of them wants raises the sized count if it is higher. A signal that cannot be read
+//!    holds like the source (step 1), and above its own activation a signal is activity
+//!    (steps 6 and 8).
 //! 3. **Busy floor.** Never fewer replicas than it takes to hold the work already in flight,
 //!    `ceil(in_flight / per_replica_tokens)`. With a Redis list the messages a worker holds are
 //!    no longer in the list, so a drained list with long-running handlers would otherwise look
@@ -199,6 +204,35 @@ pub struct Observation {
     pub ready_replicas: u32,
     /// The QueueProcessor is paused.
     pub paused: bool,
+    /// The scaling signals (`spec.scaling.signals`), as measured.
+    pub signals: Vec<SignalValue>,
+}
+
+/// One scaling signal at the time of the decision.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignalValue {
+    pub name: String,
+    /// The value, or why it could not be read (which holds the decision, like the source).
+    pub value: Result<f64, String>,
+    /// How much of the value one replica handles.
+    pub target_per_replica: f64,
+    /// With `min_replicas` = 0, a value above this is activity.
+    pub activation: f64,
+    /// A rate of arrivals: one replica handles the measured per-replica throughput once it is
+    /// known, `target_per_replica` until then.
+    pub rate: bool,
+}
+
+impl SignalValue {
+    /// The replicas this signal wants, and the per-replica figure used.
+    pub fn wants(&self, per_replica_rate: Option<f64>) -> Option<(u32, f64)> {
+        let value = *self.value.as_ref().ok()?;
+        let per_replica = match per_replica_rate {
+            Some(r) if self.rate && r.is_finite() && r > 0.0 => r,
+            _ => self.target_per_replica.max(1.0),
+        };
+        Some((ceil_replicas(value / per_replica), per_replica))
+    }
 }
 
 /// What a decision remembers for the next ones. Start from `PolicyState::default()`, keep one
@@ -349,8 +383,18 @@ pub fn decide(
     } else {
         0
     };
+    let signal_active = |s: &SignalValue| {
+        let threshold = if policy.min_replicas == 0 {
+            s.activation
+        } else {
+            0.0
+        };
+        s.value.as_ref().map_or(true, |v| *v > threshold)
+    };
     let active = match &obs.backlog {
-        Ok(backlog) => *backlog > threshold || obs.in_flight > 0,
+        Ok(backlog) => {
+            *backlog > threshold || obs.in_flight > 0 || obs.signals.iter().any(signal_active)
+        }
         Err(_) => true,
     };
     if active || state.last_active_ms.is_none() {
@@ -374,7 +418,18 @@ pub fn decide(
         {
             Err(Reason::Rebalancing { replicas: current })
         }
-        (Ok(backlog), _, _) => Ok(*backlog),
+        (Ok(backlog), _, _) => match obs.signals.iter().find(|s| s.value.is_err()) {
+            // A signal that cannot be read hides demand, exactly like the source.
+            Some(SignalValue {
+                name,
+                value: Err(error),
+                ..
+            }) => Err(Reason::SourceError {
+                error: format!("signal {name}: {error}"),
+                replicas: current,
+            }),
+            _ => Ok(*backlog),
+        },
     };
     let backlog = match measured {
         Ok(backlog) => backlog,
@@ -396,6 +451,24 @@ pub fn decide(
         Basis::Backlog { replicas, .. } | Basis::Rate { replicas, .. } => replicas,
     };
     let mut bounds = Vec::new();
+
+    // 2b. Signals: the most any of them wants, if that is more than the backlog wants.
+    let strongest = obs
+        .signals
+        .iter()
+        .filter_map(|s| Some((s, s.wants(obs.per_replica_rate)?)))
+        .max_by_key(|(_, (wanted, _))| *wanted);
+    if let Some((s, (wanted, per_replica))) = strongest
+        && wanted > replicas
+    {
+        replicas = wanted;
+        bounds.push(Bound::Signal {
+            name: s.name.clone(),
+            value: s.value.clone().unwrap_or(0.0),
+            per_replica,
+            replicas,
+        });
+    }
 
     // 3. Busy floor.
     let per_replica_tokens = policy.per_replica_tokens.max(1);
@@ -430,6 +503,7 @@ pub fn decide(
     if min == 0
         && replicas > 0
         && backlog <= policy.activation_backlog
+        && !obs.signals.iter().any(signal_active)
         && (current == 0 || obs.in_flight == 0)
     {
         replicas = 0;

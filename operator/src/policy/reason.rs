@@ -55,6 +55,13 @@ pub enum Bound {
         per_replica_tokens: u32,
         replicas: u32,
     },
+    /// Raised for a scaling signal (`spec.scaling.signals`) that wants more than the backlog.
+    Signal {
+        name: String,
+        value: f64,
+        per_replica: f64,
+        replicas: u32,
+    },
     /// Raised to `min_replicas`.
     MinReplicas(u32),
     /// Kept at zero: the backlog does not exceed the activation threshold.
@@ -80,6 +87,7 @@ pub enum Rule {
     Backlog,
     Rate,
     InFlight,
+    Signal,
     MaxReplicas,
     PartitionCap,
     TokenBudget,
@@ -100,6 +108,7 @@ impl Rule {
             Rule::Backlog => "Backlog",
             Rule::Rate => "Rate",
             Rule::InFlight => "InFlight",
+            Rule::Signal => "Signal",
             Rule::MaxReplicas => "MaxReplicas",
             Rule::PartitionCap => "PartitionCap",
             Rule::TokenBudget => "TokenBudget",
@@ -152,6 +161,7 @@ impl Bound {
     fn rule(&self) -> Rule {
         match self {
             Bound::InFlight { .. } => Rule::InFlight,
+            Bound::Signal { .. } => Rule::Signal,
             Bound::MaxReplicas(_) => Rule::MaxReplicas,
             Bound::Partitions(_) => Rule::PartitionCap,
             Bound::TokenBudget { .. } => Rule::TokenBudget,
@@ -182,6 +192,19 @@ impl fmt::Display for PerSecond {
 
 /// Milliseconds as seconds.
 struct Seconds(u64);
+
+/// A signal's value: whole numbers as such, others with two decimals.
+struct Number(f64);
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.fract() == 0.0 && self.0.abs() < 1e15 {
+            write!(f, "{}", self.0 as i64)
+        } else {
+            write!(f, "{:.2}", self.0)
+        }
+    }
+}
 
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -254,6 +277,17 @@ impl fmt::Display for Bound {
             } => write!(
                 f,
                 "raised to {replicas} for {in_flight} in flight at {per_replica_tokens} tokens per replica"
+            ),
+            Bound::Signal {
+                name,
+                value,
+                per_replica,
+                replicas,
+            } => write!(
+                f,
+                "raised to {replicas} for signal {name}: {} / {} per replica",
+                Number(*value),
+                Number(*per_replica)
             ),
             Bound::MaxReplicas(n) => write!(f, "capped at max {n}"),
             Bound::Partitions(n) => write!(f, "capped at {n} partitions"),

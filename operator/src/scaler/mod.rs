@@ -13,14 +13,15 @@ use qp_protocol::tokens::{PoolOptions, TokenPool};
 
 use crate::crd::{
     CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,
-    QueueProcessor, QueueProcessorStatus, RedisEndpoint, RedisSpec, Source, ThroughputStatus,
-    TokenStatus,
+    QueueProcessor, QueueProcessorStatus, RedisEndpoint, RedisSpec, SignalKind, SignalStatus,
+    Source, ThroughputStatus, TokenStatus,
 };
 use crate::error::{Error, Result};
 use crate::health::Problem;
 use crate::measure::{Probes, SourceReading, SourceTarget, WorkerReading};
-use crate::policy::{self, Decision, Observation, Policy, PolicyState, Remembered};
+use crate::policy::{self, Decision, Observation, Policy, PolicyState, Remembered, SignalValue};
 use crate::rates::{PerReplicaCapacity, RateEstimator};
+use crate::signals::SignalReading;
 
 /// Resolved secret values, by (Secret name, key).
 pub type SecretValues = HashMap<(String, String), String>;
@@ -114,24 +115,104 @@ mod memory;
 pub struct Observed {
     pub source: Result<SourceReading>,
     pub workers: Result<WorkerReading>,
+    /// `spec.scaling.signals`, as read.
+    pub signals: Vec<SignalReading>,
+    /// The first signal that could not be read, as an error for conditions and events.
+    pub signal_error: Option<Error>,
+}
+
+impl Observed {
+    /// What went wrong, if anything: the source first, then Redis, then a signal.
+    pub fn error(&self) -> Option<&Error> {
+        self.source
+            .as_ref()
+            .err()
+            .or(self.workers.as_ref().err())
+            .or(self.signal_error.as_ref())
+    }
 }
 
 /// How fresh a worker heartbeat must be for the replica to count as live.
 pub const HEARTBEAT_FRESH: Duration = Duration::from_secs(5);
 
-/// Measure the source and the workers concurrently: a slow source does not delay the other.
-pub async fn observe(
-    probes: &Probes,
-    qp: &str,
-    target: &SourceTarget,
-    redis: &RedisSettings,
-    keys: &Keys,
-) -> Observed {
-    let (source, workers) = tokio::join!(
-        probes.source(qp, target, redis),
-        probes.workers(redis, keys, HEARTBEAT_FRESH)
+/// Measure the source, the workers and the signals concurrently: a slow one does not delay
+/// the others.
+pub async fn observe(probes: &Probes, r: &crate::tick::Resolved) -> Observed {
+    let read_signals = async {
+        if r.signals.is_empty() {
+            return Vec::new();
+        }
+        match probes.redis(&r.redis).await {
+            Ok(conn) => crate::signals::read(&conn, &r.signals, unix_seconds()).await,
+            Err(e) => r
+                .signals
+                .iter()
+                .map(|spec| SignalReading {
+                    spec: spec.clone(),
+                    value: Err(e.to_string()),
+                })
+                .collect(),
+        }
+    };
+    let key = r.key();
+    let (source, workers, signals) = tokio::join!(
+        probes.source(&key, &r.target, &r.redis),
+        probes.workers(&r.redis, &r.keys, HEARTBEAT_FRESH),
+        read_signals
     );
-    Observed { source, workers }
+    let signal_error = signals.iter().find_map(|s| {
+        let e = s.value.as_ref().err()?;
+        Some(Error::Signal(format!("signal {}: {e}", s.spec.name)))
+    });
+    Observed {
+        source,
+        workers,
+        signals,
+        signal_error,
+    }
+}
+
+impl Scaler {
+    /// The signals as the policy sees them: a `counterRate` becomes the rate of its counter
+    /// (left out until two polls have measured it); the others are their values.
+    fn signal_values(&mut self, readings: &[SignalReading], now_ms: u64) -> Vec<SignalValue> {
+        self.signal_rates.retain(|(name, key), _| {
+            readings
+                .iter()
+                .any(|r| r.spec.name == *name && r.spec.key == *key)
+        });
+        readings
+            .iter()
+            .filter_map(|r| {
+                let rate = r.spec.kind == SignalKind::CounterRate;
+                let value = match (&r.value, rate) {
+                    (Ok(total), true) => Ok(self
+                        .signal_rates
+                        .entry((r.spec.name.clone(), r.spec.key.clone()))
+                        .or_insert_with(|| {
+                            RateEstimator::new(RATE_TIME_CONSTANT_MS, RATE_MAX_GAP_MS)
+                        })
+                        .observe(now_ms, total.max(0.0) as u64)?),
+                    (Ok(v), false) => Ok(*v),
+                    (Err(e), _) => Err(e.clone()),
+                };
+                Some(SignalValue {
+                    name: r.spec.name.clone(),
+                    value,
+                    target_per_replica: r.spec.target_per_replica as f64,
+                    activation: r.spec.activation as f64,
+                    rate,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Now in Unix seconds, for sorted sets scored by due time.
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Memory of one QueueProcessor between steps.
@@ -143,12 +224,16 @@ pub struct Scaler {
     capacity: PerReplicaCapacity,
     /// What the arrival rate was measured on ([`SourceTarget::identity`]).
     source: Option<String>,
+    /// Rates of `counterRate` signals, by signal name and key.
+    signal_rates: HashMap<(String, String), RateEstimator>,
 }
 
 /// The result of one step.
 #[derive(Debug, Clone)]
 pub struct Step {
     pub decision: Decision,
+    /// The signals the decision saw.
+    pub signals: Vec<SignalValue>,
     pub arrival_rate: Option<f64>,
     pub processed_rate: Option<f64>,
     pub failed_rate: Option<f64>,
@@ -173,6 +258,7 @@ impl Default for Scaler {
             // Three time constants, as the capacity estimator asks.
             capacity: PerReplicaCapacity::new(3 * RATE_TIME_CONSTANT_MS, RATE_TIME_CONSTANT_MS),
             source: None,
+            signal_rates: HashMap::new(),
         }
     }
 }
@@ -222,6 +308,7 @@ impl Scaler {
             (Ok(s), Ok(_)) => Ok(s.backlog),
             (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
         };
+        let signals = self.signal_values(&observed.signals, now_ms);
         let obs = Observation {
             backlog,
             partitions: source.ok().and_then(|s| s.partitions),
@@ -232,10 +319,12 @@ impl Scaler {
             current_replicas: current,
             ready_replicas: ready,
             paused,
+            signals,
         };
         let decision = policy::decide(policy, &obs, &mut self.policy, now_ms);
         Step {
             decision,
+            signals: obs.signals,
             arrival_rate,
             processed_rate,
             failed_rate,
@@ -328,11 +417,18 @@ pub fn fill_status_with_health(
         status.last_scale_time = Some(now.clone());
         status.last_scale_reason = Some(d.reason.to_string());
     }
-    let error = observed
-        .source
-        .as_ref()
-        .err()
-        .or(observed.workers.as_ref().err());
+    status.signals = step
+        .signals
+        .iter()
+        .map(|s| SignalStatus {
+            name: s.name.clone(),
+            value: s.value.as_ref().ok().map(|v| round2(*v)),
+            replicas: s
+                .wants(step.per_replica_rate)
+                .map(|(r, _)| i32::try_from(r).unwrap_or(i32::MAX)),
+        })
+        .collect();
+    let error = observed.error();
     match error {
         Some(e) => {
             status.set_condition(
@@ -440,11 +536,14 @@ mod tests {
                 tokens_in_use: 0,
                 tokens_limit: 0,
             }),
+            signals: Vec::new(),
+            signal_error: None,
         }
     }
 
     fn step() -> Step {
         Step {
+            signals: Vec::new(),
             decision: Decision {
                 replicas: 3,
                 target: 3,

@@ -33,6 +33,7 @@ pub(super) fn obs(backlog: u64, current: u32) -> Observation {
         current_replicas: current,
         ready_replicas: current,
         paused: false,
+        signals: Vec::new(),
     }
 }
 
@@ -463,6 +464,7 @@ fn from_spec_and_defaults() {
         cooldown_seconds: 90,
         scale_down_stabilization_seconds: 30,
         max_step: 4,
+        signals: Vec::new(),
     };
     let concurrency = ConcurrencySpec {
         per_replica_tokens: 4,
@@ -596,4 +598,5 @@ fn window_memory_stays_small() {
     }
 }
 
+mod signals;
 mod windows;
