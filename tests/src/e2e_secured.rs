@@ -2,7 +2,8 @@
 //! authenticated and encrypted, running in pods on the node with credentials only from
 //! Kubernetes Secrets. Kafka through SASL (SCRAM-SHA-512) over TLS, Redis as an ACL user over
 //! TLS with the environment's private CA, and the gateway serving mTLS through its Service. The
-//! operator's pod measures lag through the same SASL_SSL listener.
+//! operator's pod measures lag through the same SASL_SSL listener, and scales on a Redis
+//! counter (a scaling signal) that it reads through TLS.
 
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,14 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
         .await
         .unwrap();
     let key = |k: &str| json!({"name": "secured-credentials", "key": k});
+    // A scaling signal the operator's pod reads through TLS as the ACL user.
+    let pending = format!("{{{}}}:pending", e.ns);
+    let _: () = redis::cmd("SET")
+        .arg(&pending)
+        .arg(15)
+        .query_async(&mut e.redis.clone())
+        .await
+        .unwrap();
     let qp = json!({
         "apiVersion": "queueprocessing.dev/v1alpha1",
         "kind": "QueueProcessor",
@@ -80,7 +89,12 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
                 "caSecretRef": key("services-ca")
             },
             "concurrency": {"perReplicaTokens": 4, "globalMaxTokens": 16},
-            "scaling": {"minReplicas": 1, "maxReplicas": 1, "pollIntervalSeconds": 1},
+            "scaling": {
+                "minReplicas": 1, "maxReplicas": 2, "pollIntervalSeconds": 1,
+                "scaleDownStabilizationSeconds": 1,
+                "signals": [{"name": "pending", "type": "counter", "key": pending,
+                             "targetPerReplica": 10}]
+            },
             "worker": e.worker_spec(),
             "gateway": {
                 "enabled": true, "replicas": 1,
@@ -112,6 +126,25 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
         "secured QueueProcessor (SASL_SSL, Redis TLS, mTLS) applied to Ready",
         t.elapsed(),
     );
+    // The counter of 15 at 10 per replica: 2 workers (one per partition), the signal in the
+    // status.
+    eventually(
+        Duration::from_secs(30),
+        "2 replicas for the signal",
+        || async {
+            let signals = e.qp(QP).await.status?.signals;
+            let read = signals
+                .iter()
+                .any(|s| s.name == "pending" && s.value == Some(15.0));
+            (read && e.replicas(&format!("{QP}-worker")).await.0 == 2).then_some(())
+        },
+    )
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(&pending)
+        .query_async(&mut e.redis.clone())
+        .await
+        .unwrap();
 
     // Messages from Kafka, through SASL_SSL in the pods, with results in Redis over TLS.
     let t = Instant::now();
