@@ -2,11 +2,12 @@
 //! own and every caller presents a client certificate from the configured CA; the
 //! certificate's common name is the client, so results are readable only by the same name.
 //! No certificate, one from another CA, or plain HTTP get no answer from the API; the probes
-//! and /metrics stay plain HTTP on the other port. Certificates are made here with openssl.
+//! and /metrics stay plain HTTP on the other port; a certificate rotated in place is served
+//! without a restart. Certificates are made here with openssl.
 
 use std::process::Command;
 
-use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind};
+use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
 use qp_tests::pki::Pki;
 use qp_tests::procs;
 use reqwest::StatusCode;
@@ -139,6 +140,44 @@ async fn client_certificates_name_the_client_and_nothing_else_gets_in() {
         .await
         .unwrap();
     assert_eq!(api_on_probes.status(), StatusCode::NOT_FOUND);
+
+    // The serving certificate rotated in place (as the kubelet updates a mounted Secret): new
+    // connections get the new one without a restart.
+    pki.ca("ca2").issue(
+        "server",
+        "ca2",
+        "127.0.0.1",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+    );
+    let rotated = std::time::Instant::now();
+    let trusting_ca2 = pki.client("ca2", Some("orders"));
+    eventually(
+        std::time::Duration::from_secs(15),
+        "the rotated certificate served",
+        || async {
+            let r = trusting_ca2
+                .get(format!("{api}/v1/requests/{id}"))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "rotated certificate served {:.1?} after the files changed",
+        rotated.elapsed()
+    );
+    // A new connection of a client that trusts only the old CA is refused (a kept-alive one
+    // would still be on the old session).
+    assert!(
+        pki.client("ca", Some("orders"))
+            .get(format!("{api}/v1/requests/{id}"))
+            .send()
+            .await
+            .is_err(),
+        "the old certificate is no longer served"
+    );
     fx.cleanup().await;
 }
 

@@ -20,11 +20,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::tls::PeerName;
+use crate::tls::{PeerName, Reloading};
 use crate::{Error, Result};
 
 pub use qp_protocol::observability::Readiness;
@@ -54,7 +53,7 @@ pub async fn serve(
 pub async fn serve_with(
     addr: SocketAddr,
     app: Router,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Reloading>,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -90,7 +89,7 @@ where
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Reloading>,
     stop: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
@@ -120,18 +119,22 @@ async fn accept_loop(
                 Some(tls) => {
                     // The handshake is bounded like the headers: a client that never finishes
                     // it holds nothing for long.
-                    let stream =
-                        match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!("TLS handshake timed out");
-                                return;
-                            }
-                        };
+                    let stream = match tokio::time::timeout(
+                        HEADER_READ_TIMEOUT,
+                        tls.current().accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("TLS handshake timed out");
+                            return;
+                        }
+                    };
                     let peer = stream
                         .get_ref()
                         .1

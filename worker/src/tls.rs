@@ -6,9 +6,14 @@
 //! token's client would be (results are readable only by the same name). Parsing a
 //! certificate's subject is left to `x509-parser`: rustls verifies the chain but does not
 //! expose names.
+//!
+//! The files are read again when they change ([`Reloading`]): a mounted Secret is updated in
+//! place by the kubelet when cert-manager (or anyone) rotates it, and a gateway that kept the
+//! old certificate until its next restart would fail every handshake once it expired.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -16,7 +21,99 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
 use crate::{Error, Result};
+
+/// How often the files are checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// A TLS acceptor that follows its files: [`Reloading::current`] for each new connection,
+/// [`Reloading::watch`] in the background.
+#[derive(Clone)]
+pub struct Reloading {
+    files: Arc<OwnedFiles>,
+    current: Arc<RwLock<(TlsAcceptor, [u8; 32])>>,
+}
+
+struct OwnedFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl OwnedFiles {
+    fn borrowed(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            cert: &self.cert,
+            key: &self.key,
+            client_ca: self.client_ca.as_deref(),
+        }
+    }
+
+    /// A digest of the files' contents (unreadable files count as empty).
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for p in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            h.update(std::fs::read(p).unwrap_or_default());
+            h.update([0]);
+        }
+        h.finalize().into()
+    }
+}
+
+impl Reloading {
+    /// Read the files now: a missing or broken file stops the gateway at start.
+    pub fn new(files: &TlsFiles<'_>) -> Result<Reloading> {
+        let files = OwnedFiles {
+            cert: files.cert.to_owned(),
+            key: files.key.to_owned(),
+            client_ca: files.client_ca.map(Path::to_owned),
+        };
+        let digest = files.digest();
+        let acceptor = acceptor(&files.borrowed())?;
+        Ok(Reloading {
+            files: Arc::new(files),
+            current: Arc::new(RwLock::new((acceptor, digest))),
+        })
+    }
+
+    /// The acceptor for a new connection.
+    pub fn current(&self) -> TlsAcceptor {
+        self.current.read().expect("tls lock").0.clone()
+    }
+
+    /// Rebuild the acceptor when the files' contents change, until `stop`. Files caught
+    /// half-written (a key that does not match its certificate) keep the acceptor in force
+    /// and are tried again at the next change.
+    pub async fn watch(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RELOAD_EVERY) => {}
+            }
+            let digest = self.files.digest();
+            if digest == self.current.read().expect("tls lock").1 {
+                continue;
+            }
+            match acceptor(&self.files.borrowed()) {
+                Ok(a) => {
+                    *self.current.write().expect("tls lock") = (a, digest);
+                    info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    self.current.write().expect("tls lock").1 = digest;
+                    warn!(error = %e, "the changed TLS files do not load; keeping the ones in force");
+                }
+            }
+        }
+    }
+}
 
 /// The common name a verified client certificate gives, put into the request's extensions by
 /// the accept loop; the gateway's authentication decides whether it is an acceptable client.

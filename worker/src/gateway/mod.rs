@@ -122,11 +122,15 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     )?);
     // Read now: a missing or broken certificate stops the gateway at start, naming the file.
     let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => Some(crate::tls::acceptor(&crate::tls::TlsFiles {
-            cert,
-            key,
-            client_ca: args.client_ca_file.as_deref(),
-        })?),
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::Reloading::new(&crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: args.client_ca_file.as_deref(),
+            })?;
+            tokio::spawn(tls.clone().watch(stop.clone()));
+            Some(tls)
+        }
         _ => None,
     };
     if let Some(path) = &args.tokens_file {
