@@ -37,6 +37,10 @@ pub enum SourceTarget {
     RedisList {
         key: String,
     },
+    RedisStream {
+        key: String,
+        group: String,
+    },
 }
 
 impl SourceTarget {
@@ -50,6 +54,7 @@ impl SourceTarget {
                 ..
             } => format!("kafka|{bootstrap}|{topic}|{group}"),
             SourceTarget::RedisList { key } => format!("redis|{key}"),
+            SourceTarget::RedisStream { key, group } => format!("stream|{key}|{group}"),
         }
     }
 }
@@ -214,6 +219,32 @@ impl Probes {
                     .map_err(|_| Error::Source("measuring Kafka lag timed out".into()))?
                     .map_err(|e| Error::Source(format!("lag task: {e}")))??;
                 Ok(SourceReading::from_lags(lags, group_state))
+            }
+            SourceTarget::RedisStream { key, group } => {
+                let conn = self.redis(redis).await?;
+                // A group not made yet (no worker has started) has nothing pending: the
+                // stream's length is its backlog.
+                let backlog = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    crate::signals::stream_backlog(&conn, key, group),
+                )
+                .await
+                .map_err(|_| Error::Source("XINFO GROUPS timed out".into()))?;
+                let backlog = match backlog {
+                    Err(Error::Signal(e)) if e.contains("has no consumer group") => {
+                        redis::cmd("XLEN")
+                            .arg(key)
+                            .query_async(&mut conn.clone())
+                            .await
+                            .map_err(|e| Error::Source(format!("XLEN {key}: {e}")))?
+                    }
+                    Err(Error::Signal(e)) => return Err(Error::Source(e)),
+                    other => other?,
+                };
+                Ok(SourceReading {
+                    backlog,
+                    ..Default::default()
+                })
             }
             SourceTarget::RedisList { key } => {
                 let mut conn = self.redis(redis).await?;

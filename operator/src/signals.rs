@@ -113,6 +113,24 @@ async fn read_one(conn: &Conn, spec: &SignalSpec, now_unix_s: f64) -> Result<f64
     }
 }
 
+/// A stream consumer group's backlog: entries not yet delivered (lag) plus entries delivered
+/// and not acknowledged (pending), for the Redis Streams source. A missing stream is empty.
+pub async fn stream_backlog(conn: &Conn, key: &str, group: &str) -> Result<u64> {
+    let spec = |kind| SignalSpec {
+        name: "source".into(),
+        kind,
+        key: key.to_owned(),
+        field: None,
+        group: Some(group.to_owned()),
+        due_only: false,
+        target_per_replica: 1,
+        activation: 0,
+    };
+    let lag = read_one(conn, &spec(SignalKind::StreamLag), 0.0).await?;
+    let pending = read_one(conn, &spec(SignalKind::StreamPending), 0.0).await?;
+    Ok((lag + pending).max(0.0) as u64)
+}
+
 /// A reply as a number: an integer, a numeric string, or nothing (a missing key: zero).
 fn number(v: &Value) -> Option<f64> {
     match v {

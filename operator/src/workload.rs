@@ -130,6 +130,11 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             (SourceKind::Kafka, None)
         }
         Source::RedisList(r) => (SourceKind::RedisList, Some(r.key.clone())),
+        Source::RedisStream(_) => (SourceKind::RedisStream, None),
+    };
+    let stream_key = match source {
+        Source::RedisStream(s) => Some(s.key.clone()),
+        _ => None,
     };
     let result_ttl_seconds = non_negative(spec.results.ttl_seconds);
     let env = match component {
@@ -138,6 +143,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
             let c = &spec.concurrency;
             let mut run = RunArgs::new(common, kafka, kind, handler);
             run.list_key = list_key;
+            run.stream_key = stream_key;
             run.handler_timeout_ms = timeout_ms;
             // An exec handler sees the user's variables, never the operator's (passwords).
             run.exec_pass_env = spec.worker.env.iter().map(|e| e.name.clone()).collect();
@@ -170,6 +176,10 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
                 Source::RedisList(r) => {
                     run.dead_after_ms = non_negative(r.reclaim_after_seconds.into()) * 1000
                 }
+                Source::RedisStream(s) => {
+                    run.stream_group = Some(s.group.clone());
+                    run.stream_claim_idle_ms = non_negative(s.claim_idle_seconds.into()) * 1000;
+                }
             }
             refs.worker_id_is_pod_name = true;
             let headers = spec.worker.handler.http.iter().flat_map(|h| &h.headers);
@@ -188,6 +198,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
         Component::Gateway => {
             let mut gw = GatewayArgs::new(common, kafka, kind);
             gw.list_key = list_key;
+            gw.stream_key = stream_key;
             gw.result_ttl_seconds = result_ttl_seconds;
             refs.gateway_tokens_file = spec.gateway.auth.tokens_secret_ref.clone();
             if let Some(m) = &spec.gateway.auth.mtls {

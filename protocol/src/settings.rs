@@ -172,6 +172,7 @@ pub mod defaults {
     pub const KAFKA_SESSION_TIMEOUT_MS: u64 = 6000;
     pub const HEARTBEAT_MS: u64 = 1000;
     pub const DEAD_AFTER_MS: u64 = 15_000;
+    pub const STREAM_CLAIM_IDLE_MS: u64 = 30_000;
     pub const MAX_BACKLOG: u64 = 0;
     pub const MAX_WAIT_SECONDS: u64 = 30;
 }
@@ -223,6 +224,7 @@ pub enum LogFormat {
 pub enum SourceKind {
     Kafka,
     RedisList,
+    RedisStream,
 }
 
 /// Where a consumer group without committed offsets starts reading (librdkafka's
@@ -258,6 +260,17 @@ pub struct RunArgs {
     /// e.g. {orders}:queue.
     #[arg(long, env = "QP_LIST_KEY")]
     pub list_key: Option<String>,
+    /// Redis stream to consume (with --source redis-stream), through consumer group
+    /// --stream-group (made at the stream's start if missing).
+    #[arg(long, env = "QP_STREAM_KEY")]
+    pub stream_key: Option<String>,
+    /// The stream's consumer group (with --source redis-stream).
+    #[arg(long, env = "QP_STREAM_GROUP")]
+    pub stream_group: Option<String>,
+    /// A stream entry delivered to a consumer that has not acknowledged it for this long (a
+    /// crashed worker's) is claimed by another worker (XAUTOCLAIM).
+    #[arg(long, env = "QP_STREAM_CLAIM_IDLE_MS", default_value_t = defaults::STREAM_CLAIM_IDLE_MS)]
+    pub stream_claim_idle_ms: u64,
     /// Handler: an http(s):// URL; exec:["<program>", "<arg>", ...] (a JSON list: arguments keep
     /// their spaces) or exec:<program> [args] (split on whitespace); echo, sleep:<ms>,
     /// fail:<pattern>, probe:<ms>.
@@ -356,6 +369,9 @@ pub struct GatewayArgs {
     /// Redis list to push to (with --source redis-list).
     #[arg(long, env = "QP_LIST_KEY")]
     pub list_key: Option<String>,
+    /// Redis stream to add to (with --source redis-stream).
+    #[arg(long, env = "QP_STREAM_KEY")]
+    pub stream_key: Option<String>,
     /// Largest accepted request body (413 above it). The same limit as the worker's
     /// --max-message-bytes: a body the gateway accepts is one the worker processes.
     #[arg(long, env = "QP_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
@@ -583,13 +599,14 @@ impl<R: Clone> Renderer<R> {
         common: &CommonArgs,
         kafka: &KafkaArgs,
         source: SourceKind,
-        list_key: &Option<String>,
+        queue_keys: (&Option<String>, &Option<String>),
         refs: &Refs<R>,
     ) {
         self.common(common, refs);
         self.kafka(kafka, refs);
         self.enumerated("source", source);
-        self.opt("list_key", list_key);
+        self.opt("list_key", queue_keys.0);
+        self.opt("stream_key", queue_keys.1);
     }
 
     fn common(&mut self, c: &CommonArgs, refs: &Refs<R>) {
@@ -680,6 +697,9 @@ impl RunArgs {
             kafka,
             source,
             list_key: None,
+            stream_key: None,
+            stream_group: None,
+            stream_claim_idle_ms: defaults::STREAM_CLAIM_IDLE_MS,
             handler,
             handler_timeout_ms: defaults::HANDLER_TIMEOUT_MS,
             exec_pass_env: Vec::new(),
@@ -710,7 +730,19 @@ impl RunArgs {
     /// settings at their defaults are left out (see `Renderer::tuned`).
     pub fn render<R: Clone>(&self, refs: &Refs<R>) -> Env<R> {
         let mut r = Renderer::<R>::new(<Self as Args>::augment_args(clap::Command::new("run")));
-        r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
+        r.shared(
+            &self.common,
+            &self.kafka,
+            self.source,
+            (&self.list_key, &self.stream_key),
+            refs,
+        );
+        r.opt("stream_group", &self.stream_group);
+        r.tuned(
+            "stream_claim_idle_ms",
+            self.stream_claim_idle_ms,
+            defaults::STREAM_CLAIM_IDLE_MS,
+        );
         r.value("handler", &self.handler);
         r.value("handler_timeout_ms", self.handler_timeout_ms);
         if !self.handler_header_names.is_empty() {
@@ -780,6 +812,7 @@ impl GatewayArgs {
             kafka,
             source,
             list_key: None,
+            stream_key: None,
             max_request_bytes: defaults::MAX_MESSAGE_BYTES,
             max_backlog: defaults::MAX_BACKLOG,
             result_ttl_seconds: defaults::RESULT_TTL_SECONDS,
@@ -798,7 +831,13 @@ impl GatewayArgs {
     /// Tuning settings at their defaults are left out.
     pub fn render<R: Clone>(&self, refs: &Refs<R>) -> Env<R> {
         let mut r = Renderer::<R>::new(<Self as Args>::augment_args(clap::Command::new("gateway")));
-        r.shared(&self.common, &self.kafka, self.source, &self.list_key, refs);
+        r.shared(
+            &self.common,
+            &self.kafka,
+            self.source,
+            (&self.list_key, &self.stream_key),
+            refs,
+        );
         r.tuned(
             "max_request_bytes",
             self.max_request_bytes,

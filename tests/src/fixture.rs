@@ -29,6 +29,8 @@ pub enum GatewayQueue<'a> {
     Kafka,
     /// This Redis list.
     RedisList(&'a str),
+    /// This Redis stream.
+    RedisStream(&'a str),
 }
 
 pub struct Fixture {
@@ -174,6 +176,9 @@ impl Fixture {
             }
             GatewayQueue::RedisList(list) => {
                 cmd.args(["--source", "redis-list", "--list-key", list]);
+            }
+            GatewayQueue::RedisStream(key) => {
+                cmd.args(["--source", "redis-stream", "--stream-key", key]);
             }
         }
         // Authentication is required unless disabled; tests of other things disable it.

@@ -317,3 +317,70 @@ async fn a_counter_on_redis_cluster_scales_from_zero_and_back() {
         .await
         .unwrap();
 }
+
+/// A Redis Streams source is scaled on its consumer group's lag plus its pending entries: read
+/// but unacknowledged entries still need a replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_source_scales_on_lag_and_pending() {
+    let s = setup("op-stream").await;
+    let stream = format!("{{{}}}:orders", s.ns);
+    redis_cmd(
+        &s,
+        &["XGROUP", "CREATE", &stream, "workers", "0", "MKSTREAM"],
+    )
+    .await;
+    for i in 0..35 {
+        redis_cmd(&s, &["XADD", &stream, "*", "body", &i.to_string()]).await;
+    }
+    let (_op, _) = cluster::start_operator(&s.env, &s.ns, "op-a", 15);
+    let mut spec = qp(&s, json!([]));
+    spec["spec"]["source"] = json!({"redisStream": {"key": stream, "group": "workers"}});
+    spec["spec"]["scaling"]["targetBacklogPerReplica"] = json!(10);
+    apply_qp(&s, &spec).await;
+    wait_replicas(&s, 4, "4 replicas for a lag of 35").await;
+    // 20 read, not acknowledged: still a backlog of 35.
+    redis_cmd(
+        &s,
+        &[
+            "XREADGROUP",
+            "GROUP",
+            "workers",
+            "c",
+            "COUNT",
+            "20",
+            "STREAMS",
+            &stream,
+            ">",
+        ],
+    )
+    .await;
+    // The status is written after the Deployment: wait for a measurement after the read.
+    let st = eventually(
+        Duration::from_secs(20),
+        "a status after the read",
+        || async {
+            let st = qp_status(&s, "signals").await.status?;
+            let lag = st.signals.is_empty() && st.summary.is_some();
+            lag.then_some(st)
+        },
+    )
+    .await;
+    assert_eq!(st.backlog, Some(35), "lag 15 + pending 20");
+    assert_eq!(st.summary.unwrap().source, format!("stream:{stream}"));
+    // Acknowledged: 15 left.
+    let pending: redis::Value =
+        redis_cmd(&s, &["XPENDING", &stream, "workers", "-", "+", "100"]).await;
+    let redis::Value::Array(entries) = pending else {
+        panic!("XPENDING: {pending:?}")
+    };
+    for e in entries {
+        let redis::Value::Array(fields) = e else {
+            continue;
+        };
+        if let Some(redis::Value::BulkString(id)) = fields.first() {
+            let id = String::from_utf8_lossy(id).into_owned();
+            redis_cmd(&s, &["XACK", &stream, "workers", &id]).await;
+        }
+    }
+    wait_replicas(&s, 2, "2 replicas for 15 left").await;
+}

@@ -43,6 +43,7 @@ use crate::metrics::Metrics;
 use crate::results::{Begun, Outcome, ResultStore};
 use crate::source::kafka::KafkaAcker;
 use crate::source::redis_list::RedisListAcker;
+use crate::source::redis_stream::RedisStreamAcker;
 use crate::source::{Job, Origin};
 
 /// Admission control: the global token pool, or nothing (ungated benchmarks).
@@ -97,6 +98,7 @@ impl Jobs {
 pub enum Acker {
     Kafka(KafkaAcker),
     RedisList(RedisListAcker),
+    RedisStream(RedisStreamAcker),
 }
 
 impl Acker {
@@ -111,6 +113,7 @@ impl Acker {
         match (self, &job.origin) {
             (Acker::Kafka(a), Origin::Kafka { partition, offset }) => a.ack(*partition, *offset),
             (Acker::RedisList(a), Origin::RedisList { raw }) => a.ack(raw.clone()).await,
+            (Acker::RedisStream(a), Origin::RedisStream { entry }) => a.ack(entry).await,
             _ => unreachable!("a job is acknowledged to the source it came from"),
         }
     }

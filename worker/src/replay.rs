@@ -49,6 +49,9 @@ pub struct ReplayArgs {
     /// The source list (with --source redis-list).
     #[arg(long, env = "QP_LIST_KEY")]
     pub list_key: Option<String>,
+    /// The source stream (with --source redis-stream).
+    #[arg(long, env = "QP_STREAM_KEY")]
+    pub stream_key: Option<String>,
     /// Replay the dead letter of this request id (repeat for more).
     #[arg(long = "id", value_name = "ID", required_unless_present = "all")]
     pub ids: Vec<String>,
@@ -328,6 +331,10 @@ enum Queue {
         conn: Conn,
         key: String,
     },
+    RedisStream {
+        conn: Conn,
+        key: String,
+    },
 }
 
 impl Queue {
@@ -336,6 +343,14 @@ impl Queue {
             SourceKind::Kafka => Queue::Kafka {
                 producer: crate::run::kafka_producer(&args.kafka)?,
                 topic: args.kafka.topic()?.to_owned(),
+            },
+            SourceKind::RedisStream => Queue::RedisStream {
+                conn,
+                key: args.stream_key.clone().ok_or_else(|| {
+                    Error::config(
+                        "--stream-key (QP_STREAM_KEY) is required for --source redis-stream",
+                    )
+                })?,
             },
             SourceKind::RedisList => Queue::RedisList {
                 conn,
@@ -369,6 +384,16 @@ impl Queue {
                     .send(record, Duration::from_secs(30))
                     .await
                     .map_err(|(e, _)| Error::Kafka(format!("queueing {}: {e}", letter.id)))?;
+            }
+            Queue::RedisStream { conn, key } => {
+                crate::source::redis_stream::add(
+                    &mut conn.clone(),
+                    key,
+                    &letter.id,
+                    letter.content_type.as_deref(),
+                    &letter.body,
+                )
+                .await?;
             }
             Queue::RedisList { conn, key } => {
                 let env = Envelope::new(&letter.id, letter.content_type.as_deref(), &letter.body);

@@ -32,6 +32,7 @@ use crate::results::ResultStore;
 use crate::server::{self, Readiness};
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::redis_list::{self, IntakeEnd, RedisListSettings, RedisListSource};
+use crate::source::redis_stream::{RedisStreamSettings, RedisStreamSource};
 use crate::{Error, Result};
 use qp_protocol::kafka::KafkaArgs;
 use qp_protocol::keys::Keys;
@@ -218,6 +219,36 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
             let finish_by = Instant::now() + AFTER_DRAIN;
             deadline = finish_by;
             close_bounded(source, finish_by - TOKENS_AND_HEARTBEAT).await;
+        }
+        SourceKind::RedisStream => {
+            let settings = RedisStreamSettings {
+                key: args.stream_key.clone().ok_or_else(|| {
+                    Error::config(
+                        "--stream-key (QP_STREAM_KEY) is required for --source redis-stream",
+                    )
+                })?,
+                group: args.stream_group.clone().ok_or_else(|| {
+                    Error::config(
+                        "--stream-group (QP_STREAM_GROUP) is required for --source redis-stream",
+                    )
+                })?,
+                consumer: worker_id.clone(),
+                claim_idle: Duration::from_millis(args.stream_claim_idle_ms.max(1000)),
+                max_message_bytes: args.max_message_bytes,
+                batch: args.max_concurrency.max(1),
+            };
+            let (source, acker) =
+                RedisStreamSource::start(settings, &redis, conn.clone(), stop.child_token())
+                    .await?;
+            ready.set(true);
+            engine
+                .clone()
+                .run_bounded(source.jobs, Acker::RedisStream(acker), stop.clone())
+                .await;
+            ready.set(false);
+            deadline = Instant::now() + AFTER_DRAIN;
+            // Unacknowledged entries stay pending in the group; other workers claim them.
+            source.intake.abort();
         }
         SourceKind::RedisList => {
             let settings = RedisListSettings {

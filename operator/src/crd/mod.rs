@@ -49,8 +49,8 @@ pub use scaling::{ConcurrencySpec, ScalingSpec};
 pub use schema::{ALL_CEL_RULES, CelRule};
 pub use signals::{MAX_SIGNALS, SignalKind, SignalSpec};
 pub use source::{
-    KafkaSasl, KafkaSource, KafkaTls, OffsetReset, RedisListSource, SaslMechanism, Source,
-    SourceSpec,
+    KafkaSasl, KafkaSource, KafkaTls, OffsetReset, RedisListSource, RedisStreamSource,
+    SaslMechanism, Source, SourceSpec,
 };
 pub use status::{
     CONDITION_READY, CONDITION_SCALING, CONDITION_SOURCE_REACHABLE, ConditionStatus,

@@ -57,8 +57,8 @@ pub(super) const SPEC_RULES: &[CelRule] = &[
 ];
 
 pub(super) const SOURCE_RULES: &[CelRule] = &[CelRule {
-    rule: "has(self.kafka) != has(self.redisList)",
-    message: "spec.source: exactly one of kafka or redisList must be set",
+    rule: "(has(self.kafka) ? 1 : 0) + (has(self.redisList) ? 1 : 0) + (has(self.redisStream) ? 1 : 0) == 1",
+    message: "spec.source: exactly one of kafka, redisList or redisStream must be set",
     field_path: None,
 }];
 

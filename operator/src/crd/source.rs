@@ -28,6 +28,13 @@ pub struct SourceSpec {
     /// to the list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_list: Option<RedisListSource>,
+
+    /// Consume a Redis stream through a consumer group (made at the stream's start if
+    /// missing): entries are acknowledged (`XACK`) once their result is durable, and entries of
+    /// a worker that died are taken over by another after `claimIdleSeconds` (`XAUTOCLAIM`).
+    /// Scaled on the group's lag plus its pending entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_stream: Option<RedisStreamSource>,
 }
 
 /// A Kafka topic consumed by a consumer group.
@@ -193,6 +200,27 @@ fn default_reclaim_after_seconds() -> i32 {
     30
 }
 
+/// A Redis stream consumed by a consumer group, in the Redis given by `spec.redis`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = tidy_docs)]
+pub struct RedisStreamSource {
+    /// Key of the stream. Producers add entries with fields `body` (required), `id` and
+    /// `contentType` (`XADD key * id r-1 contentType application/json body '{...}'`).
+    #[schemars(length(min = 1, max = 1024))]
+    pub key: String,
+
+    /// The consumer group the workers read as.
+    #[schemars(length(min = 1, max = 256))]
+    pub group: String,
+
+    /// Seconds an entry delivered to a worker may go unacknowledged before another worker
+    /// takes it over (the worker holding it keeps it fresh while it runs).
+    #[serde(default = "default_reclaim_after_seconds")]
+    #[schemars(range(min = 1, max = MAX_LEASE_SECONDS))]
+    pub claim_idle_seconds: i32,
+}
+
 /// The configured source, as an enum.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Source<'a> {
@@ -200,15 +228,18 @@ pub enum Source<'a> {
     Kafka(&'a KafkaSource),
     /// `spec.source.redisList`.
     RedisList(&'a RedisListSource),
+    /// `spec.source.redisStream`.
+    RedisStream(&'a RedisStreamSource),
 }
 
 impl SourceSpec {
     /// The one configured source; `None` when zero or two are set (which the API server and
     /// [`QueueProcessorSpec::validate`] reject).
     pub fn get(&self) -> Option<Source<'_>> {
-        match (&self.kafka, &self.redis_list) {
-            (Some(k), None) => Some(Source::Kafka(k)),
-            (None, Some(r)) => Some(Source::RedisList(r)),
+        match (&self.kafka, &self.redis_list, &self.redis_stream) {
+            (Some(k), None, None) => Some(Source::Kafka(k)),
+            (None, Some(r), None) => Some(Source::RedisList(r)),
+            (None, None, Some(s)) => Some(Source::RedisStream(s)),
             _ => None,
         }
     }
@@ -218,6 +249,7 @@ impl SourceSpec {
         match self.get() {
             Some(Source::Kafka(k)) => format!("kafka:{}", k.topic),
             Some(Source::RedisList(r)) => format!("redis:{}", r.key),
+            Some(Source::RedisStream(s)) => format!("stream:{}", s.key),
             None => "invalid".to_string(),
         }
     }

@@ -181,6 +181,16 @@ impl QueueProcessorSpec {
                 Some(MAX_LEASE_SECONDS),
             );
         }
+        if let Some(st) = &self.source.redis_stream {
+            p.non_empty("spec.source.redisStream.key", &st.key);
+            p.non_empty("spec.source.redisStream.group", &st.group);
+            p.range(
+                "spec.source.redisStream.claimIdleSeconds",
+                st.claim_idle_seconds,
+                1,
+                Some(MAX_LEASE_SECONDS),
+            );
+        }
 
         // spec.redis
         let redis = &self.redis;

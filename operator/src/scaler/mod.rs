@@ -105,6 +105,10 @@ pub fn source_target(qp: &QueueProcessor, secrets: &SecretValues) -> Result<Sour
             })
         }
         Some(Source::RedisList(r)) => Ok(SourceTarget::RedisList { key: r.key.clone() }),
+        Some(Source::RedisStream(s)) => Ok(SourceTarget::RedisStream {
+            key: s.key.clone(),
+            group: s.group.clone(),
+        }),
         None => Err(Error::InvalidSpec("exactly one source is required".into())),
     }
 }

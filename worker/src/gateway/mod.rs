@@ -82,6 +82,9 @@ enum Queue {
     RedisList {
         key: String,
     },
+    RedisStream {
+        key: String,
+    },
 }
 
 struct Gateway {
@@ -191,6 +194,11 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
                 topic: args.kafka.topic()?.to_owned(),
             }
         }
+        SourceKind::RedisStream => Queue::RedisStream {
+            key: args.stream_key.clone().ok_or_else(|| {
+                Error::config("--stream-key (QP_STREAM_KEY) is required for --source redis-stream")
+            })?,
+        },
         SourceKind::RedisList => Queue::RedisList {
             key: args.list_key.clone().ok_or_else(|| {
                 Error::config("--list-key (QP_LIST_KEY) is required for --source redis-list")
@@ -399,7 +407,7 @@ async fn submit_inner(
         }
         let what = match gw.queue {
             Queue::Kafka { .. } => "queue (Kafka) is unavailable",
-            Queue::RedisList { .. } => "queue (Redis) is unavailable",
+            Queue::RedisList { .. } | Queue::RedisStream { .. } => "queue (Redis) is unavailable",
         };
         return unavailable(what);
     }
@@ -484,6 +492,17 @@ impl Gateway {
                         }
                         _ => Error::Kafka(e.to_string()),
                     })?;
+                Ok(())
+            }
+            Queue::RedisStream { key } => {
+                crate::source::redis_stream::add(
+                    &mut self.conn.clone(),
+                    key,
+                    id,
+                    Some(content_type),
+                    body,
+                )
+                .await?;
                 Ok(())
             }
             Queue::RedisList { key } => {
@@ -620,6 +639,13 @@ async fn sample_backlog(gw: Shared, args: GatewayArgs, stop: CancellationToken) 
     loop {
         let value = match &gw.queue {
             Queue::RedisList { key } => redis::cmd("LLEN")
+                .arg(key)
+                .query_async::<u64>(&mut gw.conn.clone())
+                .await
+                .ok(),
+            // Entries in the stream: an upper bound of the backlog (acknowledged entries stay
+            // until trimmed), cheap and never below it.
+            Queue::RedisStream { key } => redis::cmd("XLEN")
                 .arg(key)
                 .query_async::<u64>(&mut gw.conn.clone())
                 .await

@@ -1,4 +1,4 @@
-//! Where messages come from: a Kafka consumer group or a Redis list.
+//! Where messages come from: a Kafka consumer group, a Redis list or a Redis stream.
 //!
 //! Both sources hand the engine [`Job`]s and take back acknowledgements. A source only forgets a
 //! message (commits its offset, removes it from the processing list) after the engine
@@ -7,6 +7,7 @@
 
 pub mod kafka;
 pub mod redis_list;
+pub mod redis_stream;
 
 use bytes::Bytes;
 
@@ -31,6 +32,7 @@ pub struct Job {
 pub enum Origin {
     Kafka { partition: i32, offset: i64 },
     RedisList { raw: Bytes },
+    RedisStream { entry: String },
 }
 
 /// Valid request ids: short, printable, no spaces or key separators that could escape the

@@ -1,0 +1,202 @@
+//! The Redis Streams source against the real Redis (AOF on): workers read through a consumer
+//! group, acknowledge only once the result is durable, and take over the entries of a worker
+//! killed with SIGKILL after the claim idle time; a Redis crash and restart mid-run loses
+//! nothing; a poison entry is dead-lettered after the configured deliveries. Its own binary:
+//! one test crashes the shared Redis, and the tests here take turns.
+
+use std::time::{Duration, Instant};
+
+use qp_tests::faults::RedisCrash;
+use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
+use qp_tests::procs::Proc;
+
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const GROUP: &str = "workers";
+
+fn stream_worker(fx: &Fixture, id: &str, key: &str, handler: &str, extra: &[&str]) -> Proc {
+    let mut cmd = fx.worker_command(id);
+    cmd.args(["--source", "redis-stream", "--stream-key", key])
+        .args(["--stream-group", GROUP, "--stream-claim-idle-ms", "2000"])
+        .args(["--handler", handler])
+        .args(extra);
+    Proc::spawn(&format!("{}-{id}", fx.name), cmd)
+}
+
+async fn add(fx: &Fixture, key: &str, id: &str, body: &str) {
+    let _: String = redis::cmd("XADD")
+        .arg(key)
+        .arg("*")
+        .arg("id")
+        .arg(id)
+        .arg("contentType")
+        .arg("text/plain")
+        .arg("body")
+        .arg(body)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+}
+
+async fn pending(fx: &Fixture, key: &str) -> i64 {
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(key)
+        .arg(GROUP)
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    match summary {
+        redis::Value::Array(v) => match v.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_entry_gets_a_result_through_a_kill_and_a_redis_restart() {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("stream", RedisKind::Single, 0).await;
+    fx.pool().set_limit(8).await.unwrap();
+    let key = format!("{}stream", fx.keys.prefix());
+    let mut w0 = stream_worker(&fx, "w0", &key, "sleep:20", &["--max-concurrency", "4"]);
+    let mut w1 = stream_worker(&fx, "w1", &key, "sleep:20", &["--max-concurrency", "4"]);
+    let ids: Vec<String> = (0..400).map(|i| format!("e-{i}")).collect();
+    for id in &ids {
+        add(&fx, &key, id, "work").await;
+    }
+    let t = Instant::now();
+    // w1 dies holding entries: they stay pending under it until w0 claims them.
+    eventually(Duration::from_secs(30), "100 entries done", || async {
+        let states = fx.states(&ids).await;
+        (states.values().filter(|s| *s == "done").count() >= 100).then_some(())
+    })
+    .await;
+    let held = pending(&fx, &key).await;
+    w1.kill9();
+    println!("killed w1 with {held} entries pending in the group");
+    // Redis crashes and comes back (AOF): the group, its pending list and the results persist.
+    eventually(Duration::from_secs(30), "200 entries done", || async {
+        let states = fx.states(&ids).await;
+        (states.values().filter(|s| *s == "done").count() >= 200).then_some(())
+    })
+    .await;
+    let crash = RedisCrash::now(&fx.conn).await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage's length, not a wait
+    crash.end(&fx.conn).await;
+    fx.wait_finished(&ids, Duration::from_secs(90)).await;
+    let states = fx.states(&ids).await;
+    let failed = states.values().filter(|s| *s == "failed").count();
+    eventually(Duration::from_secs(20), "nothing left pending", || async {
+        (pending(&fx, &key).await == 0).then_some(())
+    })
+    .await;
+    println!(
+        "400 entries: all done in {:.1?} through a kill -9 and a Redis restart, {failed} failed, 0 pending",
+        t.elapsed()
+    );
+    assert_eq!(failed, 0);
+    assert!(w0.alive(), "w0 rode out the Redis restart");
+    fx.cleanup().await;
+}
+
+/// The handler of the poison test: kills its own worker on a message that contains "crash".
+const CRASHER: &str =
+    r#"exec:["sh", "-c", "b=$(cat); case \"$b\" in *crash*) kill -9 $PPID;; esac; echo ok"]"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_entry_is_dead_lettered_after_max_deliveries() {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("streampoison", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let key = format!("{}stream", fx.keys.prefix());
+    for (id, body) in [("good-0", "fine"), ("poison", "crash"), ("good-1", "fine")] {
+        add(&fx, &key, id, body).await;
+    }
+    let all: Vec<String> = ["good-0", "poison", "good-1"].map(String::from).to_vec();
+    // Restarted after every crash with the same id; its own pending entries come back first.
+    let mut starts = 0;
+    loop {
+        starts += 1;
+        assert!(
+            starts <= 6,
+            "still not dead-lettered after {} starts",
+            starts - 1
+        );
+        let mut w = stream_worker(
+            &fx,
+            "w0",
+            &key,
+            CRASHER,
+            &["--max-deliveries", "3", "--max-concurrency", "1"],
+        );
+        let (fx, all) = (&fx, &all);
+        let finished = eventually(Duration::from_secs(30), "a crash or every outcome", || {
+            let alive = w.alive();
+            async move {
+                let states = fx.states(all).await;
+                let finished = all.iter().all(|id| {
+                    matches!(states.get(id).map(String::as_str), Some("done" | "failed"))
+                });
+                (finished || !alive).then_some(finished)
+            }
+        })
+        .await;
+        if finished {
+            break;
+        }
+    }
+    let states = fx.states(&all).await;
+    assert_eq!(
+        (states["good-0"].as_str(), states["good-1"].as_str()),
+        ("done", "done")
+    );
+    assert_eq!(states["poison"], "failed");
+    let reason: String = redis::cmd("HGET")
+        .arg(fx.keys.result("poison"))
+        .arg("error")
+        .query_async(&mut fx.conn.clone())
+        .await
+        .unwrap();
+    println!("poison entry: dead-lettered after {starts} worker starts: {reason}");
+    assert!(reason.contains("delivered 4 times"), "{reason}");
+    fx.cleanup().await;
+}
+
+/// The gateway adds requests to the stream; a worker answers them through the long poll.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_submits_to_a_stream() {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("streamgw", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let key = format!("{}stream", fx.keys.prefix());
+    let (_gw, base) = fx.gateway(GatewayQueue::RedisStream(&key), &[]).await;
+    let _w = stream_worker(&fx, "w0", &key, "echo", &[]);
+    let http = reqwest::Client::new();
+    for i in 0..20 {
+        let accepted: serde_json::Value = http
+            .post(format!("{base}/v1/requests"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("k-{i}"))
+            .body(format!("{{\"n\": {i}}}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = accepted["id"].as_str().unwrap().to_owned();
+        let answer: serde_json::Value = http
+            .get(format!("{base}/v1/requests/{id}?wait=10"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["status"], "done", "{answer}");
+        assert_eq!(answer["result"]["n"], i, "{answer}");
+    }
+    fx.cleanup().await;
+}
