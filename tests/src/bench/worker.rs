@@ -110,6 +110,26 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
         }
         let gated = ctx.run(&format!("gated-{suffix}"), true, false).await?;
         let counted = ctx.run(&format!("counted-{suffix}"), true, true).await?;
+        // The same messages from a Redis stream (each run reads it with a group of its own).
+        let stream_key = format!("{{bench}}:stream-{suffix}");
+        let t = Instant::now();
+        fill_stream(&redis, &stream_key, s.messages).await?;
+        progress(format!(
+            "added {} entries to {stream_key} in {:.1}s",
+            s.messages,
+            t.elapsed().as_secs_f64()
+        ));
+        let stream = ctx
+            .run_from(&format!("stream-{suffix}"), true, false, Some(&stream_key))
+            .await?;
+        let stream_counted = ctx
+            .run_from(
+                &format!("stream-counted-{suffix}"),
+                true,
+                true,
+                Some(&stream_key),
+            )
+            .await?;
         let seed = seed_style(
             &redis,
             s.seed_paced_messages.min(s.messages),
@@ -125,11 +145,28 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
         )
         .await?;
         let wake = wake_latency(&redis, s.wake_samples, &suffix).await?;
-        Ok::<_, anyhow::Error>((gated, ungated, counted, [seed, unpaced], wake))
+        Ok::<_, anyhow::Error>((
+            gated,
+            ungated,
+            counted,
+            [seed, unpaced],
+            wake,
+            [stream, stream_counted],
+        ))
     }
     .await;
     crate::kafka::delete_topic(&bootstrap, &topic).await;
-    let (gated, ungated, counted, [seed, unpaced], wake) = result?;
+    let (gated, ungated, counted, [seed, unpaced], wake, [stream, stream_counted]) = result?;
+    let stream_sent = stream_counted.sent.unwrap_or_default();
+    progress(format!(
+        "stream: {:.0} msg/s ({:.2} of Kafka gated), counted run: {stream_sent} commands sent \
+         ({:.4}/msg), {:.2} executed/msg ({})",
+        stream.rate,
+        stream.rate / gated.rate,
+        stream_sent as f64 / s.messages as f64,
+        stream_counted.executed as f64 / s.messages as f64,
+        stream_counted.breakdown,
+    ));
 
     let n = s.messages as f64;
     let sent = counted.sent.unwrap_or_default();
@@ -193,7 +230,44 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             "roundtrips/msg",
         ),
         fig("worker.wake_p99_ms", wake.p99_ms, "ms"),
+        fig("worker.stream_msgs_per_s", stream.rate, "msg/s"),
+        fig(
+            "worker.ratio_stream_vs_kafka",
+            stream.rate / gated.rate,
+            "ratio",
+        ),
+        fig(
+            "worker.redis_roundtrips_per_msg_stream",
+            stream_sent as f64 / n,
+            "roundtrips/msg",
+        ),
     ])
+}
+
+/// Add `n` entries with ids `m-<i>` and the same body as [`produce`] to stream `key` of the
+/// private Redis, pipelined.
+async fn fill_stream(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
+    let mut conn = RedisSettings::single(redis.url()).connect().await?;
+    let mut i = 0;
+    while i < n {
+        let mut pipe = redis::pipe();
+        for j in i..(i + 1000).min(n) {
+            let id = format!("m-{j}");
+            pipe.cmd("XADD")
+                .arg(key)
+                .arg("*")
+                .arg("id")
+                .arg(&id)
+                .arg("contentType")
+                .arg("application/json")
+                .arg("body")
+                .arg(payload(&id))
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+        i += 1000;
+    }
+    Ok(())
 }
 
 /// Produce `n` messages with ids `m-<i>` and a ~100 byte JSON body, keyed by id (so they
@@ -263,6 +337,18 @@ impl KafkaRun<'_> {
     /// the worker reaches Redis through the counting proxy; that costs CPU and a hop of
     /// latency, so the throughput figures come from runs without it.
     async fn run(&self, name: &str, gated: bool, counted: bool) -> Result<KafkaResult> {
+        self.run_from(name, gated, counted, None).await
+    }
+
+    /// [`KafkaRun::run`] from the Redis stream `stream` (in the private Redis, read by a
+    /// consumer group of the run's own) instead of the topic.
+    async fn run_from(
+        &self,
+        name: &str,
+        gated: bool,
+        counted: bool,
+        stream: Option<&str>,
+    ) -> Result<KafkaResult> {
         let settings = RedisSettings::single(self.redis.url());
         let mut conn = settings.connect().await?;
         let keys = Keys::new("bench", name);
@@ -290,25 +376,33 @@ impl KafkaRun<'_> {
             .args(["--worker-id", &format!("{name}-w")])
             .args(["--listen", &format!("127.0.0.1:{}", procs::free_port())])
             .args(["--redis-url", &redis_url])
-            .args(["--source", "kafka", "--kafka-bootstrap", self.bootstrap])
-            .args(["--kafka-topic", self.topic])
-            .args(["--kafka-group", &format!("{name}-group")])
             .args(["--handler", "echo"])
             .args(["--max-concurrency", &self.limit.to_string()])
             .env(
                 "RUST_LOG",
                 std::env::var("QP_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
             );
+        match stream {
+            None => cmd
+                .args(["--source", "kafka", "--kafka-bootstrap", self.bootstrap])
+                .args(["--kafka-topic", self.topic])
+                .args(["--kafka-group", &format!("{name}-group")]),
+            Some(key) => cmd
+                .args(["--source", "redis-stream", "--stream-key", key])
+                .args(["--stream-group", &format!("{name}-group")]),
+        };
         if !gated {
             cmd.arg("--ungated");
         }
         if let Ok(extra) = std::env::var("QP_BENCH_DEBUG_ARGS") {
             cmd.args(extra.split_whitespace());
         }
-        let label = match (gated, counted) {
-            (true, false) => "gated",
-            (true, true) => "gated+counted",
-            (false, _) => "ungated",
+        let label = match (gated, counted, stream.is_some()) {
+            (true, false, false) => "gated",
+            (true, true, false) => "gated+counted",
+            (false, _, _) => "ungated",
+            (true, false, true) => "stream",
+            (true, true, true) => "stream+counted",
         };
         progress(format!("{label}: starting qp-worker"));
         let mut worker = Proc::spawn(&format!("bench-{name}"), cmd);

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::Retryable;
 use bytes::Bytes;
 use redis::Value;
 use tokio::sync::mpsc;
@@ -54,36 +55,54 @@ pub struct RedisStreamSource {
 /// Entries handed to the engine and not acknowledged yet.
 type Held = Arc<Mutex<HashSet<String>>>;
 
-/// Acknowledges entries (`XACK`) once their result is durable.
+/// Acknowledges entries (`XACK`) once their result is durable: one `XACK` for every entry
+/// acknowledged while the previous one was on its way, so a busy worker makes far less than one
+/// round trip per entry.
 #[derive(Clone)]
 pub struct RedisStreamAcker {
-    conn: Conn,
-    key: String,
-    group: String,
-    held: Held,
+    tx: mpsc::UnboundedSender<(String, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl RedisStreamAcker {
-    /// Acknowledge `entry`, retrying while Redis is away: an entry left unacknowledged is only
-    /// delivered again (its result exists, so the handler does not run twice).
+    /// Acknowledge `entry`; returns when Redis has it.
     pub async fn ack(&self, entry: &str) {
-        for attempt in 0..20u32 {
-            let r: redis::RedisResult<i64> = redis::cmd("XACK")
-                .arg(&self.key)
-                .arg(&self.group)
-                .arg(entry)
-                .query_async(&mut self.conn.clone())
-                .await;
-            match r {
-                Ok(_) => {
-                    self.held.lock().expect("held lock").remove(entry);
-                    return;
-                }
-                Err(e) if attempt == 19 => {
-                    warn!(error = %e, entry, "XACK failed; the entry will be delivered again")
-                }
-                Err(_) => tokio::time::sleep(RETRY).await,
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send((entry.to_owned(), tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn acker(
+    s: RedisStreamSettings,
+    conn: Conn,
+    held: Held,
+    mut rx: mpsc::UnboundedReceiver<(String, tokio::sync::oneshot::Sender<()>)>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let xack = || {
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(&s.key).arg(&s.group);
+            for (entry, _) in &batch {
+                cmd.arg(entry);
             }
+            let mut conn = conn.clone();
+            async move { cmd.query_async::<i64>(&mut conn).await }
+        };
+        // Retried until it succeeds: an acknowledgement is answered only once Redis has it (an
+        // entry left pending is only delivered again, and its stored result answers for it).
+        let _ = xack
+            .retry(crate::retry::forever(
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            ))
+            .notify(|e, _| warn!(error = %e, "XACK failed; retrying"))
+            .await;
+        let mut h = held.lock().expect("held lock");
+        for (entry, done) in batch.drain(..) {
+            h.remove(&entry);
+            let _ = done.send(());
         }
     }
 }
@@ -130,12 +149,9 @@ impl RedisStreamSource {
         let blocking = redis.connect_blocking().await?;
         let (tx, rx) = mpsc::channel(settings.batch.max(1));
         let held = Held::default();
-        let acker = RedisStreamAcker {
-            conn: conn.clone(),
-            key: settings.key.clone(),
-            group: settings.group.clone(),
-            held: held.clone(),
-        };
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        tokio::spawn(acker(settings.clone(), conn.clone(), held.clone(), ack_rx));
+        let acker = RedisStreamAcker { tx: ack_tx };
         tokio::spawn(keep_fresh(
             settings.clone(),
             conn.clone(),
