@@ -56,8 +56,20 @@ async fn pending(fx: &Fixture, key: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_entry_gets_a_result_through_a_kill_and_a_redis_restart() {
+    kill_and_maybe_crash(RedisKind::Single).await;
+}
+
+/// On Redis Cluster: the stream and the QueueProcessor's keys share a hash tag, so one node
+/// holds them; a worker killed with SIGKILL loses nothing (the cluster's own restarts are
+/// `worker_cluster_restart.rs`'s).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_entry_gets_a_result_through_a_kill_on_redis_cluster() {
+    kill_and_maybe_crash(RedisKind::Cluster).await;
+}
+
+async fn kill_and_maybe_crash(kind: RedisKind) {
     let _turn = TURN.lock().await;
-    let fx = Fixture::new("stream", RedisKind::Single, 0).await;
+    let fx = Fixture::new("stream", kind, 0).await;
     fx.pool().set_limit(8).await.unwrap();
     let key = format!("{}stream", fx.keys.prefix());
     let mut w0 = stream_worker(&fx, "w0", &key, "sleep:20", &["--max-concurrency", "4"]);
@@ -82,9 +94,11 @@ async fn every_entry_gets_a_result_through_a_kill_and_a_redis_restart() {
         (states.values().filter(|s| *s == "done").count() >= 200).then_some(())
     })
     .await;
-    let crash = RedisCrash::now(&fx.conn).await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // the outage's length, not a wait
-    crash.end(&fx.conn).await;
+    if kind == RedisKind::Single {
+        let crash = RedisCrash::now(&fx.conn).await;
+        tokio::time::sleep(Duration::from_secs(2)).await; // the outage's length, not a wait
+        crash.end(&fx.conn).await;
+    }
     fx.wait_finished(&ids, Duration::from_secs(90)).await;
     let states = fx.states(&ids).await;
     let failed = states.values().filter(|s| *s == "failed").count();
@@ -93,8 +107,13 @@ async fn every_entry_gets_a_result_through_a_kill_and_a_redis_restart() {
     })
     .await;
     println!(
-        "400 entries: all done in {:.1?} through a kill -9 and a Redis restart, {failed} failed, 0 pending",
-        t.elapsed()
+        "{kind:?}: 400 entries all done in {:.1?} through a kill -9{}, {failed} failed, 0 pending",
+        t.elapsed(),
+        if kind == RedisKind::Single {
+            " and a Redis restart"
+        } else {
+            ""
+        }
     );
     assert_eq!(failed, 0);
     assert!(w0.alive(), "w0 rode out the Redis restart");
