@@ -179,6 +179,7 @@ pub fn process(qp: &QueueProcessor, component: Component) -> Option<ProcessConfi
                 Source::RedisStream(s) => {
                     run.stream_group = Some(s.group.clone());
                     run.stream_claim_idle_ms = non_negative(s.claim_idle_seconds.into()) * 1000;
+                    run.stream_trim_acknowledged = s.trim_acknowledged;
                 }
             }
             refs.worker_id_is_pod_name = true;

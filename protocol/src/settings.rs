@@ -271,6 +271,11 @@ pub struct RunArgs {
     /// crashed worker's) is claimed by another worker (XAUTOCLAIM).
     #[arg(long, env = "QP_STREAM_CLAIM_IDLE_MS", default_value_t = defaults::STREAM_CLAIM_IDLE_MS)]
     pub stream_claim_idle_ms: u64,
+    /// Delete entries the group has acknowledged (`XTRIM MINID` up to the oldest entry still
+    /// pending or not yet delivered), so the stream does not grow without end. Only for a
+    /// stream that no other consumer group reads.
+    #[arg(long, env = "QP_STREAM_TRIM_ACKNOWLEDGED")]
+    pub stream_trim_acknowledged: bool,
     /// Handler: an http(s):// URL; exec:["<program>", "<arg>", ...] (a JSON list: arguments keep
     /// their spaces) or exec:<program> [args] (split on whitespace); echo, sleep:<ms>,
     /// fail:<pattern>, probe:<ms>.
@@ -700,6 +705,7 @@ impl RunArgs {
             stream_key: None,
             stream_group: None,
             stream_claim_idle_ms: defaults::STREAM_CLAIM_IDLE_MS,
+            stream_trim_acknowledged: false,
             handler,
             handler_timeout_ms: defaults::HANDLER_TIMEOUT_MS,
             exec_pass_env: Vec::new(),
@@ -743,6 +749,7 @@ impl RunArgs {
             self.stream_claim_idle_ms,
             defaults::STREAM_CLAIM_IDLE_MS,
         );
+        r.flag("stream_trim_acknowledged", self.stream_trim_acknowledged);
         r.value("handler", &self.handler);
         r.value("handler_timeout_ms", self.handler_timeout_ms);
         if !self.handler_header_names.is_empty() {

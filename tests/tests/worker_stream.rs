@@ -219,3 +219,40 @@ async fn the_gateway_submits_to_a_stream() {
     }
     fx.cleanup().await;
 }
+
+/// With trimming on, acknowledged entries leave the stream; an entry added later is kept until
+/// it is processed.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_entries_are_trimmed() {
+    let _turn = TURN.lock().await;
+    let fx = Fixture::new("streamtrim", RedisKind::Single, 0).await;
+    fx.pool().set_limit(4).await.unwrap();
+    let key = format!("{}stream", fx.keys.prefix());
+    let ids: Vec<String> = (0..100).map(|i| format!("t-{i}")).collect();
+    for id in &ids {
+        add(&fx, &key, id, "work").await;
+    }
+    let _w = stream_worker(&fx, "w0", &key, "echo", &["--stream-trim-acknowledged"]);
+    fx.wait_finished(&ids, Duration::from_secs(30)).await;
+    let t = Instant::now();
+    let len = |fx: &Fixture| {
+        let mut c = fx.conn.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("XLEN")
+                .arg(&key)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    eventually(Duration::from_secs(10), "the stream trimmed", || async {
+        (len(&fx).await == 0).then_some(())
+    })
+    .await;
+    println!(
+        "100 acknowledged entries trimmed {:.1?} after the last result",
+        t.elapsed()
+    );
+    fx.cleanup().await;
+}

@@ -236,6 +236,7 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                 claim_idle: Duration::from_millis(args.stream_claim_idle_ms.max(1000)),
                 max_message_bytes: args.max_message_bytes,
                 batch: args.max_concurrency.max(1),
+                trim_acknowledged: args.stream_trim_acknowledged,
             };
             let (source, acker) =
                 RedisStreamSource::start(settings, &redis, conn.clone(), stop.child_token())

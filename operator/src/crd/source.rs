@@ -219,6 +219,12 @@ pub struct RedisStreamSource {
     #[serde(default = "default_reclaim_after_seconds")]
     #[schemars(range(min = 1, max = MAX_LEASE_SECONDS))]
     pub claim_idle_seconds: i32,
+
+    /// Delete entries once the group has acknowledged them (`XTRIM MINID` up to the oldest
+    /// entry still pending or not yet delivered), so the stream does not grow without end.
+    /// Leave off when another consumer group reads the same stream.
+    #[serde(default)]
+    pub trim_acknowledged: bool,
 }
 
 /// The configured source, as an enum.

@@ -45,6 +45,8 @@ pub struct RedisStreamSettings {
     pub max_message_bytes: usize,
     /// Entries read per call.
     pub batch: usize,
+    /// Delete acknowledged entries at every claim round ([`trim`]).
+    pub trim_acknowledged: bool,
 }
 
 pub struct RedisStreamSource {
@@ -205,6 +207,11 @@ async fn intake(
         let mut entries = Vec::new();
         if Instant::now() >= next_claim {
             next_claim = Instant::now() + s.claim_idle / 2;
+            if s.trim_acknowledged
+                && let Err(e) = trim(&mut conn, &s).await
+            {
+                warn!(error = %e, "trimming acknowledged entries failed");
+            }
             match claim(&mut conn, &s).await {
                 Ok(claimed) if !claimed.is_empty() => {
                     info!(
@@ -286,6 +293,89 @@ async fn read(
         })
         .flat_map(entries)
         .collect())
+}
+
+/// Delete the entries the group is done with: those before both the oldest entry still pending
+/// and the first entry not yet delivered (`XTRIM MINID`, exact). Entries from there on are
+/// kept, whoever reads them.
+async fn trim(conn: &mut Conn, s: &RedisStreamSettings) -> redis::RedisResult<()> {
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&s.key)
+        .query_async(conn)
+        .await?;
+    let Some(last_delivered) = group_field(&groups, &s.group, "last-delivered-id") else {
+        return Ok(());
+    };
+    // The oldest pending entry, if any (XPENDING's summary: count, smallest id, ...).
+    let pending: Value = redis::cmd("XPENDING")
+        .arg(&s.key)
+        .arg(&s.group)
+        .query_async(conn)
+        .await?;
+    let oldest_pending = match &pending {
+        Value::Array(v) if v.len() >= 2 => text(&v[1]),
+        _ => None,
+    };
+    // Everything up to and including last-delivered is delivered; keep from the entry after it
+    // (or from the oldest pending one, whichever is older).
+    let after_delivered = next_id(&last_delivered);
+    let keep_from = match oldest_pending {
+        Some(p) if older(&p, &after_delivered) => p,
+        _ => after_delivered,
+    };
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(&s.key)
+        .arg("MINID")
+        .arg(keep_from)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// A field of group `group` in an `XINFO GROUPS` reply.
+fn group_field(reply: &Value, group: &str, field: &str) -> Option<String> {
+    let Value::Array(groups) = reply else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<(&Value, &Value)> = match g {
+            Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|p| Some((p.first()?, p.get(1)?)))
+                .collect(),
+            Value::Map(m) => m.iter().map(|(k, v)| (k, v)).collect(),
+            _ => return None,
+        };
+        let get = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| text(k).as_deref() == Some(name))
+                .and_then(|(_, v)| text(v))
+        };
+        (get("name").as_deref() == Some(group))
+            .then(|| get(field))
+            .flatten()
+    })
+}
+
+/// Stream ids as (milliseconds, sequence).
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn older(a: &str, b: &str) -> bool {
+    matches!((parse_id(a), parse_id(b)), (Some(x), Some(y)) if x < y)
+}
+
+/// The smallest id after `id`.
+fn next_id(id: &str) -> String {
+    match parse_id(id) {
+        Some((ms, u64::MAX)) => format!("{}-0", ms + 1),
+        Some((ms, seq)) => format!("{ms}-{}", seq + 1),
+        None => "0-0".to_owned(),
+    }
 }
 
 /// Entries idle under other consumers for `claim_idle`, now this worker's.
@@ -402,7 +492,26 @@ mod tests {
             claim_idle: Duration::from_secs(30),
             max_message_bytes: 10,
             batch: 8,
+            trim_acknowledged: false,
         }
+    }
+
+    #[test]
+    fn trimming_keeps_the_oldest_pending_and_everything_undelivered() {
+        assert_eq!(next_id("5-3"), "5-4");
+        assert_eq!(next_id(&format!("5-{}", u64::MAX)), "6-0");
+        assert!(older("4-9", "5-0") && older("5-0", "5-1") && !older("5-1", "5-1"));
+        let groups = Value::Array(vec![Value::Array(vec![
+            bulk("name"),
+            bulk("workers"),
+            bulk("last-delivered-id"),
+            bulk("7-2"),
+        ])]);
+        assert_eq!(
+            group_field(&groups, "workers", "last-delivered-id").as_deref(),
+            Some("7-2")
+        );
+        assert_eq!(group_field(&groups, "other", "last-delivered-id"), None);
     }
 
     #[test]
