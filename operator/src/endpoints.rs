@@ -102,7 +102,8 @@ impl Endpoint {
 #[derive(Default)]
 pub struct Endpoints {
     endpoints: Mutex<Vec<Arc<Endpoint>>>,
-    by_qp: Mutex<HashMap<String, RedisSettings>>,
+    /// Per QueueProcessor: its Redis, then the other Redis its scaling signals read.
+    by_qp: Mutex<HashMap<String, Vec<RedisSettings>>>,
 }
 
 impl Endpoints {
@@ -126,10 +127,10 @@ impl Endpoints {
     }
 
     /// Record that QueueProcessor `qp` (`namespace/name`) uses `settings` now.
-    pub fn use_for(&self, qp: &str, settings: &RedisSettings) {
+    pub fn use_for(&self, qp: &str, settings: &[RedisSettings]) {
         let mut by_qp = self.by_qp.lock().expect("endpoints lock");
-        if by_qp.get(qp) != Some(settings) {
-            by_qp.insert(qp.to_owned(), settings.clone());
+        if by_qp.get(qp).map(Vec::as_slice) != Some(settings) {
+            by_qp.insert(qp.to_owned(), settings.to_vec());
             self.prune(&by_qp);
         }
     }
@@ -142,11 +143,11 @@ impl Endpoints {
     }
 
     /// Drop endpoints no QueueProcessor uses.
-    fn prune(&self, by_qp: &HashMap<String, RedisSettings>) {
+    fn prune(&self, by_qp: &HashMap<String, Vec<RedisSettings>>) {
         self.endpoints
             .lock()
             .expect("endpoints lock")
-            .retain(|e| by_qp.values().any(|s| s == &e.settings));
+            .retain(|e| by_qp.values().flatten().any(|s| s == &e.settings));
     }
 
     /// Endpoints held now.

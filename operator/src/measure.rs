@@ -149,8 +149,9 @@ impl Probes {
         self.redis.get(settings).await
     }
 
-    /// Record which Redis QueueProcessor `qp` uses, so an endpoint nobody uses is dropped.
-    pub fn use_redis(&self, qp: &str, settings: &RedisSettings) {
+    /// Record which Redis QueueProcessor `qp` uses (its own, then any its signals read), so an
+    /// endpoint nobody uses is dropped.
+    pub fn use_redis(&self, qp: &str, settings: &[RedisSettings]) {
         self.redis.use_for(qp, settings);
     }
 

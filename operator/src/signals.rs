@@ -22,18 +22,32 @@ pub struct SignalReading {
     pub value: Result<f64, String>,
 }
 
-/// Read every signal of `specs`; `now_unix_s` is "now" for `dueOnly` sorted sets.
-pub async fn read(conn: &Conn, specs: &[SignalSpec], now_unix_s: f64) -> Vec<SignalReading> {
-    join_all(specs.iter().map(|spec| async move {
-        let value = match tokio::time::timeout(READ_TIMEOUT, read_one(conn, spec, now_unix_s)).await
-        {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("reading key {} timed out", spec.key)),
-        };
-        SignalReading {
-            spec: spec.clone(),
-            value,
+/// Read every signal, each from its Redis (`redis_of(i)`: the connection for signal `i`, or
+/// why there is none); `now_unix_s` is "now" for `dueOnly` sorted sets.
+pub async fn read<F, Fut>(specs: &[SignalSpec], redis_of: F, now_unix_s: f64) -> Vec<SignalReading>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Conn>>,
+{
+    join_all(specs.iter().enumerate().map(|(i, spec)| {
+        let conn = redis_of(i);
+        async move {
+            let value = match conn.await {
+                Err(e) => Err(e.to_string()),
+                Ok(conn) => {
+                    match tokio::time::timeout(READ_TIMEOUT, read_one(&conn, spec, now_unix_s))
+                        .await
+                    {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("reading key {} timed out", spec.key)),
+                    }
+                }
+            };
+            SignalReading {
+                spec: spec.clone(),
+                value,
+            }
         }
     }))
     .await
@@ -125,6 +139,7 @@ pub async fn stream_backlog(conn: &Conn, key: &str, group: &str) -> Result<u64> 
         due_only: false,
         target_per_replica: 1,
         activation: 0,
+        redis: None,
     };
     let lag = read_one(conn, &spec(SignalKind::StreamLag), 0.0).await?;
     let pending = read_one(conn, &spec(SignalKind::StreamPending), 0.0).await?;
@@ -219,6 +234,7 @@ mod tests {
             due_only: false,
             target_per_replica: 10,
             activation: 0,
+            redis: None,
         }
     }
 

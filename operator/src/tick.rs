@@ -52,6 +52,8 @@ pub struct Resolved {
     pub paused: bool,
     /// `spec.scaling.signals`.
     pub signals: Vec<SignalSpec>,
+    /// Per signal: the other Redis it reads, credentials resolved (`None`: ours).
+    pub signal_redis: Vec<Option<RedisSettings>>,
 }
 
 impl Resolved {
@@ -92,6 +94,18 @@ impl Resolved {
             poll: Duration::from_secs(qp.spec.scaling.poll_interval_seconds.max(1) as u64),
             paused: qp.is_paused(),
             signals: qp.spec.scaling.signals.clone(),
+            signal_redis: qp
+                .spec
+                .scaling
+                .signals
+                .iter()
+                .map(|s| {
+                    s.redis
+                        .as_ref()
+                        .map(|r| scaler::redis_settings(r, secrets))
+                        .transpose()
+                })
+                .collect::<Result<_>>()?,
             namespace,
             name,
         })
@@ -154,7 +168,9 @@ pub(crate) async fn run(
 ) -> Result<Tick> {
     let measured_at = Instant::now();
     scaler.measure_on(&r.target);
-    probes.use_redis(&r.key(), &r.redis);
+    let mut used = vec![r.redis.clone()];
+    used.extend(r.signal_redis.iter().flatten().cloned());
+    probes.use_redis(&r.key(), &used);
     tracing::debug!("measuring");
     let observed = scaler::observe(probes, r).await;
     tracing::debug!(

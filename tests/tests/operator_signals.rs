@@ -126,8 +126,16 @@ async fn signals_scale_from_zero_and_back() {
     );
     redis_cmd(&s, &["SET", &counter, "45"]).await;
     let up = wait_replicas(&s, 5, "5 replicas for a counter of 45").await;
-    let st = qp_status(&s, "signals").await.status.unwrap();
-    assert_eq!(st.summary.as_ref().unwrap().dominant, "pending=45");
+    // The status is written right after the Deployment: wait for it to catch up.
+    let st = eventually(
+        Duration::from_secs(10),
+        "the status of that poll",
+        || async {
+            let st = qp_status(&s, "signals").await.status?;
+            (st.summary.as_ref()?.dominant == "pending=45").then_some(st)
+        },
+    )
+    .await;
     println!(
         "counter 45: 5 replicas after {up:.1?}; dominant {}",
         st.summary.unwrap().dominant
@@ -262,8 +270,9 @@ async fn a_key_of_the_wrong_type_is_named_in_a_condition_and_an_event() {
     assert!(op.alive());
 }
 
-/// The same on Redis Cluster: a counter whose key carries a hash tag is read from the node that
-/// owns its slot, through the operator's cluster connection.
+/// A signal read from another Redis than the QueueProcessor's, by reference: a counter on the
+/// Redis Cluster (its key carries a hash tag, so it is read from the node that owns its slot),
+/// the cluster's password from a Secret.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_counter_on_redis_cluster_scales_from_zero_and_back() {
     use qp_protocol::redis_conn::RedisSettings;
@@ -300,7 +309,9 @@ async fn a_counter_on_redis_cluster_scales_from_zero_and_back() {
         &s,
         json!([{"name": "pending", "type": "counter", "key": counter, "targetPerReplica": 10}]),
     );
-    spec["spec"]["redis"] = json!({
+    // The QueueProcessor's own Redis stays the single one: the signal names the cluster, with
+    // its password by reference, as an application's own Redis would be.
+    spec["spec"]["scaling"]["signals"][0]["redis"] = json!({
         "clusterNodes": nodes,
         "passwordSecretRef": {"name": "cluster", "key": "password"}
     });

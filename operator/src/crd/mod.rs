@@ -231,6 +231,11 @@ impl QueueProcessorSpec {
         refs.extend(self.redis.username_secret_ref.iter());
         refs.extend(self.redis.password_secret_ref.iter());
         refs.extend(self.redis.ca_secret_ref.iter());
+        for r in self.scaling.signals.iter().filter_map(|s| s.redis.as_ref()) {
+            refs.extend(r.username_secret_ref.iter());
+            refs.extend(r.password_secret_ref.iter());
+            refs.extend(r.ca_secret_ref.iter());
+        }
         if let Some(kafka) = &self.source.kafka {
             if let Some(sasl) = &kafka.sasl {
                 refs.push(&sasl.username_secret_ref);

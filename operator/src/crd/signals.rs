@@ -5,6 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::RedisSpec;
 use super::schema::{signal_rules, tidy_docs};
 
 /// Most signals one QueueProcessor may have (each is a Redis read per poll).
@@ -60,6 +61,11 @@ pub struct SignalSpec {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation: i64,
+
+    /// Another Redis to read the key from (the application's own, say), with its credentials
+    /// by reference like `spec.redis`; the QueueProcessor's Redis when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
 }
 
 /// The kinds of signal.

@@ -311,6 +311,13 @@ impl QueueProcessorSpec {
                 !sig.due_only || sig.kind == SignalKind::SortedSetSize,
                 &SIGNAL_RULES[2],
             );
+            if let Some(r) = &sig.redis {
+                p.rule(r.endpoint().is_some(), &REDIS_RULES[0]);
+                p.rule(
+                    !r.url.as_deref().unwrap_or_default().contains('@'),
+                    &REDIS_RULES[1],
+                );
+            }
             if s.signals[..i].iter().any(|o| o.name == sig.name) {
                 p.0.push(format!("{}: Duplicate value: {:?}", at("name"), sig.name));
             }

@@ -142,22 +142,20 @@ pub const HEARTBEAT_FRESH: Duration = Duration::from_secs(5);
 /// Measure the source, the workers and the signals concurrently: a slow one does not delay
 /// the others.
 pub async fn observe(probes: &Probes, r: &crate::tick::Resolved) -> Observed {
-    let read_signals = async {
-        if r.signals.is_empty() {
-            return Vec::new();
-        }
-        match probes.redis(&r.redis).await {
-            Ok(conn) => crate::signals::read(&conn, &r.signals, unix_seconds()).await,
-            Err(e) => r
-                .signals
-                .iter()
-                .map(|spec| SignalReading {
-                    spec: spec.clone(),
-                    value: Err(e.to_string()),
-                })
-                .collect(),
-        }
-    };
+    // Each signal from its own Redis when it names one, else from the QueueProcessor's
+    // (connections are shared per endpoint).
+    let read_signals = crate::signals::read(
+        &r.signals,
+        |i| {
+            let settings = r
+                .signal_redis
+                .get(i)
+                .and_then(Option::as_ref)
+                .unwrap_or(&r.redis);
+            probes.redis(settings)
+        },
+        unix_seconds(),
+    );
     let key = r.key();
     let (source, workers, signals) = tokio::join!(
         probes.source(&key, &r.target, &r.redis),
