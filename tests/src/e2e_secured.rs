@@ -156,16 +156,15 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
     )
     .await;
     let keys = Keys::new(&e.ns, QP);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let states = fixture::states(&e.redis, &keys, &ids).await;
-        let done = states.values().filter(|s| *s == "done").count();
-        if done == ids.len() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "secured: {done} of 200 done");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        Duration::from_secs(90),
+        "secured: 200 messages done",
+        || async {
+            let states = fixture::states(&e.redis, &keys, &ids).await;
+            (states.values().filter(|s| *s == "done").count() == ids.len()).then_some(())
+        },
+    )
+    .await;
     e.time(
         "200 messages through SASL_SSL and Redis TLS in pods",
         t.elapsed(),

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod downstream;
 pub mod e2e;
 pub mod e2e_secured;
+pub mod e2e_stream;
 pub mod env;
 pub mod faults;
 pub mod fixture;

@@ -99,6 +99,7 @@ async fn the_chart_operator_workers_and_gateway_run_in_pods_end_to_end() {
     gateway_answers_through_its_service(&e, &prometheus_url).await;
     prometheus_scrapes_the_pods(&e, &prometheus_url).await;
     qp_tests::e2e_secured::secured_queue_processor_in_pods(&e).await;
+    qp_tests::e2e_stream::stream_queue_processor_in_pods(&e).await;
     upgrade_rolls_the_operator_with_one_leader(&e).await;
     missing_image_makes_ready_false(&e).await;
     delete_removes_deployments_and_redis_keys(&e).await;

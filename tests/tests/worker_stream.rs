@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use qp_tests::downstream::Downstream;
 use qp_tests::faults::RedisCrash;
 use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
 use qp_tests::procs::Proc;
@@ -72,11 +73,14 @@ async fn kill_and_maybe_crash(kind: RedisKind) {
     let fx = Fixture::new("stream", kind, 0).await;
     fx.pool().set_limit(8).await.unwrap();
     let key = format!("{}stream", fx.keys.prefix());
-    let mut w0 = stream_worker(&fx, "w0", &key, "sleep:20", &["--max-concurrency", "4"]);
-    let mut w1 = stream_worker(&fx, "w1", &key, "sleep:20", &["--max-concurrency", "4"]);
+    // The handler's downstream counts what it sees twice and the most requests at once.
+    let downstream = Downstream::start(Duration::from_millis(20), false).await;
+    let extra = ["--max-concurrency", "4"];
+    let mut w0 = stream_worker(&fx, "w0", &key, &downstream.url, &extra);
+    let mut w1 = stream_worker(&fx, "w1", &key, &downstream.url, &extra);
     let ids: Vec<String> = (0..400).map(|i| format!("e-{i}")).collect();
     for id in &ids {
-        add(&fx, &key, id, "work").await;
+        add(&fx, &key, id, id).await;
     }
     let t = Instant::now();
     // w1 dies holding entries: they stay pending under it until w0 claims them.
@@ -115,7 +119,18 @@ async fn kill_and_maybe_crash(kind: RedisKind) {
             ""
         }
     );
+    let twice = downstream.twice();
+    println!(
+        "duplicates {twice} (bound: {held} pending at the kill + 8 in flight at the restart), \
+         most at once {} (limit 8)",
+        downstream.max()
+    );
     assert_eq!(failed, 0);
+    assert!(downstream.max() <= 8, "ceiling held");
+    assert!(
+        twice as i64 <= held + 8,
+        "duplicates only of work in flight"
+    );
     assert!(w0.alive(), "w0 rode out the Redis restart");
     fx.cleanup().await;
 }

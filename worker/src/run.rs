@@ -32,7 +32,7 @@ use crate::results::ResultStore;
 use crate::server::{self, Readiness};
 use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::redis_list::{self, IntakeEnd, RedisListSettings, RedisListSource};
-use crate::source::redis_stream::{RedisStreamSettings, RedisStreamSource};
+use crate::source::redis_stream::{self, RedisStreamSettings, RedisStreamSource};
 use crate::{Error, Result};
 use qp_protocol::kafka::KafkaArgs;
 use qp_protocol::keys::Keys;
@@ -238,9 +238,13 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
                 batch: args.max_concurrency.max(1),
                 trim_acknowledged: args.stream_trim_acknowledged,
             };
-            let (source, acker) =
-                RedisStreamSource::start(settings, &redis, conn.clone(), stop.child_token())
-                    .await?;
+            let (source, acker) = RedisStreamSource::start(
+                settings.clone(),
+                &redis,
+                conn.clone(),
+                stop.child_token(),
+            )
+            .await?;
             ready.set(true);
             engine
                 .clone()
@@ -250,6 +254,15 @@ pub async fn run(args: RunArgs, stop: CancellationToken) -> Result<()> {
             deadline = Instant::now() + AFTER_DRAIN;
             // Unacknowledged entries stay pending in the group; other workers claim them.
             source.intake.abort();
+            if settings.trim_acknowledged
+                && let Ok(Err(e)) = timeout_at(
+                    deadline - TOKENS_AND_HEARTBEAT,
+                    redis_stream::trim(&mut conn.clone(), &settings),
+                )
+                .await
+            {
+                warn!(error = %e, "trimming acknowledged entries at shutdown failed");
+            }
         }
         SourceKind::RedisList => {
             let settings = RedisListSettings {

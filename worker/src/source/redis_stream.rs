@@ -45,7 +45,8 @@ pub struct RedisStreamSettings {
     pub max_message_bytes: usize,
     /// Entries read per call.
     pub batch: usize,
-    /// Delete acknowledged entries at every claim round ([`trim`]).
+    /// Delete acknowledged entries at every claim round and when the worker stops ([`trim`]):
+    /// a workload scaled to zero right after its last entries still leaves them trimmed.
     pub trim_acknowledged: bool,
 }
 
@@ -298,7 +299,7 @@ async fn read(
 /// Delete the entries the group is done with: those before both the oldest entry still pending
 /// and the first entry not yet delivered (`XTRIM MINID`, exact). Entries from there on are
 /// kept, whoever reads them.
-async fn trim(conn: &mut Conn, s: &RedisStreamSettings) -> redis::RedisResult<()> {
+pub async fn trim(conn: &mut Conn, s: &RedisStreamSettings) -> redis::RedisResult<()> {
     let groups: Value = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(&s.key)
