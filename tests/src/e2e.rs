@@ -160,6 +160,28 @@ impl E2e {
             .expect("apply the QueueProcessor");
     }
 
+    /// Delete QueueProcessor `name` and wait until it is gone (its finalizer done), leaving
+    /// the node to the phases after.
+    pub async fn delete_qp(&self, name: &str) {
+        self.api::<QueueProcessor>()
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+            .unwrap();
+        crate::fixture::eventually(
+            Duration::from_secs(60),
+            &format!("QueueProcessor {name} gone"),
+            || async {
+                self.api::<QueueProcessor>()
+                    .get_opt(name)
+                    .await
+                    .unwrap()
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     pub async fn produce(&self, prefix: &str, n: usize) -> Vec<String> {
         let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
         let producer = kafka::producer(&self.env.get("QP_KAFKA_BOOTSTRAP"));

@@ -8,8 +8,6 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Secret, Service};
-use kube::api::DeleteParams;
-use qp_operator::crd::QueueProcessor;
 use qp_protocol::keys::Keys;
 use serde_json::{Value as Json, json};
 
@@ -216,22 +214,6 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
     assert_eq!(answer["status"], "done", "{answer}");
 
     // Leave the node to the phases after this one.
-    e.api::<QueueProcessor>()
-        .delete(QP, &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the secured QueueProcessor gone",
-        || async {
-            e.api::<QueueProcessor>()
-                .get_opt(QP)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    e.delete_qp(QP).await;
     kafka::delete_topic(&env.get("QP_KAFKA_BOOTSTRAP"), &topic).await;
 }

@@ -3,8 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use kube::api::DeleteParams;
-use qp_operator::crd::QueueProcessor;
 use qp_protocol::keys::Keys;
 use serde_json::json;
 
@@ -78,23 +76,7 @@ pub async fn stream_queue_processor_in_pods(e: &E2e) {
         "stream drained to 0 replicas, acknowledged entries trimmed",
         t.elapsed(),
     );
-    e.api::<QueueProcessor>()
-        .delete(QP, &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        "the stream QueueProcessor gone",
-        || async {
-            e.api::<QueueProcessor>()
-                .get_opt(QP)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    e.delete_qp(QP).await;
     let _: () = redis::cmd("DEL")
         .arg(&stream)
         .query_async(&mut e.redis.clone())

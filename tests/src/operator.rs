@@ -125,6 +125,61 @@ pub async fn put_secret(s: &Setup, name: &str, values: serde_json::Value) {
         .expect("apply the Secret");
 }
 
+/// What a refused measurement showed: the `SourceReachable` condition's reason and message,
+/// and the note of the event it raised.
+pub struct Refusal {
+    pub reason: String,
+    pub message: String,
+    pub note: String,
+}
+
+/// Wait until QueueProcessor `name` reports `SourceReachable=False` with a message containing
+/// `expect`, and for an event of the condition's reason made at or after `since`.
+pub async fn wait_refusal(s: &Setup, name: &str, expect: &str, since: jiff::Timestamp) -> Refusal {
+    let (reason, message) = crate::fixture::eventually(
+        Duration::from_secs(60),
+        "SourceReachable False, naming the refusal",
+        || async {
+            let qp = qp_status(s, name).await;
+            let (status, reason, message) = condition(&qp, "SourceReachable")?;
+            (status == "False" && message.contains(expect)).then_some((reason, message))
+        },
+    )
+    .await;
+    let event = crate::fixture::eventually(
+        Duration::from_secs(20),
+        &format!("a {reason} event"),
+        || async {
+            events(s, &reason)
+                .await
+                .into_iter()
+                .find(|e| e.event_time.as_ref().is_some_and(|t| t.0 >= since))
+        },
+    )
+    .await;
+    Refusal {
+        reason,
+        message,
+        note: event.note.unwrap_or_default(),
+    }
+}
+
+/// Wait until QueueProcessor `name` reports `SourceReachable=True`; returns how long it took.
+pub async fn wait_reachable(s: &Setup, name: &str) -> Duration {
+    let t = std::time::Instant::now();
+    crate::fixture::eventually(
+        Duration::from_secs(30),
+        "SourceReachable True again",
+        || async {
+            let qp = qp_status(s, name).await;
+            let (status, ..) = condition(&qp, "SourceReachable")?;
+            (status == "True").then_some(())
+        },
+    )
+    .await;
+    t.elapsed()
+}
+
 pub async fn deployment(s: &Setup, name: &str) -> Option<Deployment> {
     Api::<Deployment>::namespaced(s.client.clone(), &s.ns)
         .get_opt(name)

@@ -160,7 +160,9 @@ async fn a_wrong_password_or_an_untrusted_ca_leaves_processes_up_and_unready() {
 async fn the_operator_reaches_redis_through_tls_and_names_a_refusal() {
     use qp_protocol::keys::Keys;
     use qp_tests::cluster;
-    use qp_tests::operator::{apply_qp, condition, events, put_secret, qp_status, setup};
+    use qp_tests::operator::{
+        Refusal, apply_qp, condition, put_secret, qp_status, setup, wait_reachable, wait_refusal,
+    };
     use qp_tests::pki::untrusted_ca;
 
     let s = setup("op-rtls").await;
@@ -242,47 +244,22 @@ async fn the_operator_reaches_redis_through_tls_and_names_a_refusal() {
         let secret = format!("redis-client-{case}");
         secret_with(&secret, &bad_password, &bad_ca).await;
         apply_qp(&s, &qp(&secret)).await;
-        let (reason, message) = eventually(
-            Duration::from_secs(60),
-            "SourceReachable False, naming the refusal",
-            || async {
-                let qp = qp_status(&s, "secured").await;
-                let (status, reason, message) = condition(&qp, "SourceReachable")?;
-                (status == "False" && message.contains(expect)).then_some((reason, message))
-            },
-        )
-        .await;
+        let Refusal {
+            reason,
+            message,
+            note,
+        } = wait_refusal(&s, "secured", expect, since).await;
         println!("{case}: SourceReachable False, {reason}: {message}");
         assert_eq!(reason, "RedisRefused", "{case}");
         assert!(!message.contains("not-the-password") && !message.contains(&password));
-        let event = eventually(Duration::from_secs(20), "a RedisRefused event", || async {
-            events(&s, "RedisRefused")
-                .await
-                .into_iter()
-                .find(|e| e.event_time.as_ref().is_some_and(|t| t.0 >= since))
-        })
-        .await;
-        let note = event.note.unwrap_or_default();
+        println!("{case}: event {note}");
         println!("{case}: event {note}");
         assert!(note.contains(expect), "{note}");
         assert!(op.alive(), "{case}: the operator keeps running");
 
-        let fixed = std::time::Instant::now();
         secret_with(&secret, &password, &ca).await;
-        eventually(
-            Duration::from_secs(30),
-            "SourceReachable True again",
-            || async {
-                let qp = qp_status(&s, "secured").await;
-                let (status, ..) = condition(&qp, "SourceReachable")?;
-                (status == "True").then_some(())
-            },
-        )
-        .await;
-        println!(
-            "{case}: measured again {:.1?} after the Secret was fixed",
-            fixed.elapsed()
-        );
+        let healed = wait_reachable(&s, "secured").await;
+        println!("{case}: measured again {healed:.1?} after the Secret was fixed");
     }
     let log = op.log_text();
     assert!(!log.contains(&password) && !log.contains("not-the-password"));
