@@ -260,6 +260,41 @@ impl Fixture {
         Proc::spawn(&format!("{}-{worker_id}", self.name), cmd)
     }
 
+    /// Run a worker from `start` again after each time it dies (as a pod's container is
+    /// restarted, with the same id) until every id in `ids` has an outcome (`done` or
+    /// `failed`); returns how many starts that took. Fails after `max_starts`.
+    pub async fn restart_until_finished(
+        &self,
+        ids: &[String],
+        max_starts: u32,
+        start: impl Fn() -> Proc,
+    ) -> u32 {
+        let mut starts = 0;
+        loop {
+            starts += 1;
+            assert!(
+                starts <= max_starts,
+                "not every outcome after {} starts",
+                starts - 1
+            );
+            let mut w = start();
+            let finished = eventually(Duration::from_secs(30), "a crash or every outcome", || {
+                let alive = w.alive();
+                async move {
+                    let states = self.states(ids).await;
+                    let finished = ids.iter().all(|id| {
+                        matches!(states.get(id).map(String::as_str), Some("done" | "failed"))
+                    });
+                    (finished || !alive).then_some(finished)
+                }
+            })
+            .await;
+            if finished {
+                return starts;
+            }
+        }
+    }
+
     /// States of the given request ids (missing ids are absent from the map).
     pub async fn states(&self, ids: &[String]) -> HashMap<String, String> {
         states(&self.conn, &self.keys, ids).await

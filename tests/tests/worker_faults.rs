@@ -247,36 +247,16 @@ async fn a_message_that_crashes_the_worker_is_dead_lettered_after_max_deliveries
     let all: Vec<String> = ["good-0", "poison", "good-1"].map(String::from).to_vec();
 
     // Restarted after every crash, with the same id (as a pod's container is).
-    let mut starts = 0;
-    loop {
-        starts += 1;
-        assert!(
-            starts <= 6,
-            "still not dead-lettered after {} starts",
-            starts - 1
-        );
-        let mut w = fx.list_worker(
-            "w0",
-            &list,
-            CRASHER,
-            &["--max-deliveries", "3", "--max-concurrency", "1"],
-        );
-        let (fx, all) = (&fx, &all);
-        let finished = eventually(Duration::from_secs(30), "a crash or every outcome", || {
-            let alive = w.alive();
-            async move {
-                let states = fx.states(all).await;
-                let finished = all.iter().all(|id| {
-                    matches!(states.get(id).map(String::as_str), Some("done" | "failed"))
-                });
-                (finished || !alive).then_some(finished)
-            }
+    let starts = fx
+        .restart_until_finished(&all, 6, || {
+            fx.list_worker(
+                "w0",
+                &list,
+                CRASHER,
+                &["--max-deliveries", "3", "--max-concurrency", "1"],
+            )
         })
         .await;
-        if finished {
-            break;
-        }
-    }
     let states = fx.states(&all).await;
     assert_eq!(states["good-0"], "done");
     assert_eq!(states["good-1"], "done");
