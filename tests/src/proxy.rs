@@ -4,9 +4,10 @@
 //! one fault after which a client cannot know what happened.
 //!
 //! The proxy forwards bytes both ways and understands just enough RESP to recognise a
-//! connection that sent `BLMOVE` and a reply that carries a message (a bulk string, not a
-//! null). When [armed](ReplyCutter::arm), it swallows the next such reply and closes both
-//! sides; the client reconnects through the proxy as usual.
+//! connection that sent `BLMOVE` or `LMOVE` (alone or pipelined) and a reply that carries a
+//! message (a bulk string, not a null; for a pipeline, the first reply). When
+//! [armed](ReplyCutter::arm), it swallows the next such reply and closes both sides; the client
+//! reconnects through the proxy as usual.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,7 +55,7 @@ impl ReplyCutter {
         format!("redis://{}", self.addr)
     }
 
-    /// Lose the next reply to a `BLMOVE` that moved a message.
+    /// Lose the next reply to a `BLMOVE` or `LMOVE`s that moved a message.
     pub fn arm(&self) {
         self.state.armed.store(true, Ordering::SeqCst);
     }
@@ -84,7 +85,10 @@ async fn pipe(client: TcpStream, server: TcpStream, state: Arc<State>) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if contains_ignore_case(&buf[..n], b"BLMOVE") {
+            // The command names as RESP bulk strings, not a script's text that mentions them.
+            if contains_ignore_case(&buf[..n], b"\r\nLMOVE\r\n")
+                || contains_ignore_case(&buf[..n], b"\r\nBLMOVE\r\n")
+            {
                 seen.store(true, Ordering::SeqCst);
             }
             if sw.write_all(&buf[..n]).await.is_err() {

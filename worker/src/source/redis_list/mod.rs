@@ -1,8 +1,9 @@
 //! Redis list source: reliable-queue consumption with a per-worker processing list.
 //!
 //! Producers `LPUSH` envelopes onto the source list. A worker takes one with `BLMOVE source
-//! processing RIGHT LEFT`: the move is atomic, so a message is always in exactly one of the two
-//! lists and a crash between "taken" and "done" cannot lose it. When the result is durable the
+//! processing RIGHT LEFT`, or up to 32 at once with pipelined `LMOVE`s while the list has
+//! messages: each move is atomic, so a message is always in exactly one of the two lists and a
+//! crash between "taken" and "done" cannot lose it. When the result is durable the
 //! worker removes the message from its processing list (`LREM`, batched).
 //!
 //! A worker that dies leaves its processing list behind. Every worker heartbeats into the
@@ -140,7 +141,7 @@ impl RedisListSource {
         }
         let blocking = redis.connect_blocking().await?;
         let holdings = Holdings::default();
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(intake::BATCH);
         let intake = tokio::spawn(intake::run(
             settings.clone(),
             blocking,
@@ -188,9 +189,12 @@ async fn acker(
     while rx.recv_many(&mut batch, 256).await > 0 {
         let mut pipe = redis::pipe();
         for (raw, _) in &batch {
+            // One copy, searched from the tail: messages enter at the head, so the oldest,
+            // which mostly finish first, are near the tail. From the head, every removal
+            // compared the message with most of the list (twice the Redis time per message).
             pipe.cmd("LREM")
                 .arg(&processing)
-                .arg(1)
+                .arg(-1)
                 .arg(raw.as_ref())
                 .ignore();
         }
