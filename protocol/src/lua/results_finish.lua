@@ -14,7 +14,9 @@ for i = 3, #KEYS do
   local key = KEYS[i]
   local base = 4 + (i - 3) * 3
   local outcome, payload, id = ARGV[base], ARGV[base + 1], ARGV[base + 2]
-  local s = redis.call('HGET', key, 'state')
+  -- One read for both fields: this runs for every message.
+  local f = redis.call('HMGET', key, 'state', 'watched')
+  local s = f[1]
   if s == 'done' or s == 'failed' then
     out[i - 2] = 0
   else
@@ -27,7 +29,7 @@ for i = 3, #KEYS do
       failed = failed + 1
     end
     redis.call('PEXPIRE', key, ttl)
-    if redis.call('HEXISTS', key, 'watched') == 1 then
+    if f[2] then
       redis.call(publish, channel, id)
     end
     out[i - 2] = 1
