@@ -175,6 +175,9 @@ pub mod defaults {
     pub const STREAM_CLAIM_IDLE_MS: u64 = 30_000;
     pub const MAX_BACKLOG: u64 = 0;
     pub const MAX_WAIT_SECONDS: u64 = 30;
+    /// Each parked long poll holds a connection: 10,000 waiters need more than the 4096 a
+    /// metrics server is allowed (they cost about 3 KB each in the gateway; see BENCHMARKS.md).
+    pub const GATEWAY_MAX_CONNECTIONS: usize = 16_384;
 }
 
 /// Settings shared by every mode: which QueueProcessor, which Redis, where to serve metrics.
@@ -390,6 +393,14 @@ pub struct GatewayArgs {
     /// Longest accepted ?wait= for long polls.
     #[arg(long, env = "QP_MAX_WAIT_SECONDS", default_value_t = defaults::MAX_WAIT_SECONDS)]
     pub max_wait_seconds: u64,
+    /// Client connections the API serves at once (more wait in the kernel's backlog). Every
+    /// parked long poll holds one; the process's open-file limit must allow as many.
+    #[arg(
+        long,
+        env = "QP_GATEWAY_MAX_CONNECTIONS",
+        default_value_t = defaults::GATEWAY_MAX_CONNECTIONS
+    )]
+    pub max_connections: usize,
     /// Clients and their bearer tokens, one `<client>:<token>` per line (`#` comments; a
     /// mounted Secret key). Re-read when it changes, so tokens rotate without a restart. Every
     /// API request must carry `Authorization: Bearer <token>`, and a result is readable only by
@@ -824,6 +835,7 @@ impl GatewayArgs {
             max_backlog: defaults::MAX_BACKLOG,
             result_ttl_seconds: defaults::RESULT_TTL_SECONDS,
             max_wait_seconds: defaults::MAX_WAIT_SECONDS,
+            max_connections: defaults::GATEWAY_MAX_CONNECTIONS,
             tokens_file: None,
             no_auth: false,
             rate_limit_per_client: 0,
@@ -856,6 +868,11 @@ impl GatewayArgs {
             "max_wait_seconds",
             self.max_wait_seconds,
             defaults::MAX_WAIT_SECONDS,
+        );
+        r.tuned(
+            "max_connections",
+            self.max_connections,
+            defaults::GATEWAY_MAX_CONNECTIONS,
         );
         let tokens_file = self.tokens_file.as_ref().map(|p| p.display().to_string());
         r.secret("tokens_file", &tokens_file, &refs.gateway_tokens_file, true);

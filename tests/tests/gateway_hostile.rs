@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use qp_tests::fixture::{Fixture, GatewayQueue, RedisKind, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -150,5 +151,68 @@ async fn idle_slow_and_oversized_clients_do_not_stop_the_gateway() {
         r.status().is_success().then_some(())
     })
     .await;
+    fx.cleanup().await;
+}
+
+/// Defect (issue 16): the gateway's API served at most 4096 connections, the bound of a metrics
+/// server, and every parked long poll holds one: the 4097th waiter was never served, it sat in
+/// the kernel's backlog until its client gave up. 5000 long polls on pending requests must all
+/// be parked at once (the gateway's own gauge), each costing a bounded amount of memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn more_long_polls_than_a_metrics_server_allows_are_all_parked() {
+    let fx = Fixture::new("parked", RedisKind::Single, 0).await;
+    let list = format!("{}queue", fx.keys.prefix());
+    let (gateway, base) = fx.gateway(GatewayQueue::RedisList(&list), &[]).await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let n = 5000;
+    // Pending requests, with no worker to finish them.
+    let http = reqwest::Client::new();
+    let submits = (0..n).map(|i| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let r = http
+                .post(format!("{base}/v1/requests"))
+                .header("content-type", "text/plain")
+                .header("idempotency-key", format!("park-{i}"))
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+        }
+    });
+    futures::stream::iter(submits)
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let before = rss_mib(gateway.pid());
+
+    let mut polls = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(
+            format!("GET /v1/requests/park-{i}?wait=30 HTTP/1.1\r\nHost: gw\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        polls.push(s);
+    }
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "every long poll parked",
+        || async move {
+            let parked = qp_tests::cluster::metric(port, "qp_gateway_longpoll_waiters").await?;
+            (parked >= n as f64).then_some(())
+        },
+    )
+    .await;
+    let per_poll_kib = (rss_mib(gateway.pid()) - before) * 1024.0 / n as f64;
+    println!("{n} parked long polls: {per_poll_kib:.1} KiB of gateway memory each");
+    assert!(
+        per_poll_kib < 48.0,
+        "a parked long poll costs {per_poll_kib:.1} KiB"
+    );
+    drop(polls);
     fx.cleanup().await;
 }

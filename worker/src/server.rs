@@ -8,7 +8,7 @@
 //! client that sends its headers a byte at a time (slowloris), or connects and says nothing,
 //! holds a connection and its memory for ever. Here a request's headers must arrive within
 //! [`HEADER_READ_TIMEOUT`], and at most [`MAX_CONNECTIONS`] connections are served at once (more
-//! wait in the kernel's backlog).
+//! wait in the kernel's backlog; the gateway's API sets its own bound, `--max-connections`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,7 +32,7 @@ pub use qp_protocol::observability::Readiness;
 /// kept-alive one; then the connection is closed.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections served at once.
+/// Connections served at once by [`serve`] (metrics and probes; the gateway's API sets its own).
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// How long requests in flight may take to finish once `stop` fired (long polls answer at
@@ -45,15 +45,17 @@ pub async fn serve(
     app: Router,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(addr, app, None, stop).await
+    serve_with(addr, app, None, MAX_CONNECTIONS, stop).await
 }
 
-/// [`serve`] over TLS: the handshake must finish within [`HEADER_READ_TIMEOUT`], and with
-/// client certificates on, each request carries the client's [`PeerName`].
+/// [`serve`] with at most `max_connections` at once, and optionally over TLS: the handshake
+/// must finish within [`HEADER_READ_TIMEOUT`], and with client certificates on, each request
+/// carries the client's [`PeerName`].
 pub async fn serve_with(
     addr: SocketAddr,
     app: Router,
     tls: Option<Reloading>,
+    max_connections: usize,
     stop: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -63,7 +65,7 @@ pub async fn serve_with(
         .local_addr()
         .map_err(|e| Error::Http(e.to_string()))?;
     info!(%bound, tls = tls.is_some(), "serving HTTP");
-    let handle = tokio::spawn(accept_loop(listener, app, tls, stop));
+    let handle = tokio::spawn(accept_loop(listener, app, tls, max_connections, stop));
     Ok((bound, handle))
 }
 
@@ -90,10 +92,11 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<Reloading>,
+    max_connections: usize,
     stop: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),

@@ -139,6 +139,11 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     if let Some(path) = &args.tokens_file {
         tokio::spawn(auth::reload(auth.clone(), path.clone(), stop.clone()));
     }
+    if args.max_connections == 0 {
+        return Err(Error::config(
+            "--max-connections must be at least 1 (every request needs a connection)",
+        ));
+    }
     let keys = args.common.keys();
     let redis = args.common.redis()?;
     // Serve at once: probes answer (alive, not ready) while Redis is away or refuses the
@@ -157,16 +162,28 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     let mut servers = Vec::new();
     let addr = match tls {
         None => {
-            let (addr, http) =
-                server::serve(args.common.listen, probes.merge(late), stop.clone()).await?;
+            let (addr, http) = server::serve_with(
+                args.common.listen,
+                probes.merge(late),
+                None,
+                args.max_connections,
+                stop.clone(),
+            )
+            .await?;
             servers.push(http);
             addr
         }
         Some(tls) => {
             let (_, http) = server::serve(args.common.listen, probes, stop.clone()).await?;
             servers.push(http);
-            let (addr, https) =
-                server::serve_with(args.api_listen, late, Some(tls), stop.clone()).await?;
+            let (addr, https) = server::serve_with(
+                args.api_listen,
+                late,
+                Some(tls),
+                args.max_connections,
+                stop.clone(),
+            )
+            .await?;
             servers.push(https);
             addr
         }
