@@ -4,8 +4,9 @@
 #
 #   bash hack/bench.sh [group...]    e.g. `bash hack/bench.sh worker`
 #
-# stdout carries only the figures, one `name value unit` line each (see BENCHMARKS.md);
-# everything else (service start-up, cargo, progress) goes to stderr.
+# stdout carries the figures, one `name value unit` line each (see BENCHMARKS.md), then a
+# summary table of every figure, its goal and met / not met, as `# ` comment lines; everything
+# else (service start-up, cargo, progress) goes to stderr.
 source "$(dirname "$0")/lib.sh"
 cd "$QP_ROOT"
 
@@ -13,6 +14,8 @@ need cargo "install Rust with rustup (https://rustup.rs)"
 need redis-server "apt-get install redis-server (the worker benchmark starts a private one)"
 
 services_up
+# The yardsticks (vegeta, kcat): installed once, cached by version.
+eval "$(bash "$QP_ROOT/hack/bench-tools.sh")"
 
 log "building release binaries"
 cargo build --release --workspace --bins >&2

@@ -16,6 +16,8 @@ LOG4J_VERSION="${LOG4J_VERSION:-2.25.4}"
 # Prometheus 3.16 is published as the Go module version v0.316.0.
 PROMETHEUS_SD_VERSION="${PROMETHEUS_SD_VERSION:-3.16.0}"
 PROMETHEUS_SD_MODULE_VERSION="v0.3${PROMETHEUS_SD_VERSION#3.}"
+# The load generator `make bench` drives the gateway with (hack/bench-tools.sh).
+VEGETA_VERSION="${VEGETA_VERSION:-v12.13.0}"
 
 QP_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QP_CACHE="${QP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/queue-processor}"
@@ -28,6 +30,7 @@ HELM_BIN="$QP_CACHE/helm-$HELM_VERSION/bin"
 KUBE_SCORE_BIN="$QP_CACHE/tools/kube-score-$KUBE_SCORE_VERSION"
 KAFKA_LIBS="$QP_CACHE/kafka-$KAFKA_VERSION-log4j-$LOG4J_VERSION/libs"
 PROMETHEUS_SD_BIN="$QP_CACHE/prometheus-$PROMETHEUS_SD_VERSION/bin"
+VEGETA_BIN="$QP_CACHE/tools/vegeta-$VEGETA_VERSION"
 
 log() { printf '\033[1m[qp]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[qp] error:\033[0m %s\n' "$*" >&2; exit 1; }

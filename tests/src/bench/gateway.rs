@@ -69,7 +69,10 @@ pub async fn run(env: &Env) -> Vec<Figure> {
         duration: Duration::from_secs(setting("QP_BENCH_GATEWAY_SECONDS", 10)),
         ..GatewayBench::default()
     };
-    gateway_bench(env, &settings).await
+    let mut figures = gateway_bench(env, &settings).await;
+    // Then the same gateway under an outside load tool (`gateway_load`).
+    figures.extend(super::gateway_load::run().await);
+    figures
 }
 
 /// Run the benchmark; panics (after cleaning up) when a measurement cannot be taken.
@@ -246,7 +249,7 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -8,6 +8,8 @@
 pub mod chaos;
 pub mod fleet;
 pub mod gateway;
+pub mod gateway_load;
+pub mod goals;
 pub mod operator;
 pub mod private_redis;
 pub mod worker;
@@ -30,7 +32,7 @@ pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// The groups in the order they run, each with the time it may take at most.
 pub const GROUPS: &[(&str, Duration)] = &[
     ("worker", Duration::from_secs(180)),
-    ("gateway", Duration::from_secs(90)),
+    ("gateway", Duration::from_secs(300)),
     ("operator", Duration::from_secs(900)),
     ("chaos", Duration::from_secs(480)),
 ];

@@ -120,16 +120,40 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             t.elapsed().as_secs_f64()
         ));
         let stream = ctx
-            .run_from(&format!("stream-{suffix}"), true, false, Some(&stream_key))
+            .run_from(
+                &format!("stream-{suffix}"),
+                true,
+                false,
+                From::Stream(&stream_key),
+            )
             .await?;
         let stream_counted = ctx
             .run_from(
                 &format!("stream-counted-{suffix}"),
                 true,
                 true,
-                Some(&stream_key),
+                From::Stream(&stream_key),
             )
             .await?;
+        // The same messages again from a Redis list.
+        let list_key = format!("{{bench}}:list-{suffix}");
+        let t = Instant::now();
+        fill_list(&redis, &list_key, s.messages).await?;
+        progress(format!(
+            "pushed {} envelopes to {list_key} in {:.1}s",
+            s.messages,
+            t.elapsed().as_secs_f64()
+        ));
+        let list = ctx
+            .run_from(
+                &format!("list-{suffix}"),
+                true,
+                false,
+                From::List(&list_key),
+            )
+            .await?;
+        // The yardstick: a bare librdkafka consumer reading the same topic to its end.
+        let kcat = kcat_rate(&bootstrap, &topic, s.messages).await?;
         let seed = seed_style(
             &redis,
             s.seed_paced_messages.min(s.messages),
@@ -152,11 +176,20 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             [seed, unpaced],
             wake,
             [stream, stream_counted],
+            list,
+            kcat,
         ))
     }
     .await;
     crate::kafka::delete_topic(&bootstrap, &topic).await;
-    let (gated, ungated, counted, [seed, unpaced], wake, [stream, stream_counted]) = result?;
+    let (gated, ungated, counted, [seed, unpaced], wake, [stream, stream_counted], list, kcat) =
+        result?;
+    progress(format!(
+        "list: {:.0} msg/s ({:.2} of Kafka gated); kcat: {kcat:.0} msg/s (gated is {:.3} of it)",
+        list.rate,
+        list.rate / gated.rate,
+        gated.rate / kcat,
+    ));
     let stream_sent = stream_counted.sent.unwrap_or_default();
     progress(format!(
         "stream: {:.0} msg/s ({:.2} of Kafka gated), counted run: {stream_sent} commands sent \
@@ -241,6 +274,14 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             stream_sent as f64 / n,
             "roundtrips/msg",
         ),
+        fig("worker.redis_list_msgs_per_s", list.rate, "msg/s"),
+        fig(
+            "worker.ratio_list_vs_kafka",
+            list.rate / gated.rate,
+            "ratio",
+        ),
+        fig("worker.kcat_msgs_per_s", kcat, "msg/s"),
+        fig("worker.ratio_gated_vs_kcat", gated.rate / kcat, "ratio"),
     ])
 }
 
@@ -268,6 +309,73 @@ async fn fill_stream(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
         i += 1000;
     }
     Ok(())
+}
+
+/// Push `n` envelopes with ids `m-<i>` and the same body as [`produce`] onto list `key` of the
+/// private Redis, pipelined, in the order the worker takes them (`m-0` first).
+async fn fill_list(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
+    let mut conn = RedisSettings::single(redis.url()).connect().await?;
+    let mut i = 0;
+    while i < n {
+        let mut pipe = redis::pipe();
+        for j in i..(i + 1000).min(n) {
+            let id = format!("m-{j}");
+            let envelope = qp_worker::source::redis_list::Envelope::new(
+                &id,
+                Some("application/json"),
+                payload(&id).as_bytes(),
+            );
+            pipe.cmd("LPUSH").arg(key).arg(envelope.to_bytes()).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await?;
+        i += 1000;
+    }
+    Ok(())
+}
+
+/// `kcat -C -e` (`$QP_KCAT`, installed by `hack/bench-tools.sh`) reading every message of the
+/// topic from the beginning, the best of three runs, in messages per second from its first
+/// message to its last (as the worker's rate is measured), printing one short line each.
+async fn kcat_rate(bootstrap: &str, topic: &str, n: u64) -> Result<f64> {
+    let kcat = std::env::var("QP_KCAT").unwrap_or_else(|_| "kcat".into());
+    let mut best: f64 = 0.0;
+    for run in 1..=3 {
+        let mut child = std::process::Command::new(&kcat)
+            .args(["-C", "-e", "-q", "-o", "beginning"])
+            .args(["-b", bootstrap, "-t", topic, "-f", "%o\\n"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {kcat} (apt-get install kcat)"))?;
+        let out = child.stdout.take().expect("piped");
+        let started = Instant::now();
+        let (count, first, last) = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let (mut count, mut first, mut last) = (0u64, None, None);
+            for line in std::io::BufReader::new(out).lines() {
+                if line.is_err() {
+                    break;
+                }
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                count += 1;
+            }
+            (count, first, last)
+        })
+        .await?;
+        let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+        if !status.success() || count != n {
+            bail!("kcat run {run} read {count} of {n} messages and exited with {status}");
+        }
+        let (first, last) = (first.expect("read some"), last.expect("read some"));
+        let rate = (count - 1) as f64 / last.duration_since(first).as_secs_f64();
+        progress(format!(
+            "kcat run {run}: {count} messages, {rate:.0} msg/s first to last, {:.2}s in all",
+            started.elapsed().as_secs_f64()
+        ));
+        best = best.max(rate);
+    }
+    Ok(best)
 }
 
 /// Produce `n` messages with ids `m-<i>` and a ~100 byte JSON body, keyed by id (so they
@@ -308,6 +416,17 @@ fn payload(id: &str) -> String {
     format!("{{\"id\":\"{id}\",\"data\":\"{}\"}}", "x".repeat(pad))
 }
 
+/// Where a measured worker reads the messages from.
+#[derive(Clone, Copy)]
+enum From<'a> {
+    /// The pre-produced topic.
+    Kafka,
+    /// A Redis stream in the private Redis (each run reads it with a group of its own).
+    Stream(&'a str),
+    /// A Redis list in the private Redis.
+    List(&'a str),
+}
+
 /// What one worker run measured.
 struct KafkaResult {
     rate: f64,
@@ -337,17 +456,16 @@ impl KafkaRun<'_> {
     /// the worker reaches Redis through the counting proxy; that costs CPU and a hop of
     /// latency, so the throughput figures come from runs without it.
     async fn run(&self, name: &str, gated: bool, counted: bool) -> Result<KafkaResult> {
-        self.run_from(name, gated, counted, None).await
+        self.run_from(name, gated, counted, From::Kafka).await
     }
 
-    /// [`KafkaRun::run`] from the Redis stream `stream` (in the private Redis, read by a
-    /// consumer group of the run's own) instead of the topic.
+    /// [`KafkaRun::run`] from `from` instead of the topic.
     async fn run_from(
         &self,
         name: &str,
         gated: bool,
         counted: bool,
-        stream: Option<&str>,
+        from: From<'_>,
     ) -> Result<KafkaResult> {
         let settings = RedisSettings::single(self.redis.url());
         let mut conn = settings.connect().await?;
@@ -382,14 +500,15 @@ impl KafkaRun<'_> {
                 "RUST_LOG",
                 std::env::var("QP_BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
             );
-        match stream {
-            None => cmd
+        match from {
+            From::Kafka => cmd
                 .args(["--source", "kafka", "--kafka-bootstrap", self.bootstrap])
                 .args(["--kafka-topic", self.topic])
                 .args(["--kafka-group", &format!("{name}-group")]),
-            Some(key) => cmd
+            From::Stream(key) => cmd
                 .args(["--source", "redis-stream", "--stream-key", key])
                 .args(["--stream-group", &format!("{name}-group")]),
+            From::List(key) => cmd.args(["--source", "redis-list", "--list-key", key]),
         };
         if !gated {
             cmd.arg("--ungated");
@@ -397,12 +516,14 @@ impl KafkaRun<'_> {
         if let Ok(extra) = std::env::var("QP_BENCH_DEBUG_ARGS") {
             cmd.args(extra.split_whitespace());
         }
-        let label = match (gated, counted, stream.is_some()) {
-            (true, false, false) => "gated",
-            (true, true, false) => "gated+counted",
+        let label = match (gated, counted, from) {
             (false, _, _) => "ungated",
-            (true, false, true) => "stream",
-            (true, true, true) => "stream+counted",
+            (true, false, From::Kafka) => "gated",
+            (true, true, From::Kafka) => "gated+counted",
+            (true, false, From::Stream(_)) => "stream",
+            (true, true, From::Stream(_)) => "stream+counted",
+            (true, false, From::List(_)) => "list",
+            (true, true, From::List(_)) => "list+counted",
         };
         progress(format!("{label}: starting qp-worker"));
         let mut worker = Proc::spawn(&format!("bench-{name}"), cmd);

@@ -1,5 +1,7 @@
 //! `qp-bench [group...]`: run the benchmark groups (all, or the named ones) against the local
-//! services and print one `name value unit` line per figure on stdout. Progress goes to stderr.
+//! services and print one `name value unit` line per figure on stdout, then a summary table of
+//! every figure with its goal and whether it was met, as `# ` comment lines. Progress goes to
+//! stderr.
 //! `make bench` builds the release binaries and runs this with `QP_BIN_DIR=target/release`.
 
 use std::io::Write;
@@ -24,6 +26,7 @@ async fn main() -> ExitCode {
     }
     let env = qp_tests::env::load();
     let mut failed = Vec::new();
+    let mut all = Vec::new();
     for (name, budget) in GROUPS {
         if !filters.is_empty() && !filters.iter().any(|f| f == name) {
             continue;
@@ -39,9 +42,10 @@ async fn main() -> ExitCode {
         match tokio::time::timeout(*budget, task).await {
             Ok(Ok(Some(figures))) => {
                 let mut out = std::io::stdout().lock();
-                for (figure, value, unit) in figures {
-                    let _ = writeln!(out, "{figure} {} {unit}", format_value(value));
+                for (figure, value, unit) in &figures {
+                    let _ = writeln!(out, "{figure} {} {unit}", format_value(*value));
                 }
+                all.extend(figures);
                 let _ = out.flush();
                 eprintln!(
                     "[bench] group {name} done in {:.0}s",
@@ -62,6 +66,11 @@ async fn main() -> ExitCode {
                 failed.push(*name);
             }
         }
+    }
+    if !all.is_empty() {
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "{}", bench::goals::summary(&all, format_value));
+        let _ = out.flush();
     }
     if failed.is_empty() {
         ExitCode::SUCCESS
