@@ -112,13 +112,7 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
         let counted = ctx.run(&format!("counted-{suffix}"), true, true).await?;
         // The same messages from a Redis stream (each run reads it with a group of its own).
         let stream_key = format!("{{bench}}:stream-{suffix}");
-        let t = Instant::now();
-        fill_stream(&redis, &stream_key, s.messages).await?;
-        progress(format!(
-            "added {} entries to {stream_key} in {:.1}s",
-            s.messages,
-            t.elapsed().as_secs_f64()
-        ));
+        fill_timed(&redis, From::Stream(&stream_key), s.messages).await?;
         let stream = ctx
             .run_from(
                 &format!("stream-{suffix}"),
@@ -137,13 +131,7 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             .await?;
         // The same messages again from a Redis list.
         let list_key = format!("{{bench}}:list-{suffix}");
-        let t = Instant::now();
-        fill_list(&redis, &list_key, s.messages).await?;
-        progress(format!(
-            "pushed {} envelopes to {list_key} in {:.1}s",
-            s.messages,
-            t.elapsed().as_secs_f64()
-        ));
+        fill_timed(&redis, From::List(&list_key), s.messages).await?;
         let list = ctx
             .run_from(
                 &format!("list-{suffix}"),
@@ -285,25 +273,38 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
     ])
 }
 
-/// Add `n` entries with ids `m-<i>` and the same body as [`produce`] to stream `key` of the
-/// private Redis, pipelined.
-async fn fill_stream(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
+/// The same `n` messages as [`produce`] (ids `m-<i>`, the same body) into a stream or a list of
+/// the private Redis, in the order a worker takes them (`m-0` first), 1000 to a pipeline.
+async fn fill(redis: &PrivateRedis, into: From<'_>, n: u64) -> Result<()> {
     let mut conn = RedisSettings::single(redis.url()).connect().await?;
     let mut i = 0;
     while i < n {
         let mut pipe = redis::pipe();
         for j in i..(i + 1000).min(n) {
             let id = format!("m-{j}");
-            pipe.cmd("XADD")
-                .arg(key)
-                .arg("*")
-                .arg("id")
-                .arg(&id)
-                .arg("contentType")
-                .arg("application/json")
-                .arg("body")
-                .arg(payload(&id))
-                .ignore();
+            let body = payload(&id);
+            match into {
+                From::Stream(key) => pipe
+                    .cmd("XADD")
+                    .arg(key)
+                    .arg("*")
+                    .arg("id")
+                    .arg(&id)
+                    .arg("contentType")
+                    .arg("application/json")
+                    .arg("body")
+                    .arg(body),
+                From::List(key) => pipe.cmd("LPUSH").arg(key).arg(
+                    qp_worker::source::redis_list::Envelope::new(
+                        &id,
+                        Some("application/json"),
+                        body.as_bytes(),
+                    )
+                    .to_bytes(),
+                ),
+                From::Kafka => bail!("Kafka is filled by `produce`"),
+            }
+            .ignore();
         }
         let _: () = pipe.query_async(&mut conn).await?;
         i += 1000;
@@ -311,25 +312,18 @@ async fn fill_stream(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// Push `n` envelopes with ids `m-<i>` and the same body as [`produce`] onto list `key` of the
-/// private Redis, pipelined, in the order the worker takes them (`m-0` first).
-async fn fill_list(redis: &PrivateRedis, key: &str, n: u64) -> Result<()> {
-    let mut conn = RedisSettings::single(redis.url()).connect().await?;
-    let mut i = 0;
-    while i < n {
-        let mut pipe = redis::pipe();
-        for j in i..(i + 1000).min(n) {
-            let id = format!("m-{j}");
-            let envelope = qp_worker::source::redis_list::Envelope::new(
-                &id,
-                Some("application/json"),
-                payload(&id).as_bytes(),
-            );
-            pipe.cmd("LPUSH").arg(key).arg(envelope.to_bytes()).ignore();
-        }
-        let _: () = pipe.query_async(&mut conn).await?;
-        i += 1000;
-    }
+/// [`fill`], saying how long it took.
+async fn fill_timed(redis: &PrivateRedis, into: From<'_>, n: u64) -> Result<()> {
+    let t = Instant::now();
+    fill(redis, into, n).await?;
+    let key = match into {
+        From::Stream(key) | From::List(key) => key,
+        From::Kafka => "",
+    };
+    progress(format!(
+        "{n} messages into {key} in {:.1}s",
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }
 
