@@ -176,7 +176,7 @@ pub mod defaults {
     pub const MAX_BACKLOG: u64 = 0;
     pub const MAX_WAIT_SECONDS: u64 = 30;
     /// Each parked long poll holds a connection: 10,000 waiters need more than the 4096 a
-    /// metrics server is allowed (they cost about 3 KB each in the gateway; see BENCHMARKS.md).
+    /// metrics server is allowed (they cost about 12 KB each in the gateway; see BENCHMARKS.md).
     pub const GATEWAY_MAX_CONNECTIONS: usize = 16_384;
 }
 

@@ -115,6 +115,11 @@ struct WaitQuery {
 }
 
 pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
+    if args.max_connections == 0 {
+        return Err(Error::config(
+            "--max-connections must be at least 1 (every request needs a connection)",
+        ));
+    }
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let auth = Arc::new(Auth::new(
@@ -138,11 +143,6 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     };
     if let Some(path) = &args.tokens_file {
         tokio::spawn(auth::reload(auth.clone(), path.clone(), stop.clone()));
-    }
-    if args.max_connections == 0 {
-        return Err(Error::config(
-            "--max-connections must be at least 1 (every request needs a connection)",
-        ));
     }
     let keys = args.common.keys();
     let redis = args.common.redis()?;
