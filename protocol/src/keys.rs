@@ -110,14 +110,28 @@ impl Keys {
         self.key("starving")
     }
 
+    /// Sorted set: each acquirer about to block or blocked in `BLPOP` (its TTL, owner and
+    /// ticket) -> when its wait ends. A RELEASE hands freed slots to these waiters.
+    pub fn waiters(&self) -> String {
+        self.key("waiters")
+    }
+
+    /// List: `<ttl_ms> <lease id>` of each lease a RELEASE handed over that no waiter has
+    /// popped yet. Blocked waiters pop it before `wake`; the next ACQUIRE takes what is left.
+    pub fn granted(&self) -> String {
+        self.key("granted")
+    }
+
     /// Every key of the token pool, in the order the token scripts take them as `KEYS`.
-    pub fn token_keys(&self) -> [String; 5] {
+    pub fn token_keys(&self) -> [String; 7] {
         [
             self.limit(),
             self.leases(),
             self.wake(),
             self.owners(),
             self.starving(),
+            self.waiters(),
+            self.granted(),
         ]
     }
 

@@ -15,25 +15,32 @@
 //!
 //! All state changes are Lua scripts (sent as `EVALSHA`, falling back to loading the script), so
 //! each is atomic and costs one round trip. Every key lives under one hash tag (see
-//! [`crate::keys`]), so the scripts work on Redis Cluster. They take the five keys of
+//! [`crate::keys`]), so the scripts work on Redis Cluster. They take the seven keys of
 //! [`Keys::token_keys`] in order. Each first drops expired leases (and expired `owners` /
-//! `starving` marks) and, if that freed capacity, pushes wake-ups.
+//! `starving` marks, ended waits, and hand-offs whose lease expired) and, if that freed
+//! capacity, pushes wake-ups.
 //!
 //! Every script's first argument is the limit the caller saw last (see "When Redis loses its
 //! data" below); the arguments listed here follow it.
 //!
-//! * ACQUIRE `(owner, k, ttl_ms, held, id_prefix, first)`: grants `g = min(k, limit - in_use)`
-//!   new leases named `<id_prefix><first>`, `<id_prefix><first + 1>`, ...; while another owner
-//!   is starving, no more than `share - held`.
+//! * ACQUIRE `(owner, k, ttl_ms, held, id_prefix, first, wait_ms, done_ticket)`: first takes
+//!   up to `k` hand-offs no waiter popped, then grants `g = min(k, limit - in_use)` new leases
+//!   named `<id_prefix><first>`, `<id_prefix><first + 1>`, ...; while another owner is
+//!   starving, no more than `share - held`. When nothing is granted and `wait_ms > 0`, the
+//!   caller is registered as a waiter with the ticket `<id_prefix><first + k>` until `wait_ms`
+//!   (plus [`WAITER_SLACK`]) from now; `done_ticket` drops the caller's previous registration.
 //!   Reply `[wait, limit, in_use, owners, starving_others, share, id...]` where `wait` is 0 when
 //!   something was granted, else the milliseconds until the earliest lease expires, -1 when no
 //!   lease exists (the limit itself is the obstacle), or -2 when the fair share held the
 //!   caller back. A `k` the caller could not get marks it *starving* for two seconds.
 //! * RENEW `(owner, ttl_ms, id...)`: extends the ids that still exist. Reply
 //!   `[limit, in_use, owners, starving_others, share, lost_id...]`.
-//! * RELEASE `(id...)`: removes the ids and pushes one wake-up per freed slot, but never
-//!   more than the free capacity (after a shrink, releases free nothing). Reply
-//!   `[removed, woken]`.
+//! * RELEASE `(id...)`: removes the ids and hands each freed slot to a registered waiter (see
+//!   "Waiting without polling"), or, with none left, pushes a wake-up for it; never more than
+//!   the free capacity (after a shrink, releases free nothing). Reply `[removed, woken,
+//!   handed_off]`.
+//! * WITHDRAW `(owner, ttl_ms, ticket)`: a waiter that stops waiting drops its registration
+//!   and a hand-off made to it that nobody popped (its slot goes on as a RELEASE's would).
 //! * SETLIMIT `(n)`: sets `limit`; growth pushes `new - old` wake-ups, a shrink touches
 //!   no lease (running work drains). Reply `[old_limit, woken]`.
 //! * SNAPSHOT `(owner or "")`: reply `[limit, in_use, owners, starving, share, wake_len,
@@ -64,12 +71,29 @@
 //!
 //! # Waiting without polling
 //!
-//! When ACQUIRE grants nothing, [`TokenPool::acquire`] blocks in `BLPOP wake` on a dedicated
-//! connection (see [`crate::redis_conn`]) with a timeout of min(time until the earliest lease
-//! expires, [`WAKE_CHECK`], time left). A release or a limit increase wakes it at once; a dead
-//! holder's lease is reclaimed when it expires, because that is exactly when the waiter's
-//! timeout ends. The one-second cap only bounds the damage of a lost wake-up (a waiter cancelled
-//! after popping one). Wake-ups are hints: a woken waiter simply retries ACQUIRE.
+//! When ACQUIRE grants nothing, [`TokenPool::acquire`] blocks in `BLPOP granted wake` on a
+//! dedicated connection (see [`crate::redis_conn`]) with a timeout of min(time until the
+//! earliest lease expires, [`WAKE_CHECK`], time left). A dead holder's lease is reclaimed when
+//! it expires, because that is exactly when the waiter's timeout ends. A limit increase (and
+//! capacity that expired) pushes wake-ups: hints, on which a woken waiter retries ACQUIRE. The
+//! one-second cap bounds the damage of a lost wake-up (a waiter cancelled after popping one).
+//!
+//! A RELEASE does better than a hint: the ACQUIRE that found the pool full registered its
+//! caller in `waiters` under a *ticket*, a lease id the caller made and never uses otherwise.
+//! RELEASE turns a freed slot into the lease named by a registered waiter's ticket and pushes
+//! it to `granted`; the blocked waiter pops it and holds a permit without asking again: from a
+//! release to the waiter's permit is the release's round trip and the pop, not a second
+//! ACQUIRE. Any blocked waiter may pop any hand-off (Redis serves the longest-blocked first);
+//! each hand-off was made after the popper's own ACQUIRE, which took every hand-off left
+//! over, so the popper knows a moment before which the lease cannot expire ([`Ticket::since`]).
+//! What keeps a hand-off from being lost:
+//! * a registration ends with the wait it announced, and the next ACQUIRE of its caller drops
+//!   it; a waiter that stops otherwise (cancelled, or handed another waiter's lease) WITHDRAWs;
+//! * a hand-off that no blocked waiter pops goes to the next ACQUIRE of anyone, and one that
+//!   nobody takes expires with its TTL like any lease (a waiter killed right after registering
+//!   costs at most that);
+//! * the ceiling is not at stake: a hand-off is a lease from the moment it is made, made only
+//!   into free capacity.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
@@ -92,6 +116,11 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// The most wake-ups kept in the `wake` list (and pushed by one script run).
 pub const MAX_WAKE: u64 = 1024;
 
+/// How long a waiter's registration outlives the wait it announced: the time its `BLPOP`
+/// takes to reach Redis after the ACQUIRE reply. A registration that outlives its waiter only
+/// costs a hand-off that the next ACQUIRE adopts (see `lua/token_acquire.lua`).
+pub const WAITER_SLACK: Duration = Duration::from_millis(100);
+
 /// Idle dedicated `BLPOP` connections a pool keeps for reuse; more are closed after use.
 const MAX_IDLE_BLOCKING: usize = 8;
 
@@ -108,9 +137,11 @@ pub const SHARE_TURN: Duration = Duration::from_secs(5);
 /// (`lua/token_prelude.lua`), then the script's own body. Built once per process.
 fn token_script(body: &str) -> Script {
     Script::new(&format!(
-        "local MAX_WAKE = {MAX_WAKE}\nlocal STARVING_MS = {}\nlocal SHARE_TURN_MS = {}\n{}{body}",
+        "local MAX_WAKE = {MAX_WAKE}\nlocal STARVING_MS = {}\nlocal SHARE_TURN_MS = {}\n\
+         local WAITER_SLACK_MS = {}\n{}{body}",
         STARVING_MARK.as_millis(),
         SHARE_TURN.as_millis(),
+        WAITER_SLACK.as_millis(),
         include_str!("lua/token_prelude.lua"),
     ))
 }
@@ -119,6 +150,7 @@ struct Scripts {
     acquire: Script,
     renew: Script,
     release: Script,
+    withdraw: Script,
     set_limit: Script,
     snapshot: Script,
 }
@@ -127,6 +159,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     acquire: token_script(include_str!("lua/token_acquire.lua")),
     renew: token_script(include_str!("lua/token_renew.lua")),
     release: token_script(include_str!("lua/token_release.lua")),
+    withdraw: token_script(include_str!("lua/token_withdraw.lua")),
     set_limit: token_script(include_str!("lua/token_set_limit.lua")),
     snapshot: token_script(include_str!("lua/token_snapshot.lua")),
 });
@@ -171,6 +204,32 @@ pub struct Grant {
     pub held_back: bool,
     /// The pool after the grant.
     pub status: PoolStatus,
+    /// When nothing was granted and the caller announced a wait: its place among the waiters,
+    /// to pass to [`TokenPool::wait_for_wake`] and, if that did not hand it a lease, to the
+    /// next ACQUIRE.
+    pub ticket: Option<Ticket>,
+}
+
+/// A registered waiter: a RELEASE that frees a slot while the waiter blocks hands the slot
+/// over as a lease named `id`, so the waiter holds a permit without another ACQUIRE.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    /// The name of the lease a hand-off creates: a lease id this pool never uses otherwise.
+    pub id: String,
+    /// When the registering ACQUIRE was sent: a hand-off happens after it, so its lease is
+    /// valid until at least this moment plus the TTL.
+    pub since: Instant,
+}
+
+/// What ended a [`TokenPool::wait_for_wake`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// A RELEASE handed a freed slot over: the caller holds this lease.
+    Granted(Lease),
+    /// A wake-up: capacity may be free, ACQUIRE again.
+    Woken,
+    /// The wait ran out.
+    TimedOut,
 }
 
 /// The answer to one RENEW.
@@ -208,9 +267,9 @@ pub struct RoundTrips {
     pub acquire: u64,
     /// RENEW script runs.
     pub renew: u64,
-    /// RELEASE script runs.
+    /// RELEASE and WITHDRAW script runs.
     pub release: u64,
-    /// `BLPOP` calls on `wake`.
+    /// `BLPOP` calls on `granted` and `wake`.
     pub blpop: u64,
     /// SETLIMIT, SNAPSHOT and `GET limit` calls.
     pub other: u64,
@@ -270,7 +329,7 @@ struct PoolInner {
     conn: Conn,
     settings: RedisSettings,
     keys: Keys,
-    token_keys: [String; 5],
+    token_keys: [String; 7],
     owner: String,
     /// `<owner>:<random>-`: lease ids are this and a number from `next_id`.
     id_prefix: String,
@@ -420,11 +479,35 @@ impl TokenPool {
     /// One ACQUIRE by an owner that already holds `held` leases: while another owner is
     /// starving, the grant stops at the fair share (see [`Grant::held_back`]).
     pub async fn try_acquire_holding(&self, k: usize, held: usize) -> Result<Grant> {
+        self.try_acquire_or_wait(k, held, Duration::ZERO, None)
+            .await
+    }
+
+    /// One ACQUIRE that, when nothing is granted, registers the caller as a waiter for `wait`
+    /// (see [`Grant::ticket`]); the caller then blocks in [`TokenPool::wait_for_wake`] with the
+    /// ticket. `done` is the caller's previous ticket, if the wait it was for did not consume
+    /// it: the registration is dropped, so no hand-off goes to a waiter that no longer blocks.
+    pub async fn try_acquire_or_wait(
+        &self,
+        k: usize,
+        held: usize,
+        wait: Duration,
+        done: Option<&Ticket>,
+    ) -> Result<Grant> {
         let k = k.max(1);
         let sent = Instant::now();
         bump(&self.inner.counters.acquire);
-        // Numbers not granted are simply never used.
-        let first = self.inner.next_id.fetch_add(k as u64, Ordering::Relaxed);
+        // Numbers not granted are simply never used; the one after the grants names the
+        // ticket.
+        let first = self
+            .inner
+            .next_id
+            .fetch_add(k as u64 + 1, Ordering::Relaxed);
+        let wait_ms = if wait.is_zero() {
+            0
+        } else {
+            wait.as_millis().max(1)
+        };
         let reply = self
             .run(
                 &SCRIPTS.acquire,
@@ -436,11 +519,13 @@ impl TokenPool {
                     &held.to_string(),
                     &self.inner.id_prefix,
                     &first.to_string(),
+                    &wait_ms.to_string(),
+                    done.map_or("", |t| t.id.as_str()),
                 ],
                 &[],
             )
             .await?;
-        let wait = int_at(&reply, 0, "ACQUIRE")?;
+        let wait_reply = int_at(&reply, 0, "ACQUIRE")?;
         let status = self.saw(status_at(&reply, 1, "ACQUIRE")?);
         let valid_until = sent + self.inner.lease_ttl;
         let leases = reply[6..]
@@ -452,13 +537,21 @@ impl TokenPool {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let held_back = wait_reply == -2;
         let retry_after =
-            (leases.is_empty() && wait > 0).then(|| Duration::from_millis(wait as u64));
+            (leases.is_empty() && wait_reply > 0).then(|| Duration::from_millis(wait_reply as u64));
+        // The script registers exactly when nothing was granted, the caller was not held back
+        // and it announced a wait.
+        let ticket = (leases.is_empty() && !held_back && wait_ms > 0).then(|| Ticket {
+            id: format!("{}{}", self.inner.id_prefix, first + k as u64),
+            since: sent,
+        });
         Ok(Grant {
             leases,
             retry_after,
-            held_back: wait == -2,
+            held_back,
             status,
+            ticket,
         })
     }
 
@@ -482,8 +575,11 @@ impl TokenPool {
         deadline: Instant,
         cancel: Option<&CancellationToken>,
     ) -> Result<Grant> {
+        let mut done: Option<Ticket> = None;
         loop {
-            let grant = self.try_acquire(k).await?;
+            let now = Instant::now();
+            let wait = (deadline.saturating_duration_since(now)).min(WAKE_CHECK);
+            let mut grant = self.try_acquire_or_wait(k, 0, wait, done.as_ref()).await?;
             let now = Instant::now();
             if !grant.leases.is_empty() || grant.held_back || now >= deadline {
                 return Ok(grant);
@@ -492,30 +588,58 @@ impl TokenPool {
             if let Some(expiry) = grant.retry_after {
                 wait = wait.min(expiry);
             }
-            self.wait_for_wake(wait.max(Duration::from_millis(1)), cancel)
-                .await?;
+            let ticket = grant.ticket.take();
+            let woke = self
+                .wait_for_wake(wait.max(Duration::from_millis(1)), cancel, ticket.as_ref())
+                .await;
+            match woke {
+                Ok(Wake::Granted(lease)) => {
+                    // A hand-off made for another waiter: this one's registration must not
+                    // catch a slot nobody will take.
+                    if let Some(t) = ticket.filter(|t| t.id != lease.id) {
+                        self.withdraw(&t).await?;
+                    }
+                    grant.leases.push(lease);
+                    return Ok(grant);
+                }
+                Ok(Wake::Woken | Wake::TimedOut) => done = ticket,
+                Err(e) => {
+                    if let Some(t) = &ticket {
+                        // Best effort: a registration left behind ends with its wait anyway.
+                        let _ = self.withdraw(t).await;
+                    }
+                    return Err(e);
+                }
+            }
         }
     }
 
-    /// Blocks in `BLPOP wake` for at most `wait` on a dedicated connection. Returns whether a
-    /// wake-up was popped.
+    /// Blocks for at most `wait` on a dedicated connection in `BLPOP granted wake`: a lease
+    /// handed over by a RELEASE (valid from the `ticket`'s ACQUIRE on), or a wake-up. Without a
+    /// ticket the caller is not registered and only waits for a wake-up.
     pub async fn wait_for_wake(
         &self,
         wait: Duration,
         cancel: Option<&CancellationToken>,
-    ) -> Result<bool> {
+        ticket: Option<&Ticket>,
+    ) -> Result<Wake> {
         let wait = wait.min(MAX_BLOCK);
         let mut conn = self.blocking_conn().await?;
         // BLPOP takes seconds as a decimal number (Redis >= 6); 0 would mean "forever".
         let timeout = format!("{:.3}", wait.as_secs_f64().max(0.001));
+        let granted = self.inner.keys.granted();
         let mut cmd = redis::cmd("BLPOP");
+        if ticket.is_some() {
+            cmd.arg(&granted);
+        }
         cmd.arg(self.inner.keys.wake()).arg(timeout);
         bump(&self.inner.counters.blpop);
         let popped: Option<(String, String)> = match cancel {
             None => cmd.query_async(&mut conn).await?,
             Some(cancel) => tokio::select! {
                 // The connection is dropped with the cancelled future; its reply would
-                // otherwise arrive ahead of the next caller's.
+                // otherwise arrive ahead of the next caller's. A hand-off popped in that
+                // moment is lost to its lease's TTL.
                 _ = cancel.cancelled() => return Err(Error::Closed),
                 r = cmd.query_async(&mut conn) => r?,
             },
@@ -524,7 +648,13 @@ impl TokenPool {
         if idle.len() < MAX_IDLE_BLOCKING {
             idle.push(conn);
         }
-        Ok(popped.is_some())
+        Ok(match (popped, ticket) {
+            (Some((key, handed)), Some(ticket)) if key == granted => {
+                Wake::Granted(handed_lease(&handed, ticket)?)
+            }
+            (Some(_), _) => Wake::Woken,
+            (None, _) => Wake::TimedOut,
+        })
     }
 
     async fn blocking_conn(&self) -> Result<Conn> {
@@ -578,6 +708,22 @@ impl TokenPool {
         Ok(int_at(&reply, 0, "RELEASE")?.max(0) as u64)
     }
 
+    /// A waiter that stops waiting: drops its registration, and the hand-off made to it if no
+    /// waiter popped it (that slot goes to the next waiter). Returns how many leases that
+    /// freed (0 or 1).
+    pub async fn withdraw(&self, ticket: &Ticket) -> Result<u64> {
+        bump(&self.inner.counters.release);
+        let reply = self
+            .run(
+                &SCRIPTS.withdraw,
+                "WITHDRAW",
+                &[&self.inner.owner, &self.ttl_ms().to_string(), &ticket.id],
+                &[],
+            )
+            .await?;
+        Ok(int_at(&reply, 0, "WITHDRAW")?.max(0) as u64)
+    }
+
     /// Sets the limit. Growth wakes waiters; a shrink lets existing leases drain. Returns the
     /// previous limit.
     pub async fn set_limit(&self, limit: u64) -> Result<u64> {
@@ -618,6 +764,26 @@ impl TokenPool {
             wake_len: int_at(&reply, 5, "SNAPSHOT")?.max(0) as u64,
             next_expiry: (next >= 0).then(|| Duration::from_millis(next as u64)),
         })
+    }
+}
+
+/// The lease in a `granted` entry, `<ttl_ms> <id>`: the TTL is the one of the waiter it was
+/// handed to (not necessarily this one: any blocked waiter pops any hand-off). It was made
+/// after the popping waiter's own ACQUIRE (which takes every hand-off left over), so it is
+/// valid until at least then plus its TTL.
+fn handed_lease(entry: &str, ticket: &Ticket) -> Result<Lease> {
+    let parsed = entry
+        .split_once(' ')
+        .and_then(|(ttl, id)| Some((ttl.parse::<u64>().ok()?, id)));
+    match parsed {
+        Some((ttl_ms, id)) if !id.is_empty() => Ok(Lease {
+            id: id.to_owned(),
+            valid_until: ticket.since + Duration::from_millis(ttl_ms),
+        }),
+        _ => Err(protocol(
+            "BLPOP",
+            format!("a hand-off is not '<ttl_ms> <id>': {entry:?}"),
+        )),
     }
 }
 

@@ -109,6 +109,46 @@ impl Qp {
         }
     }
 
+    /// Waits until a waiter has registered for a hand-off (its ACQUIRE found nothing).
+    async fn until_waiting(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.waiting().await == 0 {
+            assert!(Instant::now() < deadline, "no waiter registered");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Registered waiters.
+    async fn waiting(&self) -> u64 {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZCARD")
+            .arg(self.keys.waiters())
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// Hand-offs that no waiter has taken yet.
+    async fn pending_hand_offs(&self) -> usize {
+        self.pending_hand_off_ids().await.len()
+    }
+
+    /// The lease ids of the hand-offs that no waiter has taken yet.
+    async fn pending_hand_off_ids(&self) -> Vec<String> {
+        let mut conn = self.conn.clone();
+        let entries: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.keys.granted())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        entries
+            .iter()
+            .map(|e| e.split_once(' ').expect("'<ttl> <id>'").1.to_owned())
+            .collect()
+    }
+
     async fn cleanup(&self) {
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")
@@ -163,6 +203,11 @@ on_both!(
     renew_reports_lost_leases,
     set_limit_growth_wakes_and_shrink_drains,
     release_wakes_a_waiter,
+    release_hands_the_slot_to_a_waiter,
+    a_hand_off_nobody_took_goes_to_the_next_acquirer,
+    a_hand_off_nobody_took_expires,
+    a_cancelled_waiter_withdraws,
+    release_hands_off_nothing_above_a_shrunk_limit,
     keepers_cap_concurrency_with_few_round_trips,
     keepers_follow_limit_changes,
     keeper_reports_lost_leases_and_closes,
@@ -616,7 +661,7 @@ async fn release_wakes_a_waiter(kind: Kind) {
         let released_at = Instant::now();
         holder.release(&held).await.unwrap();
         let (got, woken_at) = task.await.unwrap();
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.len(), 1, "{got:?}");
         latencies.push(woken_at - released_at);
         held = ids(&got);
         std::mem::swap(&mut holder, &mut waiter);
@@ -633,6 +678,217 @@ async fn release_wakes_a_waiter(kind: Kind) {
         latencies.len()
     );
     assert!(p99 < Duration::from_millis(100), "{latencies:?}");
+    qp.cleanup().await;
+}
+
+/// A RELEASE gives the freed slot to the blocked waiter as a lease: the waiter holds it without
+/// a second ACQUIRE (one round trip less on every wake), the lease is real (RENEW keeps it) and
+/// the limit holds. Raw pools and a worker's keeper alike.
+async fn release_hands_the_slot_to_a_waiter(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(10);
+    let holder = qp.pool("a", ttl).await;
+    let waiter = qp.pool("b", ttl).await;
+    let observer = qp.pool("observer", ttl).await;
+    holder.set_limit(1).await.unwrap();
+    let rounds = 10;
+    for round in 0..rounds {
+        let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+        assert_eq!(held.len(), 1);
+        let task = {
+            let waiter = waiter.clone();
+            tokio::spawn(async move {
+                waiter
+                    .acquire(1, Instant::now() + Duration::from_secs(10))
+                    .await
+                    .unwrap()
+            })
+        };
+        qp.until_starving(&observer).await;
+        holder.release(&held).await.unwrap();
+        let got = ids(&task.await.unwrap());
+        assert_eq!(got.len(), 1, "round {round}");
+        assert!(
+            waiter.renew(&got).await.unwrap().is_empty(),
+            "round {round}"
+        );
+        assert_eq!(observer.in_use().await.unwrap(), 1, "round {round}");
+        waiter.release(&got).await.unwrap();
+    }
+    // One ACQUIRE per acquire: the one that found the pool full. (Before hand-offs, every
+    // wake-up cost a second ACQUIRE.)
+    assert_eq!(
+        waiter.round_trips().acquire,
+        rounds,
+        "{:?}",
+        waiter.round_trips()
+    );
+
+    // A worker's keeper takes the hand-off the same way.
+    let pool = qp.pool("k", ttl).await;
+    let keeper = LeaseKeeper::start(
+        pool,
+        KeeperConfig {
+            max_held: 1,
+            batch: 1,
+            linger: Duration::ZERO,
+            sync_interval: None,
+        },
+    );
+    let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+    let task = {
+        let keeper = keeper.clone();
+        tokio::spawn(async move { keeper.acquire().await.map(drop) })
+    };
+    qp.until_starving(&observer).await;
+    let before = keeper.pool().round_trips();
+    holder.release(&held).await.unwrap();
+    task.await.unwrap().unwrap();
+    let after = keeper.pool().round_trips();
+    assert_eq!(after.acquire, before.acquire, "{before:?} -> {after:?}");
+    keeper.close().await.unwrap();
+    assert_eq!(observer.in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// A waiter of `pool` that registers and never blocks: a worker killed between its ACQUIRE
+/// and its `BLPOP`. Its registration stays until its wait would have ended.
+async fn vanished_waiter(pool: &TokenPool) {
+    let grant = pool
+        .try_acquire_or_wait(1, 0, Duration::from_secs(1), None)
+        .await
+        .unwrap();
+    assert!(
+        grant.leases.is_empty() && grant.ticket.is_some(),
+        "{grant:?}"
+    );
+}
+
+/// A waiter that stops waiting (cancelled: a worker shutting down) withdraws: the slot a
+/// RELEASE frees next is free, not handed to it.
+async fn a_cancelled_waiter_withdraws(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(10);
+    let (holder, gone, observer) = (
+        qp.pool("a", ttl).await,
+        qp.pool("b", ttl).await,
+        qp.pool("c", ttl).await,
+    );
+    holder.set_limit(1).await.unwrap();
+    let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = {
+        let (gone, cancel) = (gone.clone(), cancel.clone());
+        tokio::spawn(async move {
+            gone.acquire_until(1, Instant::now() + Duration::from_secs(10), Some(&cancel))
+                .await
+        })
+    };
+    qp.until_waiting().await;
+    cancel.cancel();
+    assert!(matches!(
+        task.await.unwrap(),
+        Err(qp_protocol::Error::Closed)
+    ));
+    assert_eq!(qp.waiting().await, 0);
+    holder.release(&held).await.unwrap();
+    assert_eq!(qp.pending_hand_offs().await, 0);
+    assert_eq!(observer.in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// A hand-off to a waiter that stopped waiting is not lost: it stays a lease (the limit holds)
+/// until the next ACQUIRE, of anyone, takes it.
+async fn a_hand_off_nobody_took_goes_to_the_next_acquirer(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(10);
+    let (holder, gone, next) = (
+        qp.pool("a", ttl).await,
+        qp.pool("b", ttl).await,
+        qp.pool("c", ttl).await,
+    );
+    holder.set_limit(1).await.unwrap();
+    let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+    vanished_waiter(&gone).await;
+    holder.release(&held).await.unwrap();
+    assert_eq!(qp.pending_hand_offs().await, 1);
+    assert_eq!(next.in_use().await.unwrap(), 1, "the hand-off is a lease");
+    let got = next.try_acquire(2).await.unwrap().leases;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(
+        got[0].id.starts_with("b:"),
+        "the waiter's ticket names it: {got:?}"
+    );
+    assert_eq!(qp.pending_hand_offs().await, 0);
+    assert_eq!(next.in_use().await.unwrap(), 1);
+    assert!(next.renew(&ids(&got)).await.unwrap().is_empty());
+    assert!(next.try_acquire(1).await.unwrap().leases.is_empty());
+    qp.cleanup().await;
+}
+
+/// A hand-off nobody takes expires with the waiter's TTL, and nobody can take it afterwards.
+async fn a_hand_off_nobody_took_expires(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let holder = qp.pool("a", Duration::from_secs(10)).await;
+    let gone = qp.pool("b", Duration::from_millis(300)).await;
+    let next = qp.pool("c", Duration::from_secs(10)).await;
+    holder.set_limit(1).await.unwrap();
+    let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+    vanished_waiter(&gone).await;
+    holder.release(&held).await.unwrap();
+    let pending = qp.pending_hand_off_ids().await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let expiry = next.snapshot().await.unwrap().next_expiry.expect("a lease");
+    assert!(expiry <= Duration::from_millis(300), "{expiry:?}");
+    // The TTL is what is under test here: let it pass.
+    tokio::time::sleep(expiry + Duration::from_millis(20)).await;
+    assert_eq!(next.in_use().await.unwrap(), 0);
+    assert_eq!(
+        qp.pending_hand_offs().await,
+        0,
+        "the expired hand-off is dropped"
+    );
+    // The waiter that vanished is still marked starving, so its owner asks (the others would
+    // be held back for it): a fresh lease, not the expired hand-off.
+    let got = gone.try_acquire(1).await.unwrap().leases;
+    assert_eq!(got.len(), 1);
+    assert_ne!(got[0].id, pending[0], "a fresh lease");
+    qp.cleanup().await;
+}
+
+/// After a shrink, a RELEASE that frees no capacity hands nothing over; the next one does.
+async fn release_hands_off_nothing_above_a_shrunk_limit(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let ttl = Duration::from_secs(10);
+    let (holder, waiter, observer) = (
+        qp.pool("a", ttl).await,
+        qp.pool("b", ttl).await,
+        qp.pool("c", ttl).await,
+    );
+    holder.set_limit(2).await.unwrap();
+    let held = ids(&holder.try_acquire(2).await.unwrap().leases);
+    assert_eq!(held.len(), 2);
+    let task = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move {
+            waiter
+                .acquire(1, Instant::now() + Duration::from_secs(10))
+                .await
+                .unwrap()
+        })
+    };
+    qp.until_starving(&observer).await;
+    qp.until_waiting().await;
+    observer.set_limit(1).await.unwrap();
+    holder.release(&held[..1]).await.unwrap();
+    let snap = observer.snapshot().await.unwrap();
+    assert_eq!((snap.in_use, snap.limit), (1, 1), "{snap:?}");
+    assert_eq!(qp.pending_hand_offs().await, 0);
+    assert!(!task.is_finished());
+    holder.release(&held[1..]).await.unwrap();
+    let got = task.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(observer.in_use().await.unwrap(), 1);
     qp.cleanup().await;
 }
 

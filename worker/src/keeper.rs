@@ -38,7 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use qp_protocol::tokens::{Grant, PoolStatus, TokenPool, WAKE_CHECK};
+use qp_protocol::tokens::{Lease, PoolStatus, Ticket, TokenPool, WAKE_CHECK, Wake};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -401,16 +401,19 @@ impl KeeperInner {
         demand.min(room).min(self.config.batch)
     }
 
-    /// Puts granted leases into service. Returns their ids instead when the keeper is closed.
-    fn take_grant(&self, grant: Grant) -> Option<Vec<String>> {
+    /// Puts granted leases into service, with the pool's status if the grant came with one
+    /// (a hand-off does not). Returns their ids instead when the keeper is closed.
+    fn take_leases(&self, leases: Vec<Lease>, status: Option<PoolStatus>) -> Option<Vec<String>> {
         let now = Instant::now();
         let mut st = lock(&self.state);
-        st.status = Some(grant.status);
+        if status.is_some() {
+            st.status = status;
+        }
         if st.closed {
-            return Some(grant.leases.into_iter().map(|l| l.id).collect());
+            return Some(leases.into_iter().map(|l| l.id).collect());
         }
         let mut schedule = false;
-        for lease in grant.leases {
+        for lease in leases {
             schedule |= st.place(
                 Held {
                     id: lease.id,
@@ -427,43 +430,70 @@ impl KeeperInner {
     }
 
     /// Asks the pool for leases whenever local tasks wait and none is idle. The only task of
-    /// the worker that blocks in `BLPOP`. Its backoff stays hand-written: one delay serves two
-    /// different failures inside a larger loop and resets on a grant, which is not a retry of
-    /// one operation.
+    /// the worker that blocks in `BLPOP`. When it ends, a registration it left behind is
+    /// withdrawn, so that no RELEASE hands a slot to a keeper that is gone.
     async fn refill_loop(self: Arc<Self>) {
+        if let Some(ticket) = self.refill().await {
+            self.withdraw(&ticket).await;
+        }
+    }
+
+    /// Drops a waiter registration that no ACQUIRE will drop (see `TokenPool::withdraw`).
+    async fn withdraw(&self, ticket: &Ticket) {
+        if let Err(error) = self.pool.withdraw(ticket).await {
+            // It ends with its wait (at most a second) anyway.
+            tracing::warn!(%error, "withdrawing a token wait failed");
+        }
+    }
+
+    /// The loop of `refill_loop`; returns the ticket of a wait still registered. Its
+    /// backoff stays hand-written: one delay serves two different failures inside a larger
+    /// loop and resets on a grant, which is not a retry of one operation.
+    async fn refill(&self) -> Option<Ticket> {
         let mut backoff = Duration::from_millis(50);
+        // The ticket of the last wait, unless a hand-off consumed it: the next ACQUIRE drops
+        // its registration.
+        let mut done: Option<Ticket> = None;
         loop {
             let (want, held) = {
                 let mut st = lock(&self.state);
                 (self.wanted(&mut st), st.held())
             };
             if want == 0 {
+                if let Some(ticket) = done.take() {
+                    // No ACQUIRE may come for a while: drop the registration now.
+                    self.withdraw(&ticket).await;
+                }
                 tokio::select! {
                     _ = self.refill.notified() => continue,
-                    _ = self.cancel.cancelled() => return,
+                    _ = self.cancel.cancelled() => return None,
                 }
             }
-            let grant = match self.pool.try_acquire_holding(want, held).await {
-                Ok(grant) => grant,
+            let acquired = self
+                .pool
+                .try_acquire_or_wait(want, held, WAKE_CHECK, done.as_ref())
+                .await;
+            let mut grant = match acquired {
+                Ok(grant) => {
+                    done = None;
+                    grant
+                }
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?backoff, "acquiring token leases failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.cancel.cancelled() => return,
+                        _ = self.cancel.cancelled() => return done,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             };
             backoff = Duration::from_millis(50);
+            let ticket = grant.ticket.take();
             let (granted, held_back, retry_after) =
                 (!grant.leases.is_empty(), grant.held_back, grant.retry_after);
-            if let Some(late) = self.take_grant(grant) {
-                // `close` is awaiting this task: give the late grant back directly.
-                if let Err(error) = self.pool.release(&late).await {
-                    tracing::warn!(%error, "releasing token leases failed");
-                }
-                return;
+            if !self.put_to_use(grant.leases, Some(grant.status)).await {
+                return ticket;
             }
             if granted {
                 continue;
@@ -473,24 +503,51 @@ impl KeeperInner {
                 // The next sync (or new local demand) brings fresh status.
                 tokio::select! {
                     _ = self.refill.notified() => {}
-                    _ = self.cancel.cancelled() => return,
+                    _ = self.cancel.cancelled() => return None,
                 }
                 continue;
             }
             let wait = retry_after.unwrap_or(WAKE_CHECK).min(WAKE_CHECK);
-            match self.pool.wait_for_wake(wait, Some(&self.cancel)).await {
-                Ok(_) => {}
-                Err(qp_protocol::Error::Closed) => return,
+            let woke = self
+                .pool
+                .wait_for_wake(wait, Some(&self.cancel), ticket.as_ref())
+                .await;
+            done = ticket;
+            match woke {
+                Ok(Wake::Granted(lease)) => {
+                    // A RELEASE handed a slot over: held without another ACQUIRE. If it was
+                    // made for another waiter, ours is still registered (`done`).
+                    if done.as_ref().is_some_and(|t| t.id == lease.id) {
+                        done = None;
+                    }
+                    if !self.put_to_use(vec![lease], None).await {
+                        return done;
+                    }
+                }
+                Ok(Wake::Woken | Wake::TimedOut) => {}
+                Err(qp_protocol::Error::Closed) => return done,
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?backoff, "waiting for token wake-ups failed");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = self.cancel.cancelled() => return,
+                        _ = self.cancel.cancelled() => return done,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
+    }
+
+    /// Puts leases into service; once the keeper is closed (`close` awaits the refill task),
+    /// gives them back directly instead and returns false.
+    async fn put_to_use(&self, leases: Vec<Lease>, status: Option<PoolStatus>) -> bool {
+        let Some(late) = self.take_leases(leases, status) else {
+            return true;
+        };
+        if let Err(error) = self.pool.release(&late).await {
+            tracing::warn!(%error, "releasing token leases failed");
+        }
+        false
     }
 
     /// Renews every held lease each sync interval and gives back leases idle for `linger`.

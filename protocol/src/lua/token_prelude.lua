@@ -2,6 +2,7 @@
 -- helpers reap, wake, share and status. MAX_WAKE, STARVING_MS and SHARE_TURN_MS are defined
 -- before this by the Rust code (protocol/src/tokens.rs), so each constant is written once.
 local K_LIMIT, K_LEASES, K_WAKE, K_OWNERS, K_STARVING = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_WAITERS, K_GRANTED = KEYS[6], KEYS[7]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- ARGV[1] of every token script is the limit the caller saw last ('' if none). It stands in
@@ -19,11 +20,51 @@ do
   end
 end
 
--- Drop expired leases and marks; return how many leases expired.
+-- Drop expired leases and marks, waiters that stopped waiting, and hand-offs whose lease is
+-- gone (nobody took them in time); return how many leases expired.
 local function reap()
   redis.call('ZREMRANGEBYSCORE', K_OWNERS, '-inf', now)
   redis.call('ZREMRANGEBYSCORE', K_STARVING, '-inf', now)
-  return redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', K_WAITERS, '-inf', now)
+  local expired = redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', now)
+  if expired > 0 then
+    local pending = redis.call('LRANGE', K_GRANTED, 0, -1)
+    for i = 1, #pending do
+      local _, id = string.match(pending[i], '^(%d+) (.+)$')
+      if not (id and redis.call('ZSCORE', K_LEASES, id)) then
+        redis.call('LREM', K_GRANTED, 1, pending[i])
+      end
+    end
+  end
+  return expired
+end
+
+-- A waiter's member of `waiters`: its TTL, its owner (length-prefixed: owners are free-form)
+-- and its ticket, the name of the lease a hand-off makes (unique: made by the caller).
+local function waiter(ttl, owner, ticket)
+  return ttl .. ' ' .. #owner .. ' ' .. owner .. ticket
+end
+
+-- Hand up to n freed slots, never more than the free capacity, straight to registered
+-- waiters (soonest to stop waiting first): each becomes a lease named by the waiter's ticket
+-- with the waiter's TTL, pushed to `granted` as '<ttl_ms> <id>', where the blocked waiters pop
+-- it. The owner got what it waited for, so it is no longer starving. Return how many were
+-- handed off.
+local function hand_off(n)
+  local given = 0
+  while given < n and limit - redis.call('ZCARD', K_LEASES) > 0 do
+    local w = redis.call('ZPOPMIN', K_WAITERS)
+    if not w[1] then break end
+    local ttl, len, rest = string.match(w[1], '^(%d+) (%d+) (.*)$')
+    if rest then
+      local owner, id = string.sub(rest, 1, tonumber(len)), string.sub(rest, tonumber(len) + 1)
+      redis.call('ZADD', K_LEASES, now + tonumber(ttl), id)
+      redis.call('ZREM', K_STARVING, owner)
+      redis.call('RPUSH', K_GRANTED, ttl .. ' ' .. id)
+      given = given + 1
+    end
+  end
+  return given
 end
 
 -- Push up to n wake-ups, never more than the free capacity, and trim the list to it.

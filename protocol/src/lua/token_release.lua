@@ -1,7 +1,11 @@
--- RELEASE(id...): remove the ids and wake one waiter per freed slot.
+-- RELEASE(id...): remove the ids; hand freed slots to registered waiters, wake one other
+-- waiter per slot left.
 local expired = reap()
 local removed = 0
 for i = 1, #ARGV do removed = removed + redis.call('ZREM', K_LEASES, ARGV[i]) end
-local woken = 0
-if removed + expired > 0 then woken = wake(removed + expired) end
-return {removed, woken}
+local woken, given = 0, 0
+if removed + expired > 0 then
+  given = hand_off(removed + expired)
+  woken = wake(removed + expired - given)
+end
+return {removed, woken, given}
