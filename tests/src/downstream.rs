@@ -44,9 +44,18 @@ impl Downstream {
                     *st.runs.lock().unwrap().entry(body.to_vec()).or_default() += 1;
                     let now = std::time::Instant::now();
                     st.arrivals.lock().unwrap().push((now, body.to_vec()));
-                    // The handler's work.
-                    tokio::time::sleep(delay).await;
-                    st.current.fetch_sub(1, Ordering::SeqCst);
+                    // The handler's work, in a task of its own: a real downstream finishes a
+                    // request whose client died (a killed worker), and hyper drops this
+                    // future when the connection closes. Counted here, the request would
+                    // then run forever and every later maximum would be one too high.
+                    let work = {
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            st.current.fetch_sub(1, Ordering::SeqCst);
+                        })
+                    };
+                    let _ = work.await;
                     (StatusCode::OK, body)
                 }
             }),
@@ -116,5 +125,33 @@ impl Downstream {
 impl Drop for Downstream {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Downstream;
+    use std::time::Duration;
+
+    /// A client that goes away mid-request (a killed worker) does not leave its request
+    /// counted as running: the count returns to 0 once the work is done.
+    #[tokio::test]
+    async fn a_request_whose_client_died_ends() {
+        let ds = Downstream::start(Duration::from_millis(300), false).await;
+        let client = reqwest::Client::new();
+        let cut = client
+            .post(&ds.url)
+            .body("m1")
+            .timeout(Duration::from_millis(50))
+            .send()
+            .await;
+        assert!(cut.is_err(), "the client gives up before the answer");
+        assert_eq!(ds.current(), 1, "the request is being served");
+        // A second, patient request outlasts the first one's work: when it is answered, the
+        // first one is over too.
+        let done = client.post(&ds.url).body("m2").send().await.unwrap();
+        assert!(done.status().is_success());
+        assert_eq!(ds.current(), 0, "no request is left running");
+        assert_eq!(ds.max(), 2);
     }
 }
