@@ -3,6 +3,8 @@
 //! environment (every flag has an environment fallback; secrets come from `secretKeyRef`, so they
 //! never appear in the pod spec or in `ps`).
 
+use std::num::NonZeroUsize;
+
 use crate::replay::ReplayArgs;
 use clap::{Parser, Subcommand};
 use qp_protocol::settings::{GatewayArgs, RunArgs};
@@ -20,6 +22,24 @@ use qp_protocol::settings::{GatewayArgs, RunArgs};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Threads of the async runtime. Default: 1 for `run`, one per CPU available to the
+    /// process (its cgroup's CPU limit counts) for the other modes. A worker waits on Kafka,
+    /// Redis and its handler, and scales out by replicas: with more threads, handing each
+    /// message between them (wake-ups, futex calls, context switches) cost more than the
+    /// second core gave (BENCHMARKS.md: 31,000 vs 40,500 messages/s on two cores).
+    #[arg(long, global = true, env = "QP_RUNTIME_THREADS")]
+    pub runtime_threads: Option<NonZeroUsize>,
+}
+
+impl Cli {
+    /// How many threads the runtime gets (see `--runtime-threads`).
+    pub fn runtime_threads(&self) -> usize {
+        match (self.runtime_threads, &self.command) {
+            (Some(n), _) => n.get(),
+            (None, Command::Run(_)) => 1,
+            (None, _) => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -42,6 +62,36 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn runtime_threads_default_per_mode() {
+        let run = [
+            "qp-worker",
+            "run",
+            "--name",
+            "o",
+            "--source",
+            "redis-list",
+            "--handler",
+            "echo",
+        ];
+        let cli = Cli::try_parse_from(run).unwrap();
+        assert_eq!(cli.runtime_threads(), 1);
+        let cli = Cli::try_parse_from(run.iter().chain(&["--runtime-threads", "3"])).unwrap();
+        assert_eq!(cli.runtime_threads(), 3);
+        let gateway = [
+            "qp-worker",
+            "gateway",
+            "--name",
+            "o",
+            "--source",
+            "redis-list",
+        ];
+        let cli = Cli::try_parse_from(gateway).unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(cli.runtime_threads(), cpus);
+        assert!(Cli::try_parse_from(run.iter().chain(&["--runtime-threads", "0"])).is_err());
     }
 
     #[test]
