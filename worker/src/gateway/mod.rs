@@ -33,6 +33,7 @@ mod auth;
 mod notify;
 mod producer;
 
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -153,10 +154,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         observability::router(move || metrics.render(), Some(ready.clone()))
     };
     let api_slot = Arc::new(OnceLock::new());
-    let late = Router::new().fallback({
-        let slot = api_slot.clone();
-        move |request| late_api(slot.clone(), request)
-    });
+    let late = Router::new().fallback_service(LateApi(api_slot.clone()));
     // Without TLS the API shares the probes' port; with TLS it has its own, and the kubelet
     // and Prometheus keep plain HTTP without a client certificate.
     let mut servers = Vec::new();
@@ -267,15 +265,35 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
 }
 
 /// The API once it exists: until then a 503 that says the gateway is starting (Kubernetes sends
-/// no traffic to an unready pod, but a client that reaches it directly gets an answer).
-async fn late_api(slot: Arc<OnceLock<Router>>, request: axum::extract::Request) -> Response {
-    use tower::ServiceExt;
-    match slot.get().cloned() {
-        Some(api) => match api.oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        },
-        None => unavailable("the gateway is starting (waiting for Redis)"),
+/// no traffic to an unready pod, but a client that reaches it directly gets an answer). A
+/// service rather than a handler: a handler's future would hold the request and the API's
+/// whole future in one more box, for every parked long poll.
+#[derive(Clone)]
+struct LateApi(Arc<OnceLock<Router>>);
+
+impl tower::Service<axum::extract::Request> for LateApi {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = futures::future::Either<
+        std::future::Ready<std::result::Result<Response, Infallible>>,
+        axum::routing::future::RouteFuture<Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::extract::Request) -> Self::Future {
+        use futures::future::Either;
+        match self.0.get().cloned() {
+            Some(mut api) => Either::Right(tower::Service::call(&mut api, request)),
+            None => Either::Left(std::future::ready(Ok(unavailable(
+                "the gateway is starting (waiting for Redis)",
+            )))),
+        }
     }
 }
 
@@ -286,7 +304,7 @@ fn api(gw: Shared, auth: Arc<Auth>, max_request_bytes: usize) -> Router {
         .route("/v1/requests", post(submit))
         .route("/v1/requests/{id}", get(status))
         .layer(DefaultBodyLimit::max(max_request_bytes))
-        .layer(axum::middleware::from_fn_with_state(auth, auth::layer))
+        .layer(auth::AuthLayer(auth))
         .with_state(gw)
 }
 
@@ -552,12 +570,13 @@ async fn status(
     resp
 }
 
-fn store_unavailable(e: &Error) -> Response {
-    warn!(error = %e, "redis unavailable on status");
+fn store_unavailable(id: &str, e: &Error) -> Response {
+    warn!(id, error = %e, "redis unavailable on status");
     unavailable("result store (Redis) is unavailable")
 }
 
-#[instrument(name = "request", skip_all, fields(id = %id))]
+/// No span of its own (the submit has one): a parked long poll would hold it, and its fields,
+/// for up to a minute.
 async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     if !valid_id(id) {
         return problem(StatusCode::BAD_REQUEST, "invalid request id");
@@ -568,7 +587,7 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     let Some(wait) = wait else {
         return match gw.store.get(id).await {
             Ok(s) => render(id, s),
-            Err(e) => store_unavailable(&e),
+            Err(e) => store_unavailable(id, &e),
         };
     };
     let waited = Instant::now();
@@ -585,7 +604,7 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
         };
         let state = match read {
             Ok(s) => s,
-            Err(e) => return store_unavailable(&e),
+            Err(e) => return store_unavailable(id, &e),
         };
         let finished = state.as_ref().is_none_or(RequestState::is_finished);
         if finished || woken && tokio::time::Instant::now() >= deadline {
