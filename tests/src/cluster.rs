@@ -185,6 +185,15 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
 }
 
 /// Sum of every sample of metric `name` (all label sets), or `None` if it is absent.
+/// Waits (at most `within`) until the gateway on `port` reports at least `n` long polls parked.
+pub async fn until_longpolls_parked(port: u16, n: usize, within: Duration) {
+    crate::fixture::eventually(within, "every long poll parked", || async move {
+        let parked = metric(port, "qp_gateway_longpoll_waiters").await?;
+        (parked >= n as f64).then_some(())
+    })
+    .await;
+}
+
 pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
     let values = samples(port, name).await?;
     (!values.is_empty()).then(|| values.iter().sum())

@@ -198,15 +198,7 @@ async fn more_long_polls_than_a_metrics_server_allows_are_all_parked() {
         polls.push(s);
     }
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-    eventually(
-        Duration::from_secs(30),
-        "every long poll parked",
-        || async move {
-            let parked = qp_tests::cluster::metric(port, "qp_gateway_longpoll_waiters").await?;
-            (parked >= n as f64).then_some(())
-        },
-    )
-    .await;
+    qp_tests::cluster::until_longpolls_parked(port, n, Duration::from_secs(30)).await;
     let per_poll_kib = (rss_mib(gateway.pid()) - before) * 1024.0 / n as f64;
     println!("{n} parked long polls: {per_poll_kib:.1} KiB of gateway memory each");
     assert!(

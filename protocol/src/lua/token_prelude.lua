@@ -113,3 +113,10 @@ local function status(owner)
   if owner ~= '' and redis.call('ZSCORE', K_STARVING, owner) then starving = starving - 1 end
   return {limit, redis.call('ZCARD', K_LEASES), redis.call('ZCARD', K_OWNERS), starving, share(owner)}
 end
+
+-- Pass n freed slots on: to registered waiters first, a wake-up for each one left. Return
+-- {woken, handed_off}.
+local function pass_on(n)
+  local given = hand_off(n)
+  return wake(n - given), given
+end

@@ -4,8 +4,5 @@ local expired = reap()
 local removed = 0
 for i = 1, #ARGV do removed = removed + redis.call('ZREM', K_LEASES, ARGV[i]) end
 local woken, given = 0, 0
-if removed + expired > 0 then
-  given = hand_off(removed + expired)
-  woken = wake(removed + expired - given)
-end
+if removed + expired > 0 then woken, given = pass_on(removed + expired) end
 return {removed, woken, given}

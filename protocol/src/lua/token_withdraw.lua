@@ -8,9 +8,6 @@ local freed = 0
 if redis.call('LREM', K_GRANTED, 1, ttl .. ' ' .. ticket) > 0 then
   freed = redis.call('ZREM', K_LEASES, ticket)
 end
-local given, woken = 0, 0
-if freed + expired > 0 then
-  given = hand_off(freed + expired)
-  woken = wake(freed + expired - given)
-end
+local woken, given = 0, 0
+if freed + expired > 0 then woken, given = pass_on(freed + expired) end
 return {freed, woken, given}

@@ -460,15 +460,7 @@ async fn park(
         .next()
         .and_then(|p| p.parse().ok())
         .context("port")?;
-    crate::fixture::eventually(
-        Duration::from_secs(60),
-        "every long poll parked",
-        || async move {
-            let parked = crate::cluster::metric(port, "qp_gateway_longpoll_waiters").await?;
-            (parked >= n as f64).then_some(())
-        },
-    )
-    .await;
+    crate::cluster::until_longpolls_parked(port, n, Duration::from_secs(60)).await;
     let rss_mb = rss_mb(gateway.pid());
     progress(format!(
         "{n} long polls parked {:.1}s after the first: gateway RSS {rss_mb:.1} MB (before: {idle_rss_mb:.1} MB)",
