@@ -122,6 +122,12 @@ impl Keys {
         self.key("granted")
     }
 
+    /// List: pushed to by a waiter that gives up, to end its own `BLPOP` (one key per wait,
+    /// named by `token`). Exists for a moment; it expires if the waiter dies in between.
+    pub fn unblock(&self, token: &str) -> String {
+        self.key(&format!("unblock:{token}"))
+    }
+
     /// Every key of the token pool, in the order the token scripts take them as `KEYS`.
     pub fn token_keys(&self) -> [String; 7] {
         [

@@ -95,6 +95,7 @@
 //! * the ceiling is not at stake: a hand-off is a lease from the moment it is made, made only
 //!   into free capacity.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
@@ -105,7 +106,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::redis_conn::{Conn, MAX_BLOCK, RedisSettings};
+use crate::redis_conn::{Conn, MAX_BLOCK, RESPONSE_TIMEOUT, RedisSettings};
 
 /// The longest a waiter blocks before it retries ACQUIRE even without a wake-up.
 pub const WAKE_CHECK: Duration = Duration::from_secs(1);
@@ -565,7 +566,8 @@ impl TokenPool {
     }
 
     /// Like [`TokenPool::acquire`], returning the whole last [`Grant`], and giving up with
-    /// [`Error::Closed`] when `cancel` fires. Also returns early, empty-handed, when the grant
+    /// [`Error::Closed`] when `cancel` fires (unless a hand-off arrived at that moment: that
+    /// lease is returned, see [`TokenPool::wait_for_wake`]). Also returns early, empty-handed, when the grant
     /// was [held back](Grant::held_back) for fairness (only possible when `k` exceeds the fair
     /// share). Cancellation is only observed while blocked in
     /// `BLPOP`, never in the middle of ACQUIRE, so no lease is lost to it.
@@ -617,6 +619,12 @@ impl TokenPool {
     /// Blocks for at most `wait` on a dedicated connection in `BLPOP granted wake`: a lease
     /// handed over by a RELEASE (valid from the `ticket`'s ACQUIRE on), or a wake-up. Without a
     /// ticket the caller is not registered and only waits for a wake-up.
+    ///
+    /// When `cancel` fires, the wait ends with [`Error::Closed`], unless the `BLPOP` had
+    /// popped a hand-off at that moment: then the lease is returned, and the caller holds it.
+    /// Dropping the `BLPOP` instead would lose such a hand-off with its reply, and the slot
+    /// with it until the lease's TTL runs out; so the wait also listens on a key of its own
+    /// ([`Keys::unblock`]), and giving up pushes to that key and reads the reply.
     pub async fn wait_for_wake(
         &self,
         wait: Duration,
@@ -628,33 +636,86 @@ impl TokenPool {
         // BLPOP takes seconds as a decimal number (Redis >= 6); 0 would mean "forever".
         let timeout = format!("{:.3}", wait.as_secs_f64().max(0.001));
         let granted = self.inner.keys.granted();
+        let unblock = cancel.map(|_| {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            self.inner.keys.unblock(&token)
+        });
         let mut cmd = redis::cmd("BLPOP");
         if ticket.is_some() {
             cmd.arg(&granted);
         }
-        cmd.arg(self.inner.keys.wake()).arg(timeout);
+        cmd.arg(self.inner.keys.wake());
+        if let Some(key) = &unblock {
+            cmd.arg(key);
+        }
+        cmd.arg(timeout);
         bump(&self.inner.counters.blpop);
-        let popped: Option<(String, String)> = match cancel {
-            None => cmd.query_async(&mut conn).await?,
-            Some(cancel) => tokio::select! {
-                // The connection is dropped with the cancelled future; its reply would
-                // otherwise arrive ahead of the next caller's. A hand-off popped in that
-                // moment is lost to its lease's TTL.
-                _ = cancel.cancelled() => return Err(Error::Closed),
-                r = cmd.query_async(&mut conn) => r?,
-            },
+        let (popped, cancelled): (Option<(String, String)>, bool) = {
+            let query = cmd.query_async(&mut conn);
+            match (cancel, &unblock) {
+                (Some(cancel), Some(key)) => {
+                    tokio::pin!(query);
+                    tokio::select! {
+                        r = &mut query => (r?, false),
+                        _ = cancel.cancelled() => (self.end_wait(key, query).await?, true),
+                    }
+                }
+                _ => (query.await?, false),
+            }
         };
         let mut idle = lock(&self.inner.blocking);
         if idle.len() < MAX_IDLE_BLOCKING {
             idle.push(conn);
         }
+        drop(idle);
         Ok(match (popped, ticket) {
             (Some((key, handed)), Some(ticket)) if key == granted => {
                 Wake::Granted(handed_lease(&handed, ticket)?)
             }
+            _ if cancelled => return Err(Error::Closed),
             (Some(_), _) => Wake::Woken,
             (None, _) => Wake::TimedOut,
         })
+    }
+
+    /// Ends a blocked `BLPOP` that listens on `unblock` by pushing to that key, and returns
+    /// what the `BLPOP` popped. If the push fails (Redis unreachable), or the reply does not
+    /// come within a round trip's timeout, the wait is simply dropped: [`Error::Closed`].
+    async fn end_wait<F>(
+        &self,
+        unblock: &str,
+        query: Pin<&mut F>,
+    ) -> Result<Option<(String, String)>>
+    where
+        F: Future<Output = redis::RedisResult<Option<(String, String)>>>,
+    {
+        let mut conn = self.inner.conn.clone();
+        // The expiry covers a caller that dies between the push and the clean-up below.
+        let pushed: redis::RedisResult<()> = redis::pipe()
+            .cmd("RPUSH")
+            .arg(unblock)
+            .arg("stop")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(unblock)
+            .arg(MAX_BLOCK.as_millis() as u64)
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        if let Err(error) = pushed {
+            tracing::debug!(%error, "could not end a token wait; dropping it");
+            return Err(Error::Closed);
+        }
+        let popped = match tokio::time::timeout(RESPONSE_TIMEOUT, query).await {
+            Ok(popped) => popped?,
+            Err(_) => return Err(Error::Closed),
+        };
+        if popped.as_ref().is_none_or(|(key, _)| key != unblock) {
+            // The BLPOP ended otherwise before the push reached it: the push is left over.
+            let _: redis::RedisResult<()> =
+                redis::cmd("DEL").arg(unblock).query_async(&mut conn).await;
+        }
+        Ok(popped)
     }
 
     async fn blocking_conn(&self) -> Result<Conn> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use qp_protocol::keys::{self, Keys};
 use qp_protocol::redis_conn::{Conn, RedisSettings};
 use qp_protocol::tokens::{PoolOptions, RoundTrips, TokenPool};
+use qp_tests::proxy::RedisProxy;
 use qp_worker::keeper::{KeeperConfig, LeaseKeeper};
 use tokio::time::Instant;
 
@@ -956,6 +957,61 @@ async fn keepers_cap_concurrency_with_few_round_trips(kind: Kind) {
         k.close().await.unwrap();
     }
     assert_eq!(keepers[0].pool().in_use().await.unwrap(), 0);
+    qp.cleanup().await;
+}
+
+/// Defect (found by CI in `keepers_cap_concurrency_with_few_round_trips`): a keeper closed
+/// while its `BLPOP` had just popped a hand-off dropped the reply, and the lease stayed taken,
+/// by nobody, until its TTL ran out. The fault: a proxy holds that reply back (a slow network)
+/// and the keeper closes meanwhile. Single Redis only: the proxy fronts one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keeper_closed_while_a_hand_off_is_on_its_way_keeps_nothing() {
+    let qp = Qp::new(Kind::Single).await;
+    let ttl = Duration::from_secs(30);
+    let holder = qp.pool("a", ttl).await;
+    holder.set_limit(1).await.unwrap();
+    let held = ids(&holder.try_acquire(1).await.unwrap().leases);
+
+    let proxy = RedisProxy::start(var("QP_REDIS_URL").trim_start_matches("redis://")).await;
+    let slow = TokenPool::connect(
+        RedisSettings::from_parts(Some(&proxy.url()), None, None, false).unwrap(),
+        qp.keys.clone(),
+        PoolOptions {
+            owner: "b".into(),
+            lease_ttl: ttl,
+            ..PoolOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let keeper = LeaseKeeper::start(slow, KeeperConfig::default());
+    let wants = {
+        let keeper = keeper.clone();
+        tokio::spawn(async move { keeper.acquire().await.map(drop) })
+    };
+    qp.until_waiting().await;
+    proxy.delay_next_pop(Duration::from_secs(2));
+    holder.release(&held).await.unwrap();
+    proxy.until_delayed(1).await;
+    // Redis handed the slot to the keeper; the keeper has not heard of it yet.
+    assert_eq!(holder.in_use().await.unwrap(), 1);
+    keeper.close().await.unwrap();
+    assert!(
+        wants.await.unwrap().is_err(),
+        "closed before it got a permit"
+    );
+    assert_eq!(
+        holder.in_use().await.unwrap(),
+        0,
+        "the hand-off was lost with the reply"
+    );
+    let mut conn = qp.conn.clone();
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}unblock:*", qp.keys.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     qp.cleanup().await;
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use qp_tests::downstream::Downstream;
 use qp_tests::fixture::{AclUser, Fixture, RedisKind, eventually};
 use qp_tests::procs::{self, Proc};
-use qp_tests::proxy::ReplyCutter;
+use qp_tests::proxy::RedisProxy;
 use qp_worker::source::redis_list::Envelope;
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -178,7 +178,7 @@ async fn a_lost_blmove_reply_does_not_strand_the_message() {
     fx.pool().set_limit(4).await.unwrap();
     let list = format!("{}queue", fx.keys.prefix());
     let upstream = fx.env.get("QP_REDIS_URL");
-    let proxy = ReplyCutter::start(upstream.trim_start_matches("redis://")).await;
+    let proxy = RedisProxy::start(upstream.trim_start_matches("redis://")).await;
 
     let port = procs::free_port();
     let mut cmd = Command::new(procs::binary("qp-worker"));
@@ -200,7 +200,7 @@ async fn a_lost_blmove_reply_does_not_strand_the_message() {
     push(&fx, &list, &warmup).await;
     fx.wait_finished(&warmup, Duration::from_secs(30)).await;
 
-    proxy.arm();
+    proxy.cut_next_move();
     let lost = ids("lost", 1);
     push(&fx, &list, &lost).await;
     let pushed = Instant::now();

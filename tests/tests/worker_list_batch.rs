@@ -11,7 +11,7 @@ use qp_protocol::tokens::{PoolOptions, TokenPool};
 use qp_tests::bench::private_redis::PrivateRedis;
 use qp_tests::fixture::{Fixture, RedisKind, eventually};
 use qp_tests::procs::{self, Proc};
-use qp_tests::proxy::ReplyCutter;
+use qp_tests::proxy::RedisProxy;
 use qp_worker::source::redis_list::Envelope;
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
@@ -126,11 +126,11 @@ async fn a_lost_reply_to_a_batch_strands_none_of_its_messages() {
     fx.pool().set_limit(8).await.unwrap();
     let list = format!("{}queue", fx.keys.prefix());
     let upstream = fx.env.get("QP_REDIS_URL");
-    let proxy = ReplyCutter::start(upstream.trim_start_matches("redis://")).await;
+    let proxy = RedisProxy::start(upstream.trim_start_matches("redis://")).await;
     // Queued before the worker starts: its first take is a batch, and that reply is lost.
     let batch = ids("batch", 20);
     push(&mut fx.conn.clone(), &list, &batch).await;
-    proxy.arm();
+    proxy.cut_next_move();
 
     let mut cmd = Command::new(procs::binary("qp-worker"));
     cmd.arg("run")

@@ -373,7 +373,6 @@ impl KeeperInner {
         let now = Instant::now();
         if st.to_shed > 0 || valid_until <= now + self.margin {
             st.to_shed = st.to_shed.saturating_sub(1);
-            drop(st);
             let _ = self.release_tx.send(id);
             return;
         }
@@ -516,7 +515,9 @@ impl KeeperInner {
             match woke {
                 Ok(Wake::Granted(lease)) => {
                     // A RELEASE handed a slot over: held without another ACQUIRE. If it was
-                    // made for another waiter, ours is still registered (`done`).
+                    // made for another waiter, ours is still registered (`done`). After a
+                    // cancel this is the hand-off the wait popped as it ended: `put_to_use`
+                    // gives it back.
                     if done.as_ref().is_some_and(|t| t.id == lease.id) {
                         done = None;
                     }
@@ -565,17 +566,16 @@ impl KeeperInner {
                 _ = self.cancel.cancelled() => return,
             }
             let now = Instant::now();
-            let stale: Vec<String> = {
+            {
                 let mut st = lock(&self.state);
                 let n = st
                     .idle
                     .iter()
                     .take_while(|i| i.since + self.config.linger <= now)
                     .count();
-                st.idle.drain(..n).map(|i| i.id).collect()
-            };
-            for id in stale {
-                let _ = self.release_tx.send(id);
+                for idle in st.idle.drain(..n) {
+                    let _ = self.release_tx.send(idle.id);
+                }
             }
             if now >= next_sync {
                 self.sync().await;
@@ -607,7 +607,6 @@ impl KeeperInner {
         };
         let lost: std::collections::HashSet<&str> =
             renewal.lost.iter().map(String::as_str).collect();
-        let mut shed = Vec::new();
         {
             let mut st = lock(&self.state);
             let before = st.held();
@@ -635,21 +634,23 @@ impl KeeperInner {
             st.to_shed = usize::try_from(held - keep).unwrap_or(usize::MAX);
             // Shed idle leases now (the longest unused first), busy ones as they come back.
             let n = st.to_shed.min(st.idle.len());
-            shed.extend(st.idle.drain(..n).map(|i| i.id));
+            for idle in st.idle.drain(..n) {
+                let _ = self.release_tx.send(idle.id);
+            }
             st.to_shed -= n;
             if lost_now > 0 {
                 tracing::warn!(lost = lost_now, "token leases expired before renewal");
                 self.lost.send_modify(|total| *total += lost_now as u64);
             }
         }
-        for id in shed {
-            let _ = self.release_tx.send(id);
-        }
         // The status may allow more leases now (for example, the starving owner was served).
         self.refill.notify_one();
     }
 
     /// Releases leases sent to it, batching whatever queued up while the last call ran.
+    /// Leases leave the keeper's state and enter this queue under the state lock, so once
+    /// `close` has taken the state, everything else is queued here and released on the way
+    /// out.
     async fn release_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<String>) {
         loop {
             let mut batch = Vec::new();
