@@ -11,9 +11,9 @@ source "$(dirname "$0")/lib.sh"
 cd "$QP_ROOT"
 
 need cargo "install Rust with rustup (https://rustup.rs)"
-need redis-server "apt-get install redis-server (the worker benchmark starts a private one)"
-
 services_up
+# Installed by `services_up` on a new machine; the worker benchmark starts a private one.
+need redis-server "apt-get install redis-server"
 # The yardsticks (vegeta, kcat): installed once, cached by version.
 eval "$(bash "$QP_ROOT/hack/bench-tools.sh")"
 

@@ -110,9 +110,8 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
         }
         let gated = ctx.run(&format!("gated-{suffix}"), true, false).await?;
         let counted = ctx.run(&format!("counted-{suffix}"), true, true).await?;
-        // The same messages from a Redis stream (each run reads it with a group of its own).
+        // The same messages from a Redis stream, filled anew for each run.
         let stream_key = format!("{{bench}}:stream-{suffix}");
-        fill_timed(&redis, From::Stream(&stream_key), s.messages).await?;
         let stream = ctx
             .run_from(
                 &format!("stream-{suffix}"),
@@ -131,7 +130,6 @@ async fn run_inner(env: &Env) -> Result<Vec<Figure>> {
             .await?;
         // The same messages again from a Redis list.
         let list_key = format!("{{bench}}:list-{suffix}");
-        fill_timed(&redis, From::List(&list_key), s.messages).await?;
         let list = ctx
             .run_from(
                 &format!("list-{suffix}"),
@@ -415,7 +413,7 @@ fn payload(id: &str) -> String {
 enum From<'a> {
     /// The pre-produced topic.
     Kafka,
-    /// A Redis stream in the private Redis (each run reads it with a group of its own).
+    /// A Redis stream in the private Redis, filled anew for each run.
     Stream(&'a str),
     /// A Redis list in the private Redis.
     List(&'a str),
@@ -461,6 +459,11 @@ impl KafkaRun<'_> {
         counted: bool,
         from: From<'_>,
     ) -> Result<KafkaResult> {
+        // Every run starts from an empty Redis holding only its input.
+        self.redis.flush().await?;
+        if !matches!(from, From::Kafka) {
+            fill_timed(self.redis, from, self.messages).await?;
+        }
         let settings = RedisSettings::single(self.redis.url());
         let mut conn = settings.connect().await?;
         let keys = Keys::new("bench", name);
@@ -699,6 +702,7 @@ async fn seed_style(
     suffix: &str,
     pacing: Pacing,
 ) -> Result<SeedResult> {
+    redis.flush().await?;
     let client = redis::Client::open(redis.url())?;
     let config = redis::AsyncConnectionConfig::new()
         .set_response_timeout(Some(Duration::from_secs(SEED_BLPOP_SECONDS + 5)));
@@ -935,6 +939,7 @@ struct WakeResult {
 /// B calls `acquire` and is seen blocked in `BLPOP` (`INFO clients`), then the clock starts and
 /// A releases; the clock stops when B's `acquire` returns.
 async fn wake_latency(redis: &PrivateRedis, samples: usize, suffix: &str) -> Result<WakeResult> {
+    redis.flush().await?;
     let settings = RedisSettings::single(redis.url());
     let keys = Keys::new("bench", &format!("wake-{suffix}"));
     let pool = |owner: &str| {
