@@ -14,6 +14,7 @@ pub mod deadletter;
 pub mod engine;
 pub mod error;
 pub mod gateway;
+pub mod group_commit;
 pub mod handler;
 pub mod heartbeat;
 pub mod keeper;

@@ -248,28 +248,52 @@ impl ResultStore {
 }
 
 /// The group-commit loop: take everything queued, send it as (at most) two script calls in one
-/// pipeline, answer every waiter, repeat. Redis errors are retried with backoff and never
+/// pipeline, answer every waiter, repeat, with up to two batches out at once
+/// ([`crate::group_commit`]). Batches out together never hold the same id: a message's FINISH
+/// is queued only after its BEGIN was answered. Redis errors are retried with backoff and never
 /// dropped: a waiter is answered with an error only when the store is shutting down.
 async fn writer(
     keys: Keys,
     conn: Conn,
     ttl: Duration,
     publish: &'static str,
-    mut rx: mpsc::UnboundedReceiver<Op>,
+    rx: mpsc::UnboundedReceiver<Op>,
 ) {
-    let begin = qp_protocol::scripts::BEGIN.clone();
-    let finish = qp_protocol::scripts::FINISH.clone();
-    let ttl_ms = ttl.as_millis() as u64;
-    let channel = keys.done_channel();
-    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
-    let mut carry = None;
-    loop {
-        if !next_batch(&mut rx, &mut carry, &mut batch).await {
-            return; // every handle dropped
-        }
+    let ctx = Batches {
+        begin: qp_protocol::scripts::BEGIN.clone(),
+        finish: qp_protocol::scripts::FINISH.clone(),
+        ttl_ms: ttl.as_millis() as u64,
+        channel: keys.done_channel(),
+        keys,
+        conn,
+        publish,
+    };
+    let batches = futures::stream::unfold((rx, None), |(mut rx, mut carry)| async move {
+        let mut batch = Vec::new();
+        next_batch(&mut rx, &mut carry, &mut batch)
+            .await
+            .then_some((batch, (rx, carry)))
+    });
+    crate::group_commit::run(batches, |batch| Box::pin(ctx.write(batch))).await;
+}
+
+/// What every batch's write needs.
+struct Batches {
+    keys: Keys,
+    conn: Conn,
+    begin: redis::Script,
+    finish: redis::Script,
+    ttl_ms: u64,
+    channel: String,
+    publish: &'static str,
+}
+
+impl Batches {
+    /// Write one batch (retrying until it succeeds) and answer its waiters.
+    async fn write(&self, batch: Vec<Op>) {
         let mut begins = Vec::new();
         let mut finishes = Vec::new();
-        for op in batch.drain(..) {
+        for op in batch {
             match op {
                 Op::Begin { id, reply } => begins.push((id, reply)),
                 Op::Finish { id, outcome, reply } => finishes.push((id, outcome, reply)),
@@ -280,16 +304,16 @@ async fn writer(
         // that succeeded is harmless, except that a repeated BEGIN counts its deliveries once
         // more: the count may overstate, never understate, how often a message was started.
         let written = (|| async {
-            let (mut c1, mut c2) = (conn.clone(), conn.clone());
+            let (mut c1, mut c2) = (self.conn.clone(), self.conn.clone());
             let (b, f) = tokio::join!(
-                run_begin(&keys, &mut c1, &begin, &begins, ttl_ms),
+                run_begin(&self.keys, &mut c1, &self.begin, &begins, self.ttl_ms),
                 run_finish(
-                    &keys,
+                    &self.keys,
                     &mut c2,
-                    &finish,
+                    &self.finish,
                     &finishes,
-                    ttl_ms,
-                    (&channel, publish)
+                    self.ttl_ms,
+                    (&self.channel, self.publish)
                 ),
             );
             Ok::<_, Error>((b?, f?))
@@ -303,14 +327,14 @@ async fn writer(
         let Ok((bflags, fflags)) = written else {
             unreachable!("retried without a limit")
         };
-        for ((_, reply), n) in begins.drain(..).zip(bflags) {
+        for ((_, reply), n) in begins.into_iter().zip(bflags) {
             let begun = match u64::try_from(n) {
                 Ok(n) if n > 0 => Begun::Delivery(n),
                 _ => Begun::Finished,
             };
             let _ = reply.send(Ok(begun));
         }
-        for ((_, _, reply), flag) in finishes.drain(..).zip(fflags) {
+        for ((_, _, reply), flag) in finishes.into_iter().zip(fflags) {
             let _ = reply.send(Ok(flag == 1));
         }
     }

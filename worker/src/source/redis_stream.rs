@@ -59,8 +59,8 @@ pub struct RedisStreamSource {
 type Held = Arc<Mutex<HashSet<String>>>;
 
 /// Acknowledges entries (`XACK`) once their result is durable: one `XACK` for every entry
-/// acknowledged while the previous one was on its way, so a busy worker makes far less than one
-/// round trip per entry.
+/// acknowledged while the earlier ones were on their way, so a busy worker makes far less than
+/// one round trip per entry.
 #[derive(Clone)]
 pub struct RedisStreamAcker {
     tx: mpsc::UnboundedSender<(String, tokio::sync::oneshot::Sender<()>)>,
@@ -76,37 +76,49 @@ impl RedisStreamAcker {
     }
 }
 
+/// Up to two `XACK`s out at once ([`crate::group_commit`]), in any order: each acknowledges
+/// entries of its own.
 async fn acker(
     s: RedisStreamSettings,
     conn: Conn,
     held: Held,
-    mut rx: mpsc::UnboundedReceiver<(String, tokio::sync::oneshot::Sender<()>)>,
+    rx: mpsc::UnboundedReceiver<(String, tokio::sync::oneshot::Sender<()>)>,
 ) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 512).await > 0 {
-        let xack = || {
-            let mut cmd = redis::cmd("XACK");
-            cmd.arg(&s.key).arg(&s.group);
-            for (entry, _) in &batch {
-                cmd.arg(entry);
-            }
-            let mut conn = conn.clone();
-            async move { cmd.query_async::<i64>(&mut conn).await }
-        };
-        // Retried until it succeeds: an acknowledgement is answered only once Redis has it (an
-        // entry left pending is only delivered again, and its stored result answers for it).
-        let _ = xack
-            .retry(crate::retry::forever(
-                Duration::from_millis(50),
-                Duration::from_secs(2),
-            ))
-            .notify(|e, _| warn!(error = %e, "XACK failed; retrying"))
-            .await;
-        let mut h = held.lock().expect("held lock");
-        for (entry, done) in batch.drain(..) {
-            h.remove(&entry);
-            let _ = done.send(());
+    crate::group_commit::run(crate::group_commit::drained(rx, 512), |batch| {
+        Box::pin(xack(&s, &conn, &held, batch))
+    })
+    .await;
+}
+
+/// One batch of [`acker`]: one `XACK` for every entry, then answer each waiter.
+async fn xack(
+    s: &RedisStreamSettings,
+    conn: &Conn,
+    held: &Held,
+    batch: Vec<(String, tokio::sync::oneshot::Sender<()>)>,
+) {
+    let xack = || {
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&s.key).arg(&s.group);
+        for (entry, _) in &batch {
+            cmd.arg(entry);
         }
+        let mut conn = conn.clone();
+        async move { cmd.query_async::<i64>(&mut conn).await }
+    };
+    // Retried until it succeeds: an acknowledgement is answered only once Redis has it (an
+    // entry left pending is only delivered again, and its stored result answers for it).
+    let _ = xack
+        .retry(crate::retry::forever(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+        ))
+        .notify(|e, _| warn!(error = %e, "XACK failed; retrying"))
+        .await;
+    let mut h = held.lock().expect("held lock");
+    for (entry, done) in batch {
+        h.remove(&entry);
+        let _ = done.send(());
     }
 }
 

@@ -177,43 +177,55 @@ pub async fn return_unfinished(
         .await?)
 }
 
-/// Batches `LREM`s: everything acknowledged while the previous batch was in flight goes in one
-/// pipeline.
+/// Batches `LREM`s: everything acknowledged while earlier batches were in flight goes in one
+/// pipeline, with up to two pipelines out at once ([`crate::group_commit`]). They may run in
+/// any order: each removes messages of its own, and a message is forgotten from the holdings
+/// only after its `LREM` succeeded.
 async fn acker(
     conn: Conn,
     processing: String,
     holdings: Holdings,
-    mut rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
+    rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
 ) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 256).await > 0 {
-        let mut pipe = redis::pipe();
-        for (raw, _) in &batch {
-            // One copy, searched from the tail: messages enter at the head, so the oldest,
-            // which mostly finish first, are near the tail. From the head, every removal
-            // compared the message with most of the list (twice the Redis time per message).
-            pipe.cmd("LREM")
-                .arg(&processing)
-                .arg(-1)
-                .arg(raw.as_ref())
-                .ignore();
-        }
-        let lrem = || {
-            let (pipe, mut conn) = (&pipe, conn.clone());
-            async move { pipe.query_async::<()>(&mut conn).await }
-        };
-        // Retried until it succeeds: an acknowledgement is answered only once Redis has it.
-        let _ = lrem
-            .retry(crate::retry::forever(
-                Duration::from_millis(50),
-                Duration::from_secs(2),
-            ))
-            .notify(|e, _| warn!(error = %e, "LREM from processing list failed; retrying"))
-            .await;
-        for (raw, done) in batch.drain(..) {
-            holdings.remove(&raw);
-            let _ = done.send(());
-        }
+    crate::group_commit::run(crate::group_commit::drained(rx, 256), |batch| {
+        Box::pin(remove(&conn, &processing, &holdings, batch))
+    })
+    .await;
+}
+
+/// One batch of [`acker`]: `LREM` every message, then answer each waiter.
+async fn remove(
+    conn: &Conn,
+    processing: &str,
+    holdings: &Holdings,
+    batch: Vec<(Bytes, tokio::sync::oneshot::Sender<()>)>,
+) {
+    let mut pipe = redis::pipe();
+    for (raw, _) in &batch {
+        // One copy, searched from the tail: messages enter at the head, so the oldest,
+        // which mostly finish first, are near the tail. From the head, every removal
+        // compared the message with most of the list (twice the Redis time per message).
+        pipe.cmd("LREM")
+            .arg(processing)
+            .arg(-1)
+            .arg(raw.as_ref())
+            .ignore();
+    }
+    let lrem = || {
+        let (pipe, mut conn) = (&pipe, conn.clone());
+        async move { pipe.query_async::<()>(&mut conn).await }
+    };
+    // Retried until it succeeds: an acknowledgement is answered only once Redis has it.
+    let _ = lrem
+        .retry(crate::retry::forever(
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+        ))
+        .notify(|e, _| warn!(error = %e, "LREM from processing list failed; retrying"))
+        .await;
+    for (raw, done) in batch {
+        holdings.remove(&raw);
+        let _ = done.send(());
     }
 }
 
