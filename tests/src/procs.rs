@@ -193,3 +193,24 @@ pub fn tcp_connections_to(pid: u32, port: u16) -> usize {
     }
     n
 }
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`; 0 when
+/// it is gone. Clock ticks are 1/100 s on Linux (`getconf CLK_TCK`).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name (field 2) may hold spaces; every field after its `)` is plain.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the state (field 3).
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}

@@ -15,16 +15,20 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 
-/// How many batches may be on their way at once.
+/// How many batches of script calls may be on their way at once.
 pub const IN_FLIGHT: usize = 2;
 
-/// Start `write` on each batch of `batches` as it comes, with up to [`IN_FLIGHT`] writes
+/// Start `write` on each batch of `batches` as it comes, with up to `in_flight` writes
 /// running; returns once `batches` ended and every started write finished.
 ///
 /// The writes are boxed: a plain generic future borrowing the caller's state makes the
 /// caller's task fail the compiler's `Send` check (a known limit of its inference for
 /// higher-ranked lifetimes); one allocation per batch costs nothing here.
-pub async fn run<'a, B>(batches: impl Stream<Item = B>, write: impl Fn(B) -> BoxFuture<'a, ()>) {
+pub async fn run<'a, B>(
+    in_flight_max: usize,
+    batches: impl Stream<Item = B>,
+    write: impl Fn(B) -> BoxFuture<'a, ()>,
+) {
     let mut batches = std::pin::pin!(batches);
     let mut in_flight = FuturesUnordered::new();
     loop {
@@ -32,7 +36,7 @@ pub async fn run<'a, B>(batches: impl Stream<Item = B>, write: impl Fn(B) -> Box
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             // A stream keeps a half-taken batch when this `next` loses the race.
-            batch = batches.next(), if in_flight.len() < IN_FLIGHT => match batch {
+            batch = batches.next(), if in_flight.len() < in_flight_max => match batch {
                 Some(batch) => in_flight.push(write(batch)),
                 None => {
                     while in_flight.next().await.is_some() {}

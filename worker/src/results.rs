@@ -274,7 +274,10 @@ async fn writer(
             .await
             .then_some((batch, (rx, carry)))
     });
-    crate::group_commit::run(batches, |batch| Box::pin(ctx.write(batch))).await;
+    crate::group_commit::run(crate::group_commit::IN_FLIGHT, batches, |batch| {
+        Box::pin(ctx.write(batch))
+    })
+    .await;
 }
 
 /// What every batch's write needs.

@@ -31,7 +31,7 @@ pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The groups in the order they run, each with the time it may take at most.
 pub const GROUPS: &[(&str, Duration)] = &[
-    ("worker", Duration::from_secs(180)),
+    ("worker", Duration::from_secs(300)),
     ("gateway", Duration::from_secs(300)),
     ("operator", Duration::from_secs(900)),
     ("chaos", Duration::from_secs(480)),

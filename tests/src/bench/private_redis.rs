@@ -51,6 +51,11 @@ impl PrivateRedis {
         bail!("private redis-server on port {port} did not come up (is redis-server installed?)")
     }
 
+    /// CPU seconds this Redis has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        procs::cpu_seconds(self._proc.pid())
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

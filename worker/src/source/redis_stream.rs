@@ -84,7 +84,11 @@ async fn acker(
     held: Held,
     rx: mpsc::UnboundedReceiver<(String, tokio::sync::oneshot::Sender<()>)>,
 ) {
-    crate::group_commit::run(crate::group_commit::drained(rx, 512), |batch| {
+    use crate::group_commit::{drained, run};
+    // One at a time: an `XACK` names every entry of its batch, so letting them pile up while
+    // one is out costs fewer commands than a second `XACK` would save in latency (two out at
+    // once: 0.32 commands per message instead of 0.25, for no steady gain in throughput).
+    run(1, drained(rx, 512), |batch| {
         Box::pin(xack(&s, &conn, &held, batch))
     })
     .await;

@@ -187,7 +187,8 @@ async fn acker(
     holdings: Holdings,
     rx: mpsc::UnboundedReceiver<(Bytes, tokio::sync::oneshot::Sender<()>)>,
 ) {
-    crate::group_commit::run(crate::group_commit::drained(rx, 256), |batch| {
+    use crate::group_commit::{IN_FLIGHT, drained, run};
+    run(IN_FLIGHT, drained(rx, 256), |batch| {
         Box::pin(remove(&conn, &processing, &holdings, batch))
     })
     .await;
