@@ -87,7 +87,7 @@ mod tests {
                 written.clone(),
             );
             tokio::spawn(async move {
-                run(drained(rx, 1), |batch: Vec<u32>| {
+                run(IN_FLIGHT, drained(rx, 1), |batch: Vec<u32>| {
                     let (started, release, running, peak, written) = (
                         started_tx.clone(),
                         release.clone(),
