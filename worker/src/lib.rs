@@ -5,6 +5,7 @@
 //! - [`source`]: Kafka consumer group or Redis list, with at-least-once acknowledgement
 //! - [`engine`]: slot -> token -> handler -> result -> acknowledgement
 //! - [`results`]: request state and results in Redis, written once, in batches
+//! - [`group_commit`]: the batching loop of the result writer and the Redis acknowledgers
 //! - [`handler`]: http, exec and built-in handlers
 //! - [`run`]: wiring for `qp-worker run`; [`gateway`]: `qp-worker gateway`; [`replay`]:
 //!   `qp-worker replay` (dead letters back onto the source)
