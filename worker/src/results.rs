@@ -249,8 +249,9 @@ impl ResultStore {
 
 /// The group-commit loop: take everything queued, send it as (at most) two script calls in one
 /// pipeline, answer every waiter, repeat, with up to two batches out at once
-/// ([`crate::group_commit`]). Batches out together never hold the same id: a message's FINISH
-/// is queued only after its BEGIN was answered. Redis errors are retried with backoff and never
+/// ([`crate::group_commit`]). A message's FINISH is queued only after its BEGIN was answered;
+/// two deliveries of one id may sit in batches that are out together, in either order, which
+/// the write-once scripts make harmless as they did within one batch. Redis errors are retried with backoff and never
 /// dropped: a waiter is answered with an error only when the store is shutting down.
 async fn writer(
     keys: Keys,
