@@ -17,6 +17,7 @@ use std::time::Duration;
 use qp_protocol::keys::{self, Keys};
 use qp_protocol::redis_conn::{Conn, RedisSettings};
 use qp_protocol::tokens::{PoolOptions, RoundTrips, TokenPool};
+use qp_tests::fixture::eventually;
 use qp_tests::proxy::RedisProxy;
 use qp_worker::keeper::{KeeperConfig, LeaseKeeper};
 use tokio::time::Instant;
@@ -211,6 +212,7 @@ on_both!(
     release_hands_off_nothing_above_a_shrunk_limit,
     keepers_cap_concurrency_with_few_round_trips,
     keepers_follow_limit_changes,
+    keepers_at_their_share_use_a_limit_increase_at_once,
     keeper_reports_lost_leases_and_closes,
     keepers_share_fairly,
     lease_ids_never_repeat_after_redis_loses_data,
@@ -1082,6 +1084,81 @@ async fn keepers_follow_limit_changes(kind: Kind) {
     assert!((1..=2).contains(&at_2), "{at_2}");
     assert!((14..=16).contains(&at_16), "{at_16}");
     assert_eq!(lost, 0);
+    for k in &keepers {
+        k.close().await.unwrap();
+    }
+    qp.cleanup().await;
+}
+
+/// Three keepers that want more than a limit of 2 allows sit at their fair shares; a limit
+/// of 16 is in use within a few milliseconds, not at their next sync (a keeper at its share
+/// learnt of the room only from the status a sync brings: 0-460 ms after the increase, evenly
+/// spread with syncs every 500 ms). Three increases, each at another point of the sync cycle.
+async fn keepers_at_their_share_use_a_limit_increase_at_once(kind: Kind) {
+    let qp = Qp::new(kind).await;
+    let admin = qp.pool("operator", Duration::from_secs(5)).await;
+    admin.set_limit(2).await.unwrap();
+    let mut keepers = Vec::new();
+    for i in 0..3 {
+        keepers.push(LeaseKeeper::start(
+            qp.pool(&format!("s{i}"), Duration::from_secs(5)).await,
+            KeeperConfig {
+                max_held: 8,
+                batch: 8,
+                ..KeeperConfig::default()
+            },
+        ));
+    }
+    let active = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for keeper in &keepers {
+        for _ in 0..8 {
+            let (keeper, active, stop) = (keeper.clone(), active.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let permit = keeper.acquire().await.unwrap();
+                    active.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                }
+            }));
+        }
+    }
+    let mut growths = Vec::new();
+    for i in 0..3u64 {
+        // At the limit of 2, then past a sync or two (every 500 ms), so that every keeper's
+        // status says the limit is 2; each round ends at another point of the sync cycle.
+        let at_2 = active.clone();
+        eventually(Duration::from_secs(10), "the limit of 2 in use", || {
+            let n = at_2.load(Ordering::SeqCst);
+            async move { (n == 2).then_some(()) }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(700 + 170 * i)).await;
+        let t = Instant::now();
+        admin.set_limit(16).await.unwrap();
+        let at_16 = active.clone();
+        eventually(Duration::from_secs(3), "the limit of 16 in use", || {
+            let n = at_16.load(Ordering::SeqCst);
+            async move { (n >= 16).then_some(()) }
+        })
+        .await;
+        growths.push(t.elapsed());
+        admin.set_limit(2).await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    println!("{kind:?}: 2 -> 16 in use after {growths:?}");
+    for (i, g) in growths.iter().enumerate() {
+        assert!(
+            *g <= Duration::from_millis(150),
+            "increase {i}: 16 in use only after {g:?} ({growths:?})"
+        );
+    }
     for k in &keepers {
         k.close().await.unwrap();
     }

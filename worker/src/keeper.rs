@@ -22,12 +22,13 @@
 //!   left with none while others hold theirs) and stops asking for more until the others are
 //!   served.
 //!   ACQUIRE enforces the same rule with fresh numbers (the keeper passes how many it holds),
-//!   and an owner held back there passes on the wake-up it may have consumed and waits for
-//!   its next sync instead of `BLPOP`, so freed slots reach the starving owner.
+//!   and an owner held back there passes on the wake-up it may have consumed and does not
+//!   register as a waiter, so freed slots reach the starving owner.
 //!
 //! So a worker reacts to a smaller limit or a starving peer within one sync interval, and to a
-//! larger limit at once when it is blocked in `BLPOP` (or within one sync interval when its
-//! fair share was holding it back).
+//! larger limit at once: a keeper at its fair share still waits in `BLPOP` for wake-ups (not
+//! for hand-offs) until about its next sync, and a limit increase pushes wake-ups. Only right
+//! after a wake-up that was of no use to it does it wait for the sync instead.
 //!
 //! Leases reported lost by RENEW (expired, say after a long pause) are dropped: no new work
 //! starts under them, and [`LeaseKeeper::lost`] counts them. Tokens are admission control, not
@@ -383,21 +384,26 @@ impl KeeperInner {
     }
 
     /// How many leases to ask for now: the unmet local demand, within the local cap, the batch
-    /// size and, while another owner starves, the fair share.
-    fn wanted(&self, st: &mut KeeperState) -> usize {
+    /// size and, while another owner starves, the fair share of the last status heard. The
+    /// second number is the same without the fair share: what to ask once a wake-up says the
+    /// status may have changed (ACQUIRE applies the share that holds then).
+    fn wanted(&self, st: &mut KeeperState) -> (usize, usize) {
         if st.closed || st.to_shed > 0 {
-            return 0;
+            return (0, 0);
         }
         let demand = st.live_waiters();
         let held = st.held();
-        let mut room = self.config.max_held.saturating_sub(held);
+        let past_share = demand
+            .min(self.config.max_held.saturating_sub(held))
+            .min(self.config.batch);
+        let mut want = past_share;
         if let Some(status) = st.status
             && status.starving_others > 0
         {
             let share = usize::try_from(status.share).unwrap_or(usize::MAX);
-            room = room.min(share.saturating_sub(held));
+            want = want.min(share.saturating_sub(held));
         }
-        demand.min(room).min(self.config.batch)
+        (want, past_share)
     }
 
     /// Puts granted leases into service, with the pool's status if the grant came with one
@@ -453,10 +459,32 @@ impl KeeperInner {
         // The ticket of the last wait, unless a hand-off consumed it: the next ACQUIRE drops
         // its registration.
         let mut done: Option<Ticket> = None;
+        // At the fair share: whether the last wait ended with a wake-up (see `wait_at_share`),
+        // and whether the next ACQUIRE may ask past the share last heard of.
+        let mut woken_at_share = false;
+        let mut past_share = false;
         loop {
             let (want, held) = {
                 let mut st = lock(&self.state);
-                (self.wanted(&mut st), st.held())
+                let (want, beyond) = self.wanted(&mut st);
+                let want = if std::mem::take(&mut past_share) {
+                    beyond
+                } else {
+                    want
+                };
+                if want == 0 && beyond > 0 {
+                    (0, None)
+                } else {
+                    (want, Some(st.held()))
+                }
+            };
+            let Some(held) = held else {
+                // At our fair share of the last status: wait for a wake-up or the next sync.
+                if let Some(ticket) = done.take() {
+                    self.withdraw(&ticket).await;
+                }
+                past_share = self.wait_at_share(&mut woken_at_share).await?;
+                continue;
             };
             if want == 0 {
                 if let Some(ticket) = done.take() {
@@ -495,15 +523,15 @@ impl KeeperInner {
                 return ticket;
             }
             if granted {
+                // A wake-up that brought leases was of use: the next wait at the share
+                // listens for wake-ups again.
+                woken_at_share = false;
                 continue;
             }
             if held_back {
-                // At our fair share while another worker starves: the wake-ups are theirs.
-                // The next sync (or new local demand) brings fresh status.
-                tokio::select! {
-                    _ = self.refill.notified() => {}
-                    _ = self.cancel.cancelled() => return None,
-                }
+                // At our fair share while another worker starves (not registered: RELEASEs
+                // hand their slots to the starving).
+                past_share = self.wait_at_share(&mut woken_at_share).await?;
                 continue;
             }
             let wait = retry_after.unwrap_or(WAKE_CHECK).min(WAKE_CHECK);
@@ -534,6 +562,45 @@ impl KeeperInner {
                         _ = self.cancel.cancelled() => return done,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// The wait of a keeper at its fair share while another worker starves. It only learns
+    /// that the share grew from a status: waiting for the next sync made a limit increase take
+    /// up to a sync interval to be used (0-460 ms, evenly spread, with three keepers growing
+    /// from 2 to 16 and syncs every 500 ms). A limit increase pushes wake-ups, so it waits for
+    /// one until about the next sync, as an unregistered waiter; `Some(true)` when one came:
+    /// the next ACQUIRE asks past the old share, and the pool grants what the new one allows
+    /// (or holds it back and passes the wake-up on). After a wake-up it waits for the sync
+    /// instead (`woken`), so that a wake-up nobody can use does not go round between keepers
+    /// at their shares. `None` when the keeper is cancelled.
+    async fn wait_at_share(&self, woken: &mut bool) -> Option<bool> {
+        if std::mem::take(woken) {
+            tokio::select! {
+                _ = self.refill.notified() => return Some(false),
+                _ = self.cancel.cancelled() => return None,
+            }
+        }
+        match self
+            .pool
+            .wait_for_wake(self.sync_interval, Some(&self.cancel), None)
+            .await
+        {
+            Ok(Wake::Woken) => {
+                *woken = true;
+                Some(true)
+            }
+            Ok(Wake::TimedOut) => Some(false),
+            // Nothing is handed to an unregistered waiter; kept, not lost, if it ever were.
+            Ok(Wake::Granted(lease)) => self.put_to_use(vec![lease], None).await.then_some(false),
+            Err(qp_protocol::Error::Closed) => None,
+            Err(error) => {
+                tracing::warn!(%error, "waiting for token wake-ups failed");
+                tokio::select! {
+                    _ = self.refill.notified() => Some(false),
+                    _ = self.cancel.cancelled() => None,
                 }
             }
         }
