@@ -122,10 +122,23 @@ async fn concurrency_follows_limit_changes_within_a_second() {
         .collect();
     let s = Sampler::start(&fx);
 
-    // Phase 1: limit 8 is reached.
+    // Phase 1: limit 8 is reached, and all three workers ask for tokens. The first worker to
+    // join the group consumes every partition and can fill the limit of 8 alone; until the
+    // group's rebalance hands partitions to the others (about 2 s after they start), they have
+    // nothing to run, and a growth to 16 measured then measured the rebalance (400 ms in some
+    // runs, more in one that failed), not the workers.
     eventually(Duration::from_secs(30), "concurrency 8", || async {
         (s.last.load(Ordering::SeqCst) >= 8).then_some(())
     })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "three workers asking for tokens",
+        || {
+            let pool = pool.clone();
+            async move { (pool.snapshot().await.ok()?.owners == 3).then_some(()) }
+        },
+    )
     .await;
 
     // Phase 2: shrink to 2. Running work is not revoked; new work stops until below 2. Watch
