@@ -626,5 +626,11 @@ async fn abandoned_long_polls_are_released_and_shutdown_answers_parked_ones() {
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["status"], "pending");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A stop is not an outage: no warning that notifications went down.
+    let log = gw.log_text();
+    assert!(
+        !log.contains("notifications down"),
+        "the shutdown warned of an outage:\n{log}"
+    );
     fx.cleanup().await;
 }

@@ -92,12 +92,13 @@ pub(super) async fn listen(
         } else {
             listen_classic(&redis, &channel, &notes, &stop).await
         };
-        notes.set_up(false);
         match heard {
+            // Stopped: not an outage, so no warning that notifications are down.
+            Ok(false) => return,
             Ok(true) => backoff = Duration::from_millis(100),
-            Ok(false) => return, // stopped
             Err(e) => warn!(error = %e, "subscribing to result notifications failed"),
         }
+        notes.set_up(false);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
