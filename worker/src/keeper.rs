@@ -27,7 +27,7 @@
 //!
 //! So a worker reacts to a smaller limit or a starving peer within one sync interval, and to a
 //! larger limit at once: a keeper at its fair share still waits in `BLPOP` for wake-ups (not
-//! for hand-offs) until about its next sync, and a limit increase pushes wake-ups. Only right
+//! for hand-offs) until its next sync, and a limit increase pushes wake-ups. Only right
 //! after a wake-up that was of no use to it does it wait for the sync instead.
 //!
 //! Leases reported lost by RENEW (expired, say after a long pause) are dropped: no new work
@@ -39,6 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
 use qp_protocol::tokens::{Lease, PoolStatus, Ticket, TokenPool, WAKE_CHECK, Wake};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -188,6 +189,8 @@ struct KeeperInner {
     refill: Notify,
     /// The idle stack became non-empty: the maintenance task should schedule the linger check.
     maintain: Notify,
+    /// A sync brought a fresh status: a keeper waiting at its fair share looks again.
+    synced: Notify,
     lost: watch::Sender<u64>,
     release_tx: mpsc::UnboundedSender<String>,
     cancel: CancellationToken,
@@ -229,6 +232,7 @@ impl LeaseKeeper {
             state: Mutex::new(KeeperState::default()),
             refill: Notify::new(),
             maintain: Notify::new(),
+            synced: Notify::new(),
             lost: watch::channel(0).0,
             release_tx,
             cancel: cancel.clone(),
@@ -567,27 +571,46 @@ impl KeeperInner {
         }
     }
 
-    /// The wait of a keeper at its fair share while another worker starves. It only learns
-    /// that the share grew from a status: waiting for the next sync made a limit increase take
-    /// up to a sync interval to be used (0-460 ms, evenly spread, with three keepers growing
-    /// from 2 to 16 and syncs every 500 ms). A limit increase pushes wake-ups, so it waits for
-    /// one until about the next sync, as an unregistered waiter; `Some(true)` when one came:
-    /// the next ACQUIRE asks past the old share, and the pool grants what the new one allows
-    /// (or holds it back and passes the wake-up on). After a wake-up it waits for the sync
-    /// instead (`woken`), so that a wake-up nobody can use does not go round between keepers
-    /// at their shares. `None` when the keeper is cancelled.
+    /// The wait of a keeper at its fair share while another worker starves, until a wake-up or
+    /// its next sync, whichever comes first. It only learns that its share grew from a status:
+    /// waiting for the next sync alone made a limit increase take up to a sync interval to be
+    /// used (0-460 ms, evenly spread, with three keepers growing from 2 to 16 and syncs every
+    /// 500 ms). A limit increase pushes wake-ups, so it also waits for one, as an unregistered
+    /// waiter (RELEASE hand-offs stay the starving owners'). `Some(true)` when one came: the
+    /// next ACQUIRE asks past the old share, and the pool grants what the new one allows (or
+    /// holds it back and passes the wake-up on). Right after a wake-up it waits for the sync
+    /// only (`woken`), so that a wake-up nobody can use does not go round between keepers at
+    /// their shares. `None` when the keeper is cancelled.
     async fn wait_at_share(&self, woken: &mut bool) -> Option<bool> {
+        // A sync that came before this wait is already in the status the caller decided on.
+        let _ = self.synced.notified().now_or_never();
         if std::mem::take(woken) {
             tokio::select! {
-                _ = self.refill.notified() => return Some(false),
+                _ = self.synced.notified() => return Some(false),
                 _ = self.cancel.cancelled() => return None,
             }
         }
-        match self
+        let sync_came = self.cancel.child_token();
+        let wait = self
             .pool
-            .wait_for_wake(self.sync_interval, Some(&self.cancel), None)
-            .await
-        {
+            .wait_for_wake(self.sync_interval, Some(&sync_came), None);
+        tokio::pin!(wait);
+        let woke = tokio::select! {
+            w = &mut wait => w,
+            _ = self.synced.notified() => {
+                // Ends the BLPOP without losing its connection. A wake-up it popped at that
+                // moment is dropped, as any cancelled waiter's is (the pool's waiters retry
+                // within a second); the fresh status tells this keeper what it would have.
+                sync_came.cancel();
+                match wait.await {
+                    Err(qp_protocol::Error::Closed) if !self.cancel.is_cancelled() => {
+                        return Some(false);
+                    }
+                    w => w,
+                }
+            }
+        };
+        match woke {
             Ok(Wake::Woken) => {
                 *woken = true;
                 Some(true)
@@ -599,7 +622,7 @@ impl KeeperInner {
             Err(error) => {
                 tracing::warn!(%error, "waiting for token wake-ups failed");
                 tokio::select! {
-                    _ = self.refill.notified() => Some(false),
+                    _ = self.synced.notified() => Some(false),
                     _ = self.cancel.cancelled() => None,
                 }
             }
@@ -712,6 +735,7 @@ impl KeeperInner {
         }
         // The status may allow more leases now (for example, the starving owner was served).
         self.refill.notify_one();
+        self.synced.notify_one();
     }
 
     /// Releases leases sent to it, batching whatever queued up while the last call ran.
