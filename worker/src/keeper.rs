@@ -468,7 +468,7 @@ impl KeeperInner {
         let mut woken_at_share = false;
         let mut past_share = false;
         loop {
-            let (want, held) = {
+            let (want, beyond, held) = {
                 let mut st = lock(&self.state);
                 let (want, beyond) = self.wanted(&mut st);
                 let want = if std::mem::take(&mut past_share) {
@@ -476,24 +476,17 @@ impl KeeperInner {
                 } else {
                     want
                 };
-                if want == 0 && beyond > 0 {
-                    (0, None)
-                } else {
-                    (want, Some(st.held()))
-                }
-            };
-            let Some(held) = held else {
-                // At our fair share of the last status: wait for a wake-up or the next sync.
-                if let Some(ticket) = done.take() {
-                    self.withdraw(&ticket).await;
-                }
-                past_share = self.wait_at_share(&mut woken_at_share).await?;
-                continue;
+                (want, beyond, st.held())
             };
             if want == 0 {
                 if let Some(ticket) = done.take() {
                     // No ACQUIRE may come for a while: drop the registration now.
                     self.withdraw(&ticket).await;
+                }
+                if beyond > 0 {
+                    // At our fair share of the last status: a wake-up or the next sync.
+                    past_share = self.wait_at_share(&mut woken_at_share).await?;
+                    continue;
                 }
                 tokio::select! {
                     _ = self.refill.notified() => continue,
