@@ -140,13 +140,21 @@ const LOG_TAIL_ON_FAILURE: usize = 60;
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // Whether it was still running when the test gave up: a silent log reads the same for a
+        // process that hung and one that died without a word (a signal).
+        let state = match self.child.as_mut().map(|c| c.try_wait()) {
+            None => "stopped by the test".to_owned(),
+            Some(Ok(None)) => "still running".to_owned(),
+            Some(Ok(Some(status))) => format!("had exited: {status}"),
+            Some(Err(e)) => format!("state unknown: {e}"),
+        };
         self.kill9();
         if std::thread::panicking() {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
             eprintln!(
-                "--- last {} lines of {} ({}) ---\n{}\n--- end of {} ---",
+                "--- last {} lines of {} ({}; {state}) ---\n{}\n--- end of {} ---",
                 tail.len(),
                 self.name,
                 self.log.display(),
