@@ -198,6 +198,10 @@ stop_service() {
   for pid in $(cat "$f"); do
     while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    # A killed JVM keeps its listening ports until the kernel has torn down all its threads
+    # (a fraction of a second): a `start` right after would find the port taken.
+    local gone=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < gone)); do sleep 0.1; done
   done
   rm -f "$f"
 }
