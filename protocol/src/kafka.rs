@@ -2,13 +2,16 @@
 //! client of the project (worker consumer, producers, the gateway's producer, the lag probe)
 //! starts from [`KafkaArgs::client_config`], so brokers and security settings are applied alike.
 
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use rdkafka::ClientConfig;
+use rdkafka::client::Client;
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::{Error, Result};
 
@@ -157,6 +160,114 @@ impl Refusal {
     pub fn reason(&self) -> Option<String> {
         self.0.lock().expect("refusal lock").clone()
     }
+}
+
+/// Whether a client still knows a broker to ask for metadata, and the way back when it knows
+/// none.
+///
+/// librdkafka (since 2.10) drops every broker that a Metadata response leaves out. A KRaft
+/// broker that is fenced (starting up, in a controlled shutdown, or unregistered) answers
+/// Metadata listing no broker at all, and a client that asks it then is left with none. It
+/// does not re-bootstrap from there either, so it never finds the cluster again, however long
+/// the broker has been back (librdkafka issue 5301; the fix proposed in pull request 5303 is in
+/// no release as of 2.12.1, which rdkafka 0.39 bundles). A consumer in that state holds no
+/// partitions and logs nothing above debug level: CI saw every worker of a group consume
+/// nothing for four minutes after a broker restart, and a gateway would answer 503 forever.
+///
+/// The client's statistics callback calls [`BrokerLoss::stats`]; the code that owns the client
+/// calls [`BrokerLoss::recover`] regularly, which hands the client its bootstrap servers again,
+/// as librdkafka's own re-bootstrap would. Remove once a librdkafka release has the fix.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerLoss(Arc<AtomicBool>);
+
+impl BrokerLoss {
+    /// Record a statistics report; returns how many brokers the client can ask for metadata
+    /// (learned from the cluster or given as bootstrap servers), for a gauge.
+    pub fn stats(&self, stats: &Statistics) -> usize {
+        let usable = usable_brokers(stats);
+        self.0.store(usable == 0, Ordering::Relaxed);
+        usable
+    }
+
+    /// If the last report found no broker, give the client `bootstrap` again; says whether it
+    /// did. Cheap when nothing was lost (one atomic load): call it from a client's poll loop.
+    pub fn recover<C: ClientContext>(&self, client: &Client<C>, bootstrap: &str) -> bool {
+        if !self.0.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(servers) = CString::new(bootstrap) else {
+            return false;
+        };
+        // rdkafka has no wrapper for `rd_kafka_brokers_add`. SAFETY: `native_ptr` is the live
+        // client borrowed for this call; the function copies the string and may be called
+        // from any thread.
+        let added = unsafe {
+            rdkafka::bindings::rd_kafka_brokers_add(client.native_ptr(), servers.as_ptr())
+        };
+        tracing::warn!(
+            added,
+            bootstrap,
+            "the Kafka client had lost every broker (a fenced broker answered its metadata \
+             request with none); bootstrapping again"
+        );
+        true
+    }
+}
+
+/// The librdkafka callbacks of a client that needs nothing but [`BrokerLoss`] tracking.
+#[derive(Debug, Clone, Default)]
+pub struct Watched {
+    pub brokers: BrokerLoss,
+}
+
+impl ClientContext for Watched {
+    fn stats(&self, stats: Statistics) {
+        self.brokers.stats(&stats);
+    }
+}
+
+/// A producer that finds its brokers again after losing them all ([`BrokerLoss`]): the
+/// recovery runs on [`KafkaProducer::get`], before each use.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    producer: rdkafka::producer::FutureProducer<Watched>,
+    brokers: BrokerLoss,
+    bootstrap: String,
+}
+
+impl KafkaProducer {
+    /// `config` is a client configuration from [`KafkaArgs::client_config`]; statistics are
+    /// turned on (every 5 s) for the broker tracking.
+    pub fn new(config: &mut ClientConfig, bootstrap: &str) -> Result<Self> {
+        let watched = Watched::default();
+        let brokers = watched.brokers.clone();
+        let producer = config
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(watched)
+            .map_err(|e| Error::Kafka(format!("creating producer: {e}")))?;
+        Ok(KafkaProducer {
+            producer,
+            brokers,
+            bootstrap: bootstrap.to_owned(),
+        })
+    }
+
+    /// The producer, given its bootstrap servers again first if it had lost every broker.
+    pub fn get(&self) -> &rdkafka::producer::FutureProducer<Watched> {
+        use rdkafka::producer::Producer as _;
+        self.brokers
+            .recover(self.producer.client(), &self.bootstrap);
+        &self.producer
+    }
+}
+
+/// Brokers of a statistics report that a client can send a metadata request to.
+pub fn usable_brokers(stats: &Statistics) -> usize {
+    stats
+        .brokers
+        .values()
+        .filter(|b| matches!(b.source.as_str(), "learned" | "configured"))
+        .count()
 }
 
 /// Whether a librdkafka error means the brokers refused this client (SASL credentials, or the

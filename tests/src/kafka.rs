@@ -291,3 +291,59 @@ impl Drop for Outage {
         }
     }
 }
+
+/// The Kafka broker unregistered from its KRaft controller (Kafka's own `kafka-cluster
+/// unregister`), so it is fenced while it keeps running: it answers every Metadata request
+/// listing no broker at all, as a broker does for a moment while it starts or stops. It stays
+/// fenced until it restarts: [`Fence::lift`] or drop (also when the test panics) restarts it.
+pub struct Fence {
+    lifted: bool,
+}
+
+impl Fence {
+    /// Unregister the single broker (node 1).
+    pub fn broker() -> Fence {
+        let env = crate::env::load();
+        let libs = format!("{}/*", env.get("QP_KAFKA_LIBS"));
+        let bootstrap = env.get("QP_KAFKA_BOOTSTRAP");
+        let out = Command::new("java")
+            .args([
+                "-Xmx128m",
+                "-cp",
+                &libs,
+                "org.apache.kafka.tools.ClusterTool",
+            ])
+            .args(["unregister", "--bootstrap-server", &bootstrap, "--id", "1"])
+            .output()
+            .expect("running java (Kafka's ClusterTool)");
+        assert!(
+            out.status.success(),
+            "kafka-cluster unregister failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Fence { lifted: false }
+    }
+
+    /// Restart the broker, which registers it again; returns once it answers.
+    pub fn lift(&mut self) {
+        if !self.lifted {
+            self.lifted = true;
+            let mut outage = Outage::begin();
+            outage.end();
+        }
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        if self.lifted {
+            return;
+        }
+        if !(env_sh("stop") && env_sh("start")) {
+            eprintln!(
+                "could not restart Kafka: run `bash hack/env.sh stop kafka; bash hack/env.sh start kafka`"
+            );
+        }
+    }
+}

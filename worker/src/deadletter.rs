@@ -7,8 +7,9 @@
 
 use std::time::Duration;
 
+use qp_protocol::kafka::KafkaProducer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
 use crate::source::Job;
@@ -19,7 +20,7 @@ use qp_protocol::redis_conn::Conn;
 #[derive(Clone)]
 pub enum DeadLetter {
     Kafka {
-        producer: FutureProducer,
+        producer: KafkaProducer,
         topic: String,
     },
     RedisList {
@@ -71,6 +72,7 @@ impl DeadLetter {
                     record = record.key(key.as_ref());
                 }
                 producer
+                    .get()
                     .send(record, Duration::from_secs(30))
                     .await
                     .map_err(|(e, _)| Error::Kafka(format!("dead letter to {topic}: {e}")))?;

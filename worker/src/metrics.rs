@@ -34,6 +34,11 @@ pub struct Metrics {
     pub kafka_paused_partitions: IntGauge,
     /// Consumer lag per partition as librdkafka sees it (from its statistics).
     pub partition_lag: IntGaugeVec,
+    /// Brokers a Kafka client (`client`: consumer, producer) can ask for metadata, from its
+    /// statistics. 0 means it has lost them all ([`qp_protocol::kafka::BrokerLoss`]).
+    pub kafka_brokers: IntGaugeVec,
+    /// Times a Kafka client was handed its bootstrap servers again after it lost every broker.
+    pub kafka_rebootstraps: IntCounterVec,
     /// Dead letters written, by reason class (malformed, oversized, failed).
     pub dead_letters: IntCounterVec,
     /// Gateway: HTTP requests by route and status code.
@@ -106,6 +111,22 @@ impl Metrics {
             &["partition"],
         )
         .expect("valid metric");
+        let kafka_brokers = IntGaugeVec::new(
+            Opts::new(
+                "qp_worker_kafka_brokers",
+                "Brokers this process's Kafka client can ask for metadata (0: it lost them all)",
+            ),
+            &["client"],
+        )
+        .expect("valid metric");
+        let kafka_rebootstraps = IntCounterVec::new(
+            Opts::new(
+                "qp_worker_kafka_rebootstraps_total",
+                "Times a Kafka client was given its bootstrap servers again after losing every broker",
+            ),
+            &["client"],
+        )
+        .expect("valid metric");
         let dead_letters = IntCounterVec::new(
             Opts::new(
                 "qp_worker_dead_letters_total",
@@ -146,6 +167,8 @@ impl Metrics {
             Box::new(kafka_pauses.clone()),
             Box::new(kafka_paused_partitions.clone()),
             Box::new(partition_lag.clone()),
+            Box::new(kafka_brokers.clone()),
+            Box::new(kafka_rebootstraps.clone()),
             Box::new(dead_letters.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_seconds.clone()),
@@ -166,6 +189,8 @@ impl Metrics {
             kafka_pauses,
             kafka_paused_partitions,
             partition_lag,
+            kafka_brokers,
+            kafka_rebootstraps,
             dead_letters,
             http_requests,
             http_seconds,

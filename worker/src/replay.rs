@@ -324,7 +324,7 @@ async fn read_topic(kafka: &KafkaArgs, topic: &str) -> Result<Vec<Letter>> {
 /// Where replayed messages are queued: the QueueProcessor's source.
 enum Queue {
     Kafka {
-        producer: rdkafka::producer::FutureProducer,
+        producer: qp_protocol::kafka::KafkaProducer,
         topic: String,
     },
     RedisList {
@@ -381,6 +381,7 @@ impl Queue {
                     record = record.key(key.as_ref());
                 }
                 producer
+                    .get()
                     .send(record, Duration::from_secs(30))
                     .await
                     .map_err(|(e, _)| Error::Kafka(format!("queueing {}: {e}", letter.id)))?;

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use tokio::time::{Instant, timeout_at};
 
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -34,7 +33,7 @@ use crate::source::kafka::{KafkaSettings, KafkaSource};
 use crate::source::redis_list::{self, IntakeEnd, RedisListSettings, RedisListSource};
 use crate::source::redis_stream::{self, RedisStreamSettings, RedisStreamSource};
 use crate::{Error, Result};
-use qp_protocol::kafka::KafkaArgs;
+use qp_protocol::kafka::{KafkaArgs, KafkaProducer};
 use qp_protocol::keys::Keys;
 use qp_protocol::observability;
 use qp_protocol::redis_conn::Conn;
@@ -58,14 +57,13 @@ pub fn stop_on_signals() -> CancellationToken {
 }
 
 /// A Kafka producer with the same brokers and credentials as the consumer.
-pub fn kafka_producer(kafka: &KafkaArgs) -> Result<FutureProducer> {
-    kafka
-        .client_config("qp-worker")?
+pub fn kafka_producer(kafka: &KafkaArgs) -> Result<KafkaProducer> {
+    let mut config = kafka.client_config("qp-worker")?;
+    config
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
-        .set("message.timeout.ms", "10000")
-        .create()
-        .map_err(|e| Error::Kafka(format!("creating producer: {e}")))
+        .set("message.timeout.ms", "10000");
+    Ok(KafkaProducer::new(&mut config, kafka.bootstrap()?)?)
 }
 
 fn dead_letter(args: &RunArgs, keys: &Keys, conn: &Conn) -> Result<DeadLetter> {

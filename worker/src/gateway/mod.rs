@@ -193,7 +193,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         return Ok(());
     };
     let result_ttl = Duration::from_secs(args.result_ttl_seconds);
-    let mut refusal = None;
+    let mut follower = None;
     let queue = match args.source {
         SourceKind::Kafka => {
             if args.max_backlog > 0 && args.kafka.kafka_group.is_none() {
@@ -202,8 +202,12 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
                      the backlog is the consumer group's lag",
                 ));
             }
-            let (producer, refused) = producer::producer(&args.kafka, args.max_request_bytes)?;
-            refusal = Some(refused);
+            let (producer, health) =
+                producer::producer(&args.kafka, args.max_request_bytes, &metrics)?;
+            follower = Some((
+                (producer.clone(), health),
+                args.kafka.bootstrap()?.to_owned(),
+            ));
             Queue::Kafka {
                 producer,
                 topic: args.kafka.topic()?.to_owned(),
@@ -247,10 +251,12 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
     }
 
     let _ = api_slot.set(api(gw.clone(), auth, args.max_request_bytes));
-    match refusal {
-        Some(refusal) => {
-            tokio::spawn(producer::follow_refusal(
-                refusal,
+    match follower {
+        Some((producer, bootstrap)) => {
+            tokio::spawn(producer::follow(
+                producer,
+                bootstrap,
+                metrics.clone(),
                 ready.clone(),
                 stop.clone(),
             ));

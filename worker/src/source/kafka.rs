@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use qp_protocol::kafka::client_config;
+use qp_protocol::kafka::{BrokerLoss, client_config};
 use qp_protocol::observability::Readiness;
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -80,6 +80,8 @@ struct Shared {
     draining: AtomicUsize,
     /// Partitions currently revoked or being revoked: their queued jobs must not start.
     revoked: Mutex<HashSet<i32>>,
+    /// Whether librdkafka dropped every broker (see [`BrokerLoss`]).
+    brokers: BrokerLoss,
     drain_timeout: Duration,
     metrics: Metrics,
     /// The worker's readiness: false while the brokers refuse us (credentials, certificate),
@@ -153,6 +155,12 @@ struct Context {
 
 impl ClientContext for Context {
     fn stats(&self, stats: Statistics) {
+        let usable = self.shared.brokers.stats(&stats);
+        self.shared
+            .metrics
+            .kafka_brokers
+            .with_label_values(&["consumer"])
+            .set(usable as i64);
         if let Some(topic) = stats.topics.get(&self.shared.topic) {
             for (p, part) in &topic.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
@@ -345,6 +353,7 @@ impl KafkaSource {
             draining: AtomicUsize::new(0),
             acks: AtomicU64::new(0),
             revoked: Mutex::new(HashSet::new()),
+            brokers: BrokerLoss::default(),
             drain_timeout: settings.drain_timeout,
             metrics,
         });
@@ -477,6 +486,16 @@ fn poll_loop(
     let mut last_store = Instant::now();
     let mut rate = DrainRate::new(shared.acks.load(Ordering::Relaxed));
     while !stop.load(Ordering::SeqCst) {
+        if shared
+            .brokers
+            .recover(consumer.client(), &settings.bootstrap_servers)
+        {
+            shared
+                .metrics
+                .kafka_rebootstraps
+                .with_label_values(&["consumer"])
+                .inc();
+        }
         rate.update(shared.acks.load(Ordering::Relaxed));
         let (full, backlog) = full_partitions(shared, settings, &paused);
         if !full.is_empty() {
