@@ -72,6 +72,25 @@ impl E2e {
         self.api::<Deployment>().get_opt(name).await.unwrap()
     }
 
+    /// The address of Service `name` (its cluster IP and first port), once kube-proxy routes it
+    /// to a ready pod. A pod counts as ready in its Deployment's status before kube-proxy on the
+    /// node has heard of it from the EndpointSlice; until then the Service's rule rejects
+    /// connections (seen on a busy CI machine: "connection refused" a few seconds after the
+    /// gateway's pod was Ready). A TCP connect is the exact condition a client needs.
+    pub async fn service_routed(&self, name: &str) -> std::net::SocketAddr {
+        use k8s_openapi::api::core::v1::Service;
+        let spec = self.api::<Service>().get(name).await.unwrap().spec.unwrap();
+        let ip = spec.cluster_ip.expect("a cluster IP");
+        let port = spec.ports.expect("service ports")[0].port;
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let what = format!("Service {name} ({addr}) accepting connections");
+        fixture::eventually(Duration::from_secs(30), &what, || async {
+            tokio::net::TcpStream::connect(addr).await.ok().map(drop)
+        })
+        .await;
+        addr
+    }
+
     /// (desired, ready) replicas of a Deployment.
     pub async fn replicas(&self, name: &str) -> (i32, i32) {
         let d = self.deployment(name).await;

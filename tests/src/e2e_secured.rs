@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Secret;
 use qp_protocol::keys::Keys;
 use serde_json::{Value as Json, json};
 
@@ -168,17 +168,10 @@ pub async fn secured_queue_processor_in_pods(e: &E2e) {
         t.elapsed(),
     );
 
-    // The gateway's Service on 443 with a client certificate; without one, nothing.
-    let svc: Service = e
-        .api::<Service>()
-        .get(&format!("{QP}-gateway"))
-        .await
-        .unwrap();
-    let spec = svc.spec.unwrap();
-    let ip = spec.cluster_ip.clone().expect("a cluster IP");
-    let port = spec.ports.unwrap()[0].port;
-    assert_eq!(port, 443);
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    // The gateway's Service on 443 with a client certificate; without one, nothing (the TLS
+    // handshake fails: the Service accepts TCP connections by then).
+    let addr = e.service_routed(&format!("{QP}-gateway")).await;
+    assert_eq!(addr.port(), 443);
     let client = |identity: Option<&str>| {
         pki.client_builder("gateway-ca", identity)
             .resolve(&service_dns, addr)

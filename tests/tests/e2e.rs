@@ -422,11 +422,8 @@ fn gateway_token(e: &E2e) -> String {
 /// to the Service's cluster IP, which kube-proxy's rules on this node route to the pod. (The API
 /// server's service proxy cannot be used: it does not pass the `Authorization` header on.)
 async fn gateway_answers_through_its_service(e: &E2e, prom: &str) {
-    let svc: Service = e.api::<Service>().get("orders-gateway").await.unwrap();
-    let spec = svc.spec.unwrap();
-    let ip = spec.cluster_ip.clone().expect("a cluster IP");
-    let port = spec.ports.unwrap()[0].port;
-    let base = format!("http://{ip}:{port}/v1/requests");
+    let addr = e.service_routed("orders-gateway").await;
+    let base = format!("http://{addr}/v1/requests");
     let http = reqwest::Client::new();
     let bearer = format!("Bearer {}", gateway_token(e));
     // Without the token: refused, through the same path.
