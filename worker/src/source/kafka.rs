@@ -372,7 +372,9 @@ impl KafkaSource {
             )
             .set("auto.offset.reset", settings.auto_offset_reset.as_str())
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("statistics.interval.ms", "5000")
+            // Every second: a consumer that lost its brokers (see `BrokerLoss`) learns it from
+            // these reports, and every second it waits is a second without messages.
+            .set("statistics.interval.ms", "1000")
             .set(
                 "session.timeout.ms",
                 settings.session_timeout.as_millis().to_string(),
