@@ -217,7 +217,7 @@ impl BrokerLoss {
 /// The librdkafka callbacks of a client that needs nothing but [`BrokerLoss`] tracking.
 #[derive(Debug, Clone, Default)]
 pub struct Watched {
-    pub brokers: BrokerLoss,
+    brokers: BrokerLoss,
 }
 
 impl ClientContext for Watched {

@@ -240,9 +240,10 @@ impl GroupLag {
 /// metadata request with `BrokerTransportFailure` long after the broker is back (seen in about
 /// half of the restarts in `tests/tests/operator_kafka_down.rs`, for 25 s and more), while a new
 /// client answers at once. The likely cause is [`crate::kafka::BrokerLoss`]: a fenced broker
-/// answered a metadata request with no broker and the client lost them all. A lag client holds no group membership, so building a new one is
-/// cheap: the failed one is dropped and the next call starts afresh. The client is also built
-/// lazily, so a broker that is down when the probe is made does not make the probe useless.
+/// answered a metadata request with no broker and the client lost them all. A lag client holds
+/// no group membership, so building a new one is cheap: the failed one is dropped and the next
+/// call starts afresh. The client is also built lazily, so a broker that is down when the probe
+/// is made does not make the probe useless.
 ///
 /// Every method blocks (librdkafka calls, and dropping a client): call from a blocking thread.
 pub struct LagProbe {

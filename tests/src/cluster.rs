@@ -184,7 +184,6 @@ pub async fn metric(port: u16, name: &str) -> Option<f64> {
     samples(port, name).await?.first().copied()
 }
 
-/// Sum of every sample of metric `name` (all label sets), or `None` if it is absent.
 /// Waits (at most `within`) until the gateway on `port` reports at least `n` long polls parked.
 pub async fn until_longpolls_parked(port: u16, n: usize, within: Duration) {
     crate::fixture::eventually(within, "every long poll parked", || async move {
@@ -194,6 +193,7 @@ pub async fn until_longpolls_parked(port: u16, n: usize, within: Duration) {
     .await;
 }
 
+/// Sum of every sample of metric `name` (all label sets), or `None` if it is absent.
 pub async fn metric_sum(port: u16, name: &str) -> Option<f64> {
     let values = samples(port, name).await?;
     (!values.is_empty()).then(|| values.iter().sum())

@@ -204,10 +204,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
             }
             let (producer, health) =
                 producer::producer(&args.kafka, args.max_request_bytes, &metrics)?;
-            follower = Some((
-                (producer.clone(), health),
-                args.kafka.bootstrap()?.to_owned(),
-            ));
+            follower = Some((producer.clone(), health, args.kafka.bootstrap()?.to_owned()));
             Queue::Kafka {
                 producer,
                 topic: args.kafka.topic()?.to_owned(),
@@ -252,9 +249,10 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
 
     let _ = api_slot.set(api(gw.clone(), auth, args.max_request_bytes));
     match follower {
-        Some((producer, bootstrap)) => {
+        Some((producer, health, bootstrap)) => {
             tokio::spawn(producer::follow(
                 producer,
+                health,
                 bootstrap,
                 metrics.clone(),
                 ready.clone(),

@@ -90,7 +90,8 @@ pub fn producer(
 /// Until `stop`: keep `ready` false while the brokers refuse the producer, true otherwise, and
 /// give the producer its bootstrap servers again when it has lost every broker.
 pub async fn follow(
-    (producer, health): (Producer, Health),
+    producer: Producer,
+    health: Health,
     bootstrap: String,
     metrics: Metrics,
     ready: Readiness,
