@@ -237,6 +237,7 @@ pub async fn run(args: GatewayArgs, stop: CancellationToken) -> Result<()> {
         max_request_bytes: args.max_request_bytes,
         stop: stop.clone(),
     });
+    tokio::spawn(wake_on_stop(notes.clone(), stop.clone()));
     tokio::spawn(notify::listen(
         redis.clone(),
         gw.keys.done_channel(),
@@ -306,10 +307,22 @@ impl tower::Service<axum::extract::Request> for LateApi {
 fn api(gw: Shared, auth: Arc<Auth>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/v1/requests", post(submit))
-        .route("/v1/requests/{id}", get(status))
+        .route(
+            "/v1/requests/{id}",
+            get(status).layer(tower::util::MapRequestLayer::new(forget_headers)),
+        )
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(auth::AuthLayer(auth))
         .with_state(gw)
+}
+
+/// A status poll needs none of its request's headers once authenticated (the layer runs after
+/// authentication), and a parked poll would hold them for up to a minute: a few hundred bytes
+/// per poll, 10,000 polls. A tower layer, not axum's middleware, which would box one more
+/// future for the life of every poll.
+fn forget_headers(mut req: axum::extract::Request) -> axum::extract::Request {
+    *req.headers_mut() = HeaderMap::new();
+    req
 }
 
 /// The authenticated client, if authentication is on.
@@ -588,8 +601,11 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
     let wait = wait
         .filter(|w| w.is_finite() && *w > 0.0)
         .map(|w| Duration::from_secs_f64(w).min(gw.max_wait));
+    // The reads are boxed: the poll's future is as large as its largest state, and a Redis
+    // call's future is larger than the parked state; boxed, it costs memory only while it
+    // runs, not for as long as the poll is parked.
     let Some(wait) = wait else {
-        return match gw.store.get(id).await {
+        return match Box::pin(gw.store.get(id)).await {
             Ok(s) => render(id, s),
             Err(e) => store_unavailable(id, &e),
         };
@@ -602,9 +618,9 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
         // read also marks the request watched, so that its finish is announced.
         let mut watch = gw.notes.waiters.watch(id);
         let read = if woken {
-            gw.store.get(id).await
+            Box::pin(gw.store.get(id)).await
         } else {
-            gw.store.watch(id).await
+            Box::pin(gw.store.watch(id)).await
         };
         let state = match read {
             Ok(s) => s,
@@ -621,17 +637,38 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
             }
             return render(id, state);
         }
+        // Stopping: answer with what we have. Checked after registering, and the gateway wakes
+        // every registered poll once `stop` fired, so a poll cannot park past it.
+        if gw.stop.is_cancelled() {
+            return render(id, state);
+        }
+        // One timer, not one per reason, and no future waiting for `stop`: every parked poll
+        // holds this state for up to a minute (see `wake_on_stop`).
+        let wake = if gw.notes.up() {
+            deadline
+        } else {
+            // Deaf: read again a little later.
+            deadline.min(tokio::time::Instant::now() + FALLBACK_POLL)
+        };
         let rx = watch.rx.as_mut().expect("fresh watch");
         tokio::select! {
-            // Notified (or woken after a reconnect): read again.
+            // Notified (or woken after a reconnect, or on stop): read again.
             _ = rx => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            // Deaf: read again a little later.
-            _ = tokio::time::sleep(FALLBACK_POLL), if !gw.notes.up() => {}
-            _ = gw.stop.cancelled() => return render(id, state),
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if gw.stop.is_cancelled() {
+            return render(id, state);
         }
         woken = true;
     }
+}
+
+/// Parked long polls answer at once when the gateway stops: each is woken, sees `stop` and
+/// answers with the state it read. One task doing this instead of a future per poll that waits
+/// for `stop` (72 bytes in every parked poll).
+async fn wake_on_stop(notes: Arc<Notifications>, stop: CancellationToken) {
+    stop.cancelled().await;
+    notes.waiters.notify_all();
 }
 
 fn render(id: &str, state: Option<RequestState>) -> Response {

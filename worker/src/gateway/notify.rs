@@ -217,7 +217,7 @@ impl Waiters {
     }
 
     /// Wake every waiter so each re-reads its state (after notifications may have been lost).
-    fn notify_all(&self) {
+    pub(super) fn notify_all(&self) {
         let all = std::mem::take(&mut *self.lock());
         for tx in all.into_values().flatten() {
             self.parked.dec();
