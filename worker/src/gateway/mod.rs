@@ -307,22 +307,10 @@ impl tower::Service<axum::extract::Request> for LateApi {
 fn api(gw: Shared, auth: Arc<Auth>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/v1/requests", post(submit))
-        .route(
-            "/v1/requests/{id}",
-            get(status).layer(tower::util::MapRequestLayer::new(forget_headers)),
-        )
+        .route("/v1/requests/{id}", get(status))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .layer(auth::AuthLayer(auth))
         .with_state(gw)
-}
-
-/// A status poll needs none of its request's headers once authenticated (the layer runs after
-/// authentication), and a parked poll would hold them for up to a minute: a few hundred bytes
-/// per poll, 10,000 polls. A tower layer, not axum's middleware, which would box one more
-/// future for the life of every poll.
-fn forget_headers(mut req: axum::extract::Request) -> axum::extract::Request {
-    *req.headers_mut() = HeaderMap::new();
-    req
 }
 
 /// The authenticated client, if authentication is on.
@@ -652,7 +640,8 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
         };
         let rx = watch.rx.as_mut().expect("fresh watch");
         tokio::select! {
-            // Notified (or woken after a reconnect, or on stop): read again.
+            // Notified (or woken after the subscription came back or went down): read again;
+            // woken on stop: answer below.
             _ = rx => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
