@@ -72,6 +72,9 @@ impl Notifications {
             self.waiters.notify_all();
         } else if was && !up {
             warn!("result notifications down; parked long polls read their state every 500 ms");
+            // Polls parked while notifications were up wait on their deadline alone: wake
+            // them, so that they read once and park again on the short timer.
+            self.waiters.notify_all();
         }
     }
 }
@@ -216,7 +219,8 @@ impl Waiters {
         }
     }
 
-    /// Wake every waiter so each re-reads its state (after notifications may have been lost).
+    /// Wake every waiter: each re-reads its state (after notifications may have been lost, or
+    /// when they stop coming), or answers at once if the gateway is stopping.
     pub(super) fn notify_all(&self) {
         let all = std::mem::take(&mut *self.lock());
         for tx in all.into_values().flatten() {
