@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use qp_protocol::tokens::{WAITER_SLACK, WAKE_CHECK};
 use qp_tests::fixture::{AclUser, Fixture, RedisKind, eventually};
 use qp_tests::kafka;
 use qp_worker::source::redis_list::Envelope;
@@ -224,12 +225,16 @@ async fn a_killed_worker_returns_its_tokens_and_loses_nothing() {
     victim.kill9();
     let killed = Instant::now();
 
-    // Its permits come back within the lease TTL (+1 s): an acquirer arriving then finds them
-    // free. Expired leases stay in the sorted set until the next script reaps them, so look
-    // the way an acquirer does: reap (a snapshot), then count.
+    // Its permits come back within a lease TTL of the last lease it got: one it held (renewed
+    // up to the kill), or one a RELEASE handed to the registration of an ACQUIRE it was
+    // blocked in, which outlives the kill by up to one wait (`WAKE_CHECK` + `WAITER_SLACK`;
+    // tokens.rs, "Waiting without polling"). The TTL + 1 s this test allowed before is shorter
+    // than that, and failed once in CI. Then, 0.5 s for the test's own polling. Expired leases
+    // stay in the sorted set until the next script reaps them, so look the way an acquirer
+    // does: reap (a snapshot), then count.
     let pool = fx.pool();
     eventually(
-        Duration::from_millis(ttl_ms + 1000),
+        Duration::from_millis(ttl_ms) + WAKE_CHECK + WAITER_SLACK + Duration::from_millis(500),
         "the victim's leases to expire",
         || async {
             pool.snapshot().await.unwrap();
