@@ -206,6 +206,21 @@ async fn a_body_at_the_size_limit_is_processed_and_one_byte_more_gets_413() {
     fx.cleanup().await;
 }
 
+/// A gateway in front of the Redis list `list` that logs in to Redis as `user`.
+async fn list_gateway_as(
+    fx: &Fixture,
+    list: &str,
+    user: &AclUser,
+) -> (qp_tests::procs::Proc, String) {
+    let login = [
+        "--redis-username",
+        &user.name,
+        "--redis-password",
+        &user.password,
+    ];
+    fx.gateway(GatewayQueue::RedisList(list), &login).await
+}
+
 /// Defect: the gateway was ready only while its subscription to result notifications was up, so
 /// a pub/sub failure (here: a Redis user without channel permissions, for good) took it out of
 /// service although submitting and polling work without notifications. Now it is ready, says in
@@ -216,17 +231,7 @@ async fn a_gateway_without_notifications_stays_ready_and_long_polls_still_answer
     fx.pool().set_limit(2).await.unwrap();
     let list = format!("{}queue", fx.keys.prefix());
     let user = AclUser::create(&fx, &["allkeys", "resetchannels", "+@all"]).await;
-    let (_gw, base) = fx
-        .gateway(
-            GatewayQueue::RedisList(&list),
-            &[
-                "--redis-username",
-                &user.name,
-                "--redis-password",
-                &user.password,
-            ],
-        )
-        .await;
+    let (_gw, base) = list_gateway_as(&fx, &list, &user).await;
     let _w = fx.list_worker("w0", &list, "sleep:300", &[]);
     let http = reqwest::Client::new();
     let metrics = http
@@ -259,17 +264,7 @@ async fn a_poll_parked_before_notifications_went_down_answers_promptly() {
     fx.pool().set_limit(2).await.unwrap();
     let list = format!("{}queue", fx.keys.prefix());
     let user = AclUser::create(&fx, &["allkeys", "allchannels", "+@all"]).await;
-    let (_gw, base) = fx
-        .gateway(
-            GatewayQueue::RedisList(&list),
-            &[
-                "--redis-username",
-                &user.name,
-                "--redis-password",
-                &user.password,
-            ],
-        )
-        .await;
+    let (_gw, base) = list_gateway_as(&fx, &list, &user).await;
     let http = reqwest::Client::new();
     eventually(Duration::from_secs(10), "notifications up", || async {
         (gauge(&http, &base, "qp_gateway_notifications_up").await == Some(1)).then_some(())
