@@ -71,10 +71,11 @@ impl Notifications {
             // Anything written while we were deaf: every parked poll reads once.
             self.waiters.notify_all();
         } else if was && !up {
-            warn!("result notifications down; parked long polls read their state every 500 ms");
-            // Polls parked while notifications were up wait on their deadline alone: wake
-            // them, so that they read once and park again on the short timer.
-            self.waiters.notify_all();
+            // Polls parked before now are not woken: their read would fail while Redis is
+            // down (the usual cause), where waiting lets them ride through a restart; they read
+            // at their deadline or when the subscription is back. Polls parked from now on
+            // read every FALLBACK_POLL.
+            warn!("result notifications down; new long polls read their state every 500 ms");
         }
     }
 }
@@ -219,8 +220,8 @@ impl Waiters {
         }
     }
 
-    /// Wake every waiter: each re-reads its state (after notifications may have been lost, or
-    /// when they stop coming), or answers at once if the gateway is stopping.
+    /// Wake every waiter: each re-reads its state (after notifications may have been lost), or
+    /// answers at once if the gateway is stopping.
     pub(super) fn notify_all(&self) {
         let all = std::mem::take(&mut *self.lock());
         for tx in all.into_values().flatten() {
