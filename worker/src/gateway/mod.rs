@@ -640,8 +640,8 @@ async fn status_inner(gw: &Gateway, id: &str, wait: Option<f64>) -> Response {
         };
         let rx = watch.rx.as_mut().expect("fresh watch");
         tokio::select! {
-            // Notified (or woken after the subscription came back or went down): read again;
-            // woken on stop: answer below.
+            // Notified (or woken after the subscription came back): read again; woken on
+            // stop: answer below.
             _ = rx => {}
             _ = tokio::time::sleep_until(wake) => {}
         }
